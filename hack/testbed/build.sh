@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Builds the test bed's binaries from Go modules with the machine's Go
+# toolchain (through the Go module proxy; no binary downloads) and installs
+# moto in a virtualenv. Everything goes to $TESTBED_CACHE, keyed by version, so
+# only the first run on a machine pays for it. Prints nothing but progress on
+# stderr; idempotent.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.sh
+source "$here/versions.sh"
+
+log() { printf '[testbed] %s\n' "$*" >&2; }
+
+build_kube_apiserver() {
+  local out="$TESTBED_CACHE/kubernetes-$KUBERNETES_VERSION/kube-apiserver"
+  [[ -x "$out" ]] && return
+  local work; work="$(mktemp -d)"
+  log "building kube-apiserver $KUBERNETES_VERSION (first run only; ~10 min on 2 cores)"
+  local minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
+  local staging="v0.${KUBERNETES_VERSION#v1.}"
+  # The release's own go.mod lists its staging modules as `replace k8s.io/x =>
+  # ./staging/src/k8s.io/x`; outside the repository they must point at the
+  # published v0.X.Y tags instead.
+  local gomod
+  gomod="$(cd "$work" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  {
+    echo "module amicopy.dev/testbed/kube-apiserver"
+    echo
+    echo "go $(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')"
+    echo
+    echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+    echo
+    grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging/src/k8s\.io/[a-z0-9-]+' "$gomod" \
+      | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
+  } >"$work/go.mod"
+  cat >"$work/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import _ "k8s.io/kubernetes/cmd/kube-apiserver"
+GO
+  (cd "$work" && go mod tidy >&2)
+  local pkg=k8s.io/component-base/version
+  local ld="-s -w -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  ld+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION"
+  mkdir -p "$(dirname "$out")"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "$ld" -o "$out.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
+  mv "$out.tmp" "$out"
+  rm -rf "$work"
+}
+
+build_etcd() {
+  local out="$TESTBED_CACHE/etcd-$ETCD_VERSION/etcd"
+  [[ -x "$out" ]] && return
+  local work; work="$(mktemp -d)"
+  log "building etcd $ETCD_VERSION (first run only)"
+  cat >"$work/go.mod" <<GOMOD
+module amicopy.dev/testbed/etcd
+
+go $(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+GOMOD
+  cat >"$work/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import _ "go.etcd.io/etcd/server/v3"
+GO
+  (cd "$work" && go mod tidy >&2)
+  mkdir -p "$(dirname "$out")"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3)
+  mv "$out.tmp" "$out"
+  rm -rf "$work"
+}
+
+build_helm() {
+  local out="$TESTBED_CACHE/helm-$HELM_VERSION/helm"
+  [[ -x "$out" ]] && return
+  log "building helm $HELM_VERSION (first run only)"
+  mkdir -p "$(dirname "$out")"
+  GOBIN="$(dirname "$out")" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
+install_moto() {
+  local venv="$TESTBED_CACHE/moto-$MOTO_VERSION"
+  [[ -x "$venv/bin/moto_server" ]] && return
+  log "installing moto $MOTO_VERSION into a virtualenv (first run only)"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet "moto[ec2,server]==$MOTO_VERSION"
+}
+
+what=("$@")
+[[ ${#what[@]} -gt 0 ]] || what=(etcd kube-apiserver moto helm)
+for w in "${what[@]}"; do
+  case "$w" in
+    kube-apiserver) build_kube_apiserver ;;
+    etcd) build_etcd ;;
+    helm) build_helm ;;
+    moto) install_moto ;;
+    *) echo "unknown component: $w" >&2; exit 2 ;;
+  esac
+done

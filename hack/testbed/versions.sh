@@ -1,0 +1,7 @@
+# Versions of the test bed's peers. Sourced by the scripts in hack/; the build
+# cache is keyed by these, so changing one rebuilds only what it names.
+KUBERNETES_VERSION=v1.37.2
+ETCD_VERSION=v3.6.16
+HELM_VERSION=v3.22.0
+MOTO_VERSION=5.2.5
+TESTBED_CACHE="${AMICOPY_CACHE:-$HOME/.cache/ami-copy-operator}/testbed"
