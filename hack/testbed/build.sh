@@ -11,10 +11,28 @@ source "$here/versions.sh"
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 
+# Runs one build step under a lock per component, so test runs that start at
+# the same time on a cold cache build once and wait for each other. Each step
+# runs in a subshell whose EXIT trap removes its scratch directory.
+locked() {
+  local name="$1"; shift
+  mkdir -p "$TESTBED_CACHE"
+  (
+    exec 9>"$TESTBED_CACHE/.$name.lock"
+    if ! flock -n 9; then
+      log "waiting for another build of $name"
+      flock 9
+    fi
+    "$@"
+  )
+}
+
 build_kube_apiserver() {
   local out="$TESTBED_CACHE/kubernetes-$KUBERNETES_VERSION/kube-apiserver"
   [[ -x "$out" ]] && return
   local work; work="$(mktemp -d)"
+  # shellcheck disable=SC2064 # expand now: $work is local
+  trap "rm -rf '$work'" EXIT
   log "building kube-apiserver $KUBERNETES_VERSION (first run only; ~10 min on 2 cores)"
   local minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
   local staging="v0.${KUBERNETES_VERSION#v1.}"
@@ -48,13 +66,14 @@ GO
   mkdir -p "$(dirname "$out")"
   (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "$ld" -o "$out.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
   mv "$out.tmp" "$out"
-  rm -rf "$work"
 }
 
 build_etcd() {
   local out="$TESTBED_CACHE/etcd-$ETCD_VERSION/etcd"
   [[ -x "$out" ]] && return
   local work; work="$(mktemp -d)"
+  # shellcheck disable=SC2064 # expand now: $work is local
+  trap "rm -rf '$work'" EXIT
   log "building etcd $ETCD_VERSION (first run only)"
   cat >"$work/go.mod" <<GOMOD
 module amicopy.dev/testbed/etcd
@@ -74,7 +93,6 @@ GO
   mkdir -p "$(dirname "$out")"
   (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3)
   mv "$out.tmp" "$out"
-  rm -rf "$work"
 }
 
 build_helm() {
@@ -98,10 +116,10 @@ what=("$@")
 [[ ${#what[@]} -gt 0 ]] || what=(etcd kube-apiserver moto helm)
 for w in "${what[@]}"; do
   case "$w" in
-    kube-apiserver) build_kube_apiserver ;;
-    etcd) build_etcd ;;
-    helm) build_helm ;;
-    moto) install_moto ;;
+    kube-apiserver) locked "$w" build_kube_apiserver ;;
+    etcd) locked "$w" build_etcd ;;
+    helm) locked "$w" build_helm ;;
+    moto) locked "$w" install_moto ;;
     *) echo "unknown component: $w" >&2; exit 2 ;;
   esac
 done

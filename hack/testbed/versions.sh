@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Versions of the test bed's peers. Sourced by the scripts in hack/; the build
 # cache is keyed by these, so changing one rebuilds only what it names.
 KUBERNETES_VERSION=v1.37.2
