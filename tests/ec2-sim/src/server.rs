@@ -1,0 +1,292 @@
+//! HTTP: the EC2 endpoint at `/` and the JSON control API under `/_sim/`.
+
+use std::io;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::SimConfig;
+use crate::control::Control;
+use crate::faults::{FaultRule, Injected};
+use crate::model::{Caller, SeedImage};
+use crate::sigv4::Authorization;
+use crate::wire::{API_VERSION, ApiError, Params};
+
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/", post(ec2))
+        .route("/_sim/stats", get(stats))
+        .route("/_sim/reset", post(reset))
+        .route("/_sim/config", get(get_config).patch(patch_config))
+        .route(
+            "/_sim/faults",
+            get(list_faults).post(add_fault).delete(clear_faults),
+        )
+        .route("/_sim/images", get(list_images).post(seed_image))
+        .route("/_sim/snapshots", get(list_snapshots))
+        .route("/_sim/advance", post(advance))
+        .route("/_sim/finish-copies", post(finish_copies))
+        .route("/_sim/encryption-by-default", post(encryption_by_default))
+        .with_state(control)
+}
+
+fn request_id() -> String {
+    let n: u128 = rand::random();
+    let h = format!("{n:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn xml(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// A response whose body fails before a byte is written, so the server
+/// closes the connection without answering.
+fn dropped() -> Response {
+    let failing = futures_util::stream::once(async {
+        Err::<Bytes, io::Error>(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "connection dropped by fault injection",
+        ))
+    });
+    Response::new(Body::from_stream(failing))
+}
+
+/// Authenticates a request: its region, account and parameters.
+fn authenticate(
+    control: &Control,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Caller, Params), (ApiError, Option<String>)> {
+    let params = Params::parse(body);
+    let auth = Authorization::parse(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .map_err(|e| (e, None))?;
+    let config = control.config();
+    let region = Some(auth.region.clone());
+    if !config.is_region(&auth.region) {
+        return Err((
+            ApiError::with_status(
+                401,
+                "AuthFailure",
+                format!(
+                    "AWS was not able to validate the provided access credentials: region '{}' is not enabled",
+                    auth.region
+                ),
+            ),
+            region,
+        ));
+    }
+    let identity = config.identity(&auth.access_key_id);
+    if let Some(secret) = &identity.secret_access_key {
+        let header_value = |name: &str| Some(headers.get(name)?.to_str().ok()?.trim().to_string());
+        auth.verify(secret, header_value, body)
+            .map_err(|e| (e, region.clone()))?;
+    }
+    if let Some(version) = params.get("Version") {
+        if version != API_VERSION {
+            return Err((
+                ApiError::client(
+                    "InvalidParameterValue",
+                    format!("Unsupported API version {version}"),
+                ),
+                region,
+            ));
+        }
+    }
+    Ok((
+        Caller {
+            account: identity.account,
+            region: auth.region,
+        },
+        params,
+    ))
+}
+
+async fn ec2(State(control): State<Arc<Control>>, headers: HeaderMap, body: Bytes) -> Response {
+    let request_id = request_id();
+    let action = Params::parse(&body)
+        .string("Action")
+        .unwrap_or_else(|| "-".to_string());
+    let fail = |error: ApiError, region: &str| {
+        control.record(&action, region, &error.code);
+        xml(error.status, error.to_xml(&request_id))
+    };
+    let (caller, params) = match authenticate(&control, &headers, &body) {
+        Ok(ok) => ok,
+        Err((error, region)) => return fail(error, region.as_deref().unwrap_or("-")),
+    };
+    if action == "-" {
+        return fail(
+            ApiError::client(
+                "MissingAction",
+                "The request must contain the parameter Action",
+            ),
+            &caller.region,
+        );
+    }
+    let verdict = control.judge(&action, &caller.region);
+    if !verdict.delay.is_zero() {
+        tokio::time::sleep(verdict.delay).await;
+    }
+    let injected = match verdict.outcome {
+        None => None,
+        Some(Injected::Drop) => {
+            control.record(&action, &caller.region, "dropped");
+            return dropped();
+        }
+        Some(Injected::Throttle) => Some(ApiError::with_status(
+            503,
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
+        )),
+        Some(Injected::InternalError) => Some(ApiError::with_status(
+            500,
+            "InternalError",
+            "An internal error has occurred",
+        )),
+        Some(Injected::Unavailable) => Some(ApiError::with_status(
+            503,
+            "Unavailable",
+            "The server is overloaded or under maintenance.",
+        )),
+    };
+    if let Some(error) = injected {
+        return fail(error, &caller.region);
+    }
+    match control.execute(&action, &caller, &params, &request_id) {
+        Ok(body) => {
+            control.record(&action, &caller.region, "ok");
+            xml(200, body)
+        }
+        Err(error) => fail(error, &caller.region),
+    }
+}
+
+type Ctl = State<Arc<Control>>;
+
+fn bad_request(message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({"error": message})),
+    )
+        .into_response()
+}
+
+async fn stats(State(control): Ctl) -> Response {
+    Json(control.calls()).into_response()
+}
+
+async fn reset(State(control): Ctl) -> StatusCode {
+    control.reset();
+    StatusCode::NO_CONTENT
+}
+
+async fn get_config(State(control): Ctl) -> Response {
+    Json(control.config()).into_response()
+}
+
+/// Merges the given fields into the current configuration.
+async fn patch_config(State(control): Ctl, Json(patch): Json<Value>) -> Response {
+    let Value::Object(fields) = patch else {
+        return bad_request("expected a JSON object".to_string());
+    };
+    let mut current = serde_json::to_value(control.config()).expect("config serializes");
+    if let Value::Object(map) = &mut current {
+        map.extend(fields);
+    }
+    match serde_json::from_value::<SimConfig>(current) {
+        Ok(config) => {
+            control.update_config(|c| *c = config.clone());
+            Json(config).into_response()
+        }
+        Err(e) => bad_request(e.to_string()),
+    }
+}
+
+async fn list_faults(State(control): Ctl) -> Response {
+    Json(control.faults()).into_response()
+}
+
+async fn add_fault(State(control): Ctl, Json(rule): Json<FaultRule>) -> StatusCode {
+    control.add_fault(rule);
+    StatusCode::NO_CONTENT
+}
+
+async fn clear_faults(State(control): Ctl) -> StatusCode {
+    control.clear_faults();
+    StatusCode::NO_CONTENT
+}
+
+async fn list_images(State(control): Ctl) -> Response {
+    Json(control.images()).into_response()
+}
+
+async fn seed_image(State(control): Ctl, Json(seed): Json<SeedImage>) -> Response {
+    if seed.name.is_empty() {
+        return bad_request("an image needs a name".to_string());
+    }
+    let id = control.seed_image(seed);
+    Json(serde_json::json!({ "image_id": id })).into_response()
+}
+
+async fn list_snapshots(State(control): Ctl) -> Response {
+    Json(control.snapshots()).into_response()
+}
+
+#[derive(Deserialize)]
+struct Advance {
+    ms: u64,
+}
+
+async fn advance(State(control): Ctl, Json(by): Json<Advance>) -> StatusCode {
+    control.advance(std::time::Duration::from_millis(by.ms));
+    StatusCode::NO_CONTENT
+}
+
+async fn finish_copies(State(control): Ctl) -> StatusCode {
+    control.finish_copies();
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+struct EncryptionByDefault {
+    account: Option<String>,
+    region: String,
+    enabled: bool,
+}
+
+async fn encryption_by_default(
+    State(control): Ctl,
+    Json(req): Json<EncryptionByDefault>,
+) -> StatusCode {
+    let account = req
+        .account
+        .unwrap_or_else(|| control.config().default_account);
+    control.set_encryption_by_default(&account, &req.region, req.enabled);
+    StatusCode::NO_CONTENT
+}
