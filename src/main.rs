@@ -1,1 +1,152 @@
-fn main() {}
+//! `ami-copy-operator`: `run` starts the controller, `crd` prints the CRD.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ami_copy_operator::controller::{self, Config, Context};
+use ami_copy_operator::ec2::AwsEc2;
+use ami_copy_operator::metrics::Metrics;
+use ami_copy_operator::{AmiCopy, server};
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::api::{Api, ListParams};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Kubernetes operator that copies AMIs across AWS regions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the AmiCopy CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// EC2 endpoint URL for every region (local EC2 peers, VPC endpoints).
+    /// AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_EC2 work too.
+    #[arg(long, env = "AMICOPY_EC2_ENDPOINT_URL")]
+    ec2_endpoint_url: Option<String>,
+    /// Address of /metrics, /livez and /readyz.
+    #[arg(long, env = "AMICOPY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// How often to look at pending copies.
+    #[arg(long, env = "AMICOPY_POLL_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// How often to re-check settled objects for drift.
+    #[arg(long, env = "AMICOPY_RESYNC_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    resync_interval: Duration,
+    /// Log format.
+    #[arg(long, env = "AMICOPY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", ami_copy_operator::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
+
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let ec2 = AwsEc2::from_env(args.ec2_endpoint_url, metrics.clone()).await;
+    let config = Config {
+        poll_interval: args.poll_interval,
+        resync_interval: args.resync_interval,
+        ..Config::default()
+    };
+    let ctx = Arc::new(Context::new(client.clone(), ec2, metrics.clone(), config));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(wait_for_api(client, args.namespace.clone(), ready.clone()));
+    let http = tokio::spawn(server::serve(
+        args.metrics_addr,
+        metrics,
+        ready,
+        stopped(stop_rx.clone()),
+    ));
+
+    info!(
+        namespace = args.namespace.as_deref().unwrap_or("<all>"),
+        "starting controller"
+    );
+    controller::run(ctx, args.namespace, stopped(stop_rx)).await;
+    http.await??;
+    Ok(())
+}
+
+/// Ready once the AmiCopy API answers (the CRD is installed and RBAC allows
+/// listing it).
+async fn wait_for_api(client: kube::Client, namespace: Option<String>, ready: Arc<AtomicBool>) {
+    let api: Api<AmiCopy> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    loop {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => {
+                ready.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => warn!(error = %e, "the AmiCopy API is not available yet"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}

@@ -1,0 +1,252 @@
+//! The `AmiCopy` custom resource (`amicopy.dev/v1alpha1`).
+//!
+//! These types are the single source of truth for the CRD: `ami-copy-operator
+//! crd` prints the YAML committed under `crds/`. Doc comments on fields become
+//! `kubectl explain` text, so they are written for users.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// API group of every resource this operator serves.
+pub const GROUP: &str = "amicopy.dev";
+/// Finalizer that guards the deletion of target images.
+pub const FINALIZER: &str = "amicopy.dev/cleanup";
+/// Tag naming the owning object as `<namespace>/<name>`.
+pub const OWNER_TAG: &str = "amicopy.dev/owner";
+/// Tag carrying the owning object's UID; nothing without it is ever modified.
+pub const UID_TAG: &str = "amicopy.dev/uid";
+/// Tag recording the source image a target was copied from.
+pub const SOURCE_TAG: &str = "amicopy.dev/source-image";
+/// Tags under this prefix are reserved for the operator.
+pub const RESERVED_TAG_PREFIX: &str = "amicopy.dev/";
+
+const REGION_RULE: &str = "self.matches('^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]{1,2}$')";
+
+/// Longest `spec.name`: EC2 allows 128 characters and the operator appends
+/// `-` and the 21-character source image ID (see [`crate::plan::target_name`]).
+pub const MAX_NAME_BASE: usize = 106;
+
+/// AmiCopy copies one source AMI into one or more destination regions and
+/// keeps the copies in step with the source.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "amicopy.dev",
+    version = "v1alpha1",
+    kind = "AmiCopy",
+    plural = "amicopies",
+    singular = "amicopy",
+    shortname = "amic",
+    category = "aws",
+    namespaced,
+    status = "AmiCopyStatus",
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.source.imageId"}"#,
+    printcolumn = r#"{"name":"Available","type":"string","description":"Destinations whose current copy is available, out of all destinations","jsonPath":".status.available"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","description":"Reason of the Ready condition","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("self.destinations.all(d, !has(d.kmsKeyId) || (has(d.encrypted) ? d.encrypted : (has(self.encrypted) && self.encrypted)))")
+        .message("kmsKeyId needs encryption: set encrypted: true on that destination or spec.encrypted: true")
+        .field_path(".destinations")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AmiCopySpec {
+    /// The AMI to copy.
+    pub source: Source,
+
+    /// Regions to copy the source AMI into, one entry per region (1 to 100).
+    #[schemars(length(min = 1, max = 100))]
+    #[x_kube(
+        validation = Rule::new("self.all(d, self.exists_one(e, e.region == d.region))")
+            .message("destinations must name each region only once")
+    )]
+    pub destinations: Vec<Destination>,
+
+    /// Base of the target AMI names. The operator appends `-<source image ID>`
+    /// so that copies of successive sources never collide. Defaults to the
+    /// source AMI's name. 3 to 106 characters: letters, digits, spaces and
+    /// ( ) [ ] . / - ' @ _
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 106))]
+    #[x_kube(validation = Rule::new(r#"self.matches('^[A-Za-z0-9()\\[\\] ./\'@_-]+$')"#).message("name may contain only letters, digits, spaces and ( ) [ ] . / - ' @ _"))]
+    pub name: Option<String>,
+
+    /// Description of the target AMIs (at most 255 characters). Defaults to
+    /// one that names the source image and region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub description: Option<String>,
+
+    /// Encrypt the target snapshots in every destination that does not say
+    /// otherwise. Unset keeps the source's encryption state (EC2's default);
+    /// an encrypted source can never be copied to an unencrypted target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
+
+    /// Copy the source AMI's user-defined tags to the target AMIs (EC2's
+    /// CopyImageTags). Defaults to false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_image_tags: Option<bool>,
+
+    /// Tags applied to the target AMIs and their snapshots (at most 40). Keys
+    /// may not start with `aws:` or `amicopy.dev/`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 40))]
+    #[x_kube(
+        validation = Rule::new("self.all(k, !k.startsWith('aws:') && !k.startsWith('amicopy.dev/'))")
+            .message("tag keys may not start with 'aws:' (reserved by AWS) or 'amicopy.dev/' (reserved by the operator)"),
+        validation = Rule::new("self.all(k, size(k) >= 1 && size(k) <= 128 && size(self[k]) <= 256)")
+            .message("tag keys must be 1 to 128 characters and values at most 256")
+    )]
+    pub tags: BTreeMap<String, String>,
+
+    /// What happens to the target AMIs when this object is deleted, a
+    /// destination is removed, or a newer source replaces them: `Delete`
+    /// (default) deregisters them and deletes their snapshots; `Retain` leaves
+    /// them in place and stops managing them.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// Where the source AMI lives.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    /// AWS region of the source AMI, e.g. `us-east-1`.
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(REGION_RULE).message("region must look like an AWS region, e.g. us-east-1"))]
+    pub region: String,
+
+    /// ID of the source AMI: `ami-` followed by 8 or 17 lowercase hex digits.
+    #[schemars(length(max = 21))]
+    #[x_kube(validation = Rule::new("self.matches('^ami-([0-9a-f]{8}|[0-9a-f]{17})$')").message("imageId must be ami- followed by 8 or 17 lowercase hex digits, e.g. ami-0123456789abcdef0"))]
+    pub image_id: String,
+}
+
+/// One destination region and its encryption settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.kmsKeyId) || !self.kmsKeyId.startsWith('arn:') || self.kmsKeyId.contains(':kms:' + self.region + ':')")
+        .message("kmsKeyId is a KMS key ARN of another region: KMS keys are regional, use a key in the destination's region")
+)]
+pub struct Destination {
+    /// AWS region to copy into, e.g. `eu-west-1`.
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(REGION_RULE).message("region must look like an AWS region, e.g. eu-west-1"))]
+    pub region: String,
+
+    /// Encrypt the target snapshots in this region. Overrides
+    /// `spec.encrypted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
+
+    /// KMS key for the target snapshots in this region: a key ID, key ARN,
+    /// alias name (`alias/...`) or alias ARN. Needs encryption on. An ARN
+    /// must be in this destination's region. Unset uses the account's default
+    /// EBS key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:(key|alias)/.+|alias/.+|[0-9a-f-]{36}|mrk-[0-9a-f]{32})$')").message("kmsKeyId must be a KMS key ID, key ARN, alias/NAME or alias ARN"))]
+    pub kms_key_id: Option<String>,
+}
+
+/// What happens to target AMIs this operator no longer needs.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum DeletionPolicy {
+    /// Deregister the AMI and delete its snapshots.
+    #[default]
+    Delete,
+    /// Leave the AMI and its snapshots; remove the operator's ownership tag.
+    Retain,
+}
+
+/// Observed state of an AmiCopy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AmiCopyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The source AMI the current copies are made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_image_id: Option<String>,
+
+    /// Destinations whose current copy is available, out of all, e.g. `2/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<String>,
+
+    /// The current copy in each destination region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<TargetStatus>,
+
+    /// Older copies (of a previous source, or in a region no longer listed)
+    /// that are retired once the current copies are available.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<TargetStatus>,
+
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One target AMI.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    /// Destination region.
+    pub region: String,
+
+    /// ID of the target AMI, recorded as soon as EC2 returns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+
+    /// `pending`, `available` or `failed` as EC2 reports them (or another EC2
+    /// image state), `waiting` while the copy cannot start yet, `error` when
+    /// it cannot start at all.
+    pub state: String,
+
+    /// Source AMI this target is (being) copied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_image_id: Option<String>,
+
+    /// Whether EC2 produced encrypted snapshots (what EC2 reports, not what
+    /// was asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
+
+    /// KMS key of the target snapshots, as EC2 reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<String>,
+
+    /// Stable reason for a state that needs attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+
+    /// EC2's state reason or the operator's explanation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+
+    /// How many times a copy to this region was started for this source after
+    /// its target went missing; part of the copy's idempotency token.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl AmiCopySpec {
+    /// Whether snapshots in `dest` should be encrypted: the destination's own
+    /// setting, else the spec-wide one, else unset (keep the source's state).
+    pub fn encryption_for(&self, dest: &Destination) -> Option<bool> {
+        dest.encrypted.or(self.encrypted)
+    }
+}

@@ -1,0 +1,584 @@
+//! The EC2 seam: the handful of EC2 calls the operator makes, behind a small
+//! trait, with the aws-sdk-ec2 implementation.
+//!
+//! Everything above this module sees plain Rust values ([`ImageInfo`],
+//! [`Ec2Error`]), so the planner and most of the reconciler are tested with an
+//! in-memory fake and the SDK is exercised against real EC2 API peers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{Filter, Image, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::{Client, config::Region};
+
+use crate::api::UID_TAG;
+use crate::metrics::Metrics;
+
+/// What the operator needs to know about an AMI.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub id: String,
+    pub name: Option<String>,
+    /// EC2's image state: `pending`, `available`, `failed`, `invalid`, ...
+    pub state: String,
+    /// EC2's StateReason message, if any.
+    pub state_reason: Option<String>,
+    pub owner_id: Option<String>,
+    /// `ebs` or `instance-store`.
+    pub root_device_type: Option<String>,
+    /// `hvm` or `paravirtual`.
+    pub virtualization_type: Option<String>,
+    pub snapshots: Vec<SnapshotRef>,
+    pub tags: BTreeMap<String, String>,
+    /// Marketplace product codes: such images cannot be copied across accounts.
+    pub product_codes: Vec<String>,
+}
+
+impl ImageInfo {
+    pub fn encrypted(&self) -> Option<bool> {
+        if self.snapshots.is_empty() {
+            None
+        } else {
+            Some(self.snapshots.iter().any(|s| s.encrypted))
+        }
+    }
+
+    pub fn kms_key_id(&self) -> Option<&str> {
+        self.snapshots.iter().find_map(|s| s.kms_key_id.as_deref())
+    }
+
+    pub fn instance_store(&self) -> bool {
+        self.root_device_type.as_deref() == Some("instance-store")
+    }
+
+    pub fn owned_by(&self, uid: &str) -> bool {
+        self.tags.get(UID_TAG).map(String::as_str) == Some(uid)
+    }
+}
+
+/// An EBS snapshot behind an image's block device mapping.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub id: String,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+}
+
+/// A snapshot and its tags.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Everything `CopyImage` is called with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyRequest {
+    pub source_region: String,
+    pub source_image_id: String,
+    pub name: String,
+    pub description: String,
+    pub encrypted: Option<bool>,
+    pub kms_key_id: Option<String>,
+    pub copy_image_tags: bool,
+    pub client_token: String,
+    /// Tags for the new image and its snapshots (ownership tags included).
+    pub tags: BTreeMap<String, String>,
+}
+
+/// How an EC2 error should be handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The resource does not exist (or is not visible to this account).
+    NotFound,
+    /// Throttling: slow down and retry.
+    Throttled,
+    /// 5xx, timeouts, dropped connections: retry with backoff.
+    Transient,
+    /// EC2 refused the request; retrying the same request will not help.
+    Rejected,
+}
+
+/// An EC2 error reduced to what the operator acts on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("EC2 {code}: {message}")]
+pub struct Ec2Error {
+    pub kind: ErrorKind,
+    pub code: String,
+    pub message: String,
+}
+
+impl Ec2Error {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        let code = code.into();
+        Self {
+            kind: classify(&code),
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.kind == ErrorKind::NotFound
+    }
+}
+
+/// Maps an EC2 error code to how it is handled.
+pub fn classify(code: &str) -> ErrorKind {
+    match code {
+        c if c.ends_with(".NotFound") || c == "InvalidAMIID.Unavailable" => ErrorKind::NotFound,
+        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "ResourceLimitExceeded" => {
+            ErrorKind::Throttled
+        }
+        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
+        | "RequestTimeout" | "RequestExpired" | "Dispatch" | "Timeout" | "Response" => {
+            ErrorKind::Transient
+        }
+        _ => ErrorKind::Rejected,
+    }
+}
+
+/// The EC2 calls the operator makes. Every method is scoped to one region.
+pub trait Ec2: Send + Sync + 'static {
+    /// One image by ID; `None` when EC2 says it does not exist.
+    fn describe_image(
+        &self,
+        region: &str,
+        image_id: &str,
+    ) -> impl Future<Output = Result<Option<ImageInfo>, Ec2Error>> + Send;
+
+    /// Images owned by this account that carry `amicopy.dev/uid=<uid>`.
+    fn owned_images(
+        &self,
+        region: &str,
+        uid: &str,
+    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
+
+    /// Starts a copy into `region`; returns the new image ID.
+    fn copy_image(
+        &self,
+        region: &str,
+        req: &CopyRequest,
+    ) -> impl Future<Output = Result<String, Ec2Error>> + Send;
+
+    fn create_tags(
+        &self,
+        region: &str,
+        resource_ids: &[String],
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    fn delete_tags(
+        &self,
+        region: &str,
+        resource_ids: &[String],
+        keys: &[String],
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Deregisters an image (stopping a pending copy).
+    fn deregister_image(
+        &self,
+        region: &str,
+        image_id: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// The given snapshots that exist, with their tags.
+    fn describe_snapshots(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, Ec2Error>> + Send;
+
+    /// Snapshots owned by this account that carry `amicopy.dev/uid=<uid>`.
+    fn owned_snapshots(
+        &self,
+        region: &str,
+        uid: &str,
+    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, Ec2Error>> + Send;
+
+    fn delete_snapshot(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+}
+
+/// aws-sdk-ec2 behind the [`Ec2`] seam, with one client per region built
+/// from a shared configuration (credentials from the standard chain).
+#[derive(Clone)]
+pub struct AwsEc2 {
+    base: aws_config::SdkConfig,
+    endpoint_url: Option<String>,
+    clients: Arc<RwLock<HashMap<String, Client>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl AwsEc2 {
+    pub fn new(
+        base: aws_config::SdkConfig,
+        endpoint_url: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            base,
+            endpoint_url,
+            clients: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Loads credentials and settings from the standard aws-config chain
+    /// (environment, profile, IRSA web identity, EKS Pod Identity, IMDS).
+    pub async fn from_env(endpoint_url: Option<String>, metrics: Arc<Metrics>) -> Self {
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(Duration::from_secs(20))
+            .operation_timeout(Duration::from_secs(60))
+            .build();
+        let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .timeout_config(timeouts)
+            .load()
+            .await;
+        Self::new(base, endpoint_url, metrics)
+    }
+
+    fn client(&self, region: &str) -> Client {
+        if let Some(c) = self.clients.read().expect("client cache lock").get(region) {
+            return c.clone();
+        }
+        let mut conf =
+            aws_sdk_ec2::config::Builder::from(&self.base).region(Region::new(region.to_owned()));
+        if let Some(url) = &self.endpoint_url {
+            conf = conf.endpoint_url(url);
+        }
+        let client = Client::from_conf(conf.build());
+        self.clients
+            .write()
+            .expect("client cache lock")
+            .entry(region.to_owned())
+            .or_insert(client)
+            .clone()
+    }
+
+    /// Runs one call, counting it by operation, region and outcome.
+    async fn call<T, E, F>(&self, op: &'static str, region: &str, fut: F) -> Result<T, Ec2Error>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    {
+        let start = Instant::now();
+        let res = fut.await.map_err(from_sdk);
+        let outcome = match &res {
+            Ok(_) => "ok",
+            Err(e) => match e.kind {
+                ErrorKind::NotFound => "not_found",
+                ErrorKind::Throttled => "throttled",
+                ErrorKind::Transient => "transient",
+                ErrorKind::Rejected => "rejected",
+            },
+        };
+        self.metrics.ec2_call(op, region, outcome, start.elapsed());
+        res
+    }
+}
+
+fn from_sdk<E>(err: SdkError<E, HttpResponse>) -> Ec2Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ServiceError(se) => {
+            let e = se.err();
+            match e.code() {
+                Some(code) => Ec2Error::new(code, e.message().unwrap_or_default()),
+                None => {
+                    let status = se.raw().status().as_u16();
+                    let code = if status >= 500 {
+                        "InternalError"
+                    } else {
+                        "Unknown"
+                    };
+                    Ec2Error::new(code, format!("HTTP {status} without an EC2 error code"))
+                }
+            }
+        }
+        SdkError::TimeoutError(_) => Ec2Error::new("Timeout", "the request to EC2 timed out"),
+        SdkError::DispatchFailure(d) => {
+            Ec2Error::new("Dispatch", format!("could not reach EC2: {d:?}"))
+        }
+        SdkError::ResponseError(_) => Ec2Error::new("Response", "EC2's response could not be read"),
+        _ => Ec2Error::new(
+            "Unknown",
+            aws_sdk_ec2::error::DisplayErrorContext(&err).to_string(),
+        ),
+    }
+}
+
+fn tag_filter(uid: &str) -> Filter {
+    Filter::builder()
+        .name(format!("tag:{UID_TAG}"))
+        .values(uid)
+        .build()
+}
+
+fn to_tags(tags: &BTreeMap<String, String>) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn from_tags(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn image_info(img: &Image) -> ImageInfo {
+    ImageInfo {
+        id: img.image_id().unwrap_or_default().to_owned(),
+        name: img.name().map(str::to_owned),
+        state: img
+            .state()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        state_reason: img
+            .state_reason()
+            .and_then(|r| r.message())
+            .map(str::to_owned),
+        owner_id: img.owner_id().map(str::to_owned),
+        root_device_type: img.root_device_type().map(|t| t.as_str().to_owned()),
+        virtualization_type: img.virtualization_type().map(|t| t.as_str().to_owned()),
+        snapshots: img
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs())
+            .filter_map(|ebs| {
+                Some(SnapshotRef {
+                    id: ebs.snapshot_id()?.to_owned(),
+                    encrypted: ebs.encrypted().unwrap_or(false),
+                    kms_key_id: ebs.kms_key_id().map(str::to_owned),
+                })
+            })
+            .collect(),
+        tags: from_tags(img.tags()),
+        product_codes: img
+            .product_codes()
+            .iter()
+            .filter_map(|p| p.product_code_id().map(str::to_owned))
+            .collect(),
+    }
+}
+
+impl Ec2 for AwsEc2 {
+    async fn describe_image(
+        &self,
+        region: &str,
+        image_id: &str,
+    ) -> Result<Option<ImageInfo>, Ec2Error> {
+        let req = self
+            .client(region)
+            .describe_images()
+            .image_ids(image_id)
+            .send();
+        match self.call("DescribeImages", region, req).await {
+            Ok(out) => Ok(out
+                .images()
+                .iter()
+                .find(|i| i.image_id() == Some(image_id))
+                .map(image_info)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
+        let client = self.client(region);
+        let mut images = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = client
+                .describe_images()
+                .owners("self")
+                .filters(tag_filter(uid))
+                .set_next_token(token.take())
+                .send();
+            let out = self.call("DescribeImages", region, req).await?;
+            images.extend(out.images().iter().map(image_info));
+            match out.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                _ => return Ok(images),
+            }
+        }
+    }
+
+    async fn copy_image(&self, region: &str, req: &CopyRequest) -> Result<String, Ec2Error> {
+        let tags = to_tags(&req.tags);
+        let spec = |rt: ResourceType| {
+            TagSpecification::builder()
+                .resource_type(rt)
+                .set_tags(Some(tags.clone()))
+                .build()
+        };
+        let call = self
+            .client(region)
+            .copy_image()
+            .source_region(&req.source_region)
+            .source_image_id(&req.source_image_id)
+            .name(&req.name)
+            .description(&req.description)
+            .set_encrypted(req.encrypted)
+            .set_kms_key_id(req.kms_key_id.clone())
+            .copy_image_tags(req.copy_image_tags)
+            .client_token(&req.client_token)
+            .tag_specifications(spec(ResourceType::Image))
+            .tag_specifications(spec(ResourceType::Snapshot))
+            .send();
+        let out = self.call("CopyImage", region, call).await?;
+        out.image_id()
+            .map(str::to_owned)
+            .ok_or_else(|| Ec2Error::new("Response", "CopyImage returned no image ID"))
+    }
+
+    async fn create_tags(
+        &self,
+        region: &str,
+        resource_ids: &[String],
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), Ec2Error> {
+        let req = self
+            .client(region)
+            .create_tags()
+            .set_resources(Some(resource_ids.to_vec()))
+            .set_tags(Some(to_tags(tags)))
+            .send();
+        self.call("CreateTags", region, req).await.map(drop)
+    }
+
+    async fn delete_tags(
+        &self,
+        region: &str,
+        resource_ids: &[String],
+        keys: &[String],
+    ) -> Result<(), Ec2Error> {
+        let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
+        let req = self
+            .client(region)
+            .delete_tags()
+            .set_resources(Some(resource_ids.to_vec()))
+            .set_tags(Some(tags))
+            .send();
+        self.call("DeleteTags", region, req).await.map(drop)
+    }
+
+    async fn deregister_image(&self, region: &str, image_id: &str) -> Result<(), Ec2Error> {
+        let req = self
+            .client(region)
+            .deregister_image()
+            .image_id(image_id)
+            .send();
+        match self.call("DeregisterImage", region, req).await {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    async fn describe_snapshots(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
+        if snapshot_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A filter rather than SnapshotIds: a missing ID is left out instead
+        // of failing the whole call.
+        let filter = Filter::builder()
+            .name("snapshot-id")
+            .set_values(Some(snapshot_ids.to_vec()))
+            .build();
+        let req = self
+            .client(region)
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(filter)
+            .send();
+        let out = self.call("DescribeSnapshots", region, req).await?;
+        Ok(out.snapshots().iter().filter_map(snapshot_info).collect())
+    }
+
+    async fn owned_snapshots(
+        &self,
+        region: &str,
+        uid: &str,
+    ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
+        let client = self.client(region);
+        let mut snaps = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = client
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(tag_filter(uid))
+                .set_next_token(token.take())
+                .send();
+            let out = self.call("DescribeSnapshots", region, req).await?;
+            snaps.extend(out.snapshots().iter().filter_map(snapshot_info));
+            match out.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                _ => return Ok(snaps),
+            }
+        }
+    }
+
+    async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), Ec2Error> {
+        let req = self
+            .client(region)
+            .delete_snapshot()
+            .snapshot_id(snapshot_id)
+            .send();
+        match self.call("DeleteSnapshot", region, req).await {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> Option<SnapshotInfo> {
+    Some(SnapshotInfo {
+        id: s.snapshot_id()?.to_owned(),
+        tags: from_tags(s.tags()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_error_codes() {
+        let cases = [
+            ("InvalidAMIID.NotFound", ErrorKind::NotFound),
+            ("InvalidSnapshot.NotFound", ErrorKind::NotFound),
+            ("InvalidAMIID.Unavailable", ErrorKind::NotFound),
+            ("RequestLimitExceeded", ErrorKind::Throttled),
+            ("ResourceLimitExceeded", ErrorKind::Throttled),
+            ("InternalError", ErrorKind::Transient),
+            ("Unavailable", ErrorKind::Transient),
+            ("Dispatch", ErrorKind::Transient),
+            ("InvalidAMIName.Duplicate", ErrorKind::Rejected),
+            ("UnauthorizedOperation", ErrorKind::Rejected),
+            ("InvalidAMIID.Malformed", ErrorKind::Rejected),
+        ];
+        for (code, kind) in cases {
+            assert_eq!(classify(code), kind, "{code}");
+        }
+    }
+}

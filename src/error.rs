@@ -1,0 +1,50 @@
+//! The operator's one error type and how each kind is handled.
+
+use crate::ec2::{Ec2Error, ErrorKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+
+    #[error(transparent)]
+    Ec2(#[from] Ec2Error),
+
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+
+    #[error("the object has no {0}")]
+    MissingField(&'static str),
+
+    #[error("cleanup not finished in {region}: {what}")]
+    CleanupPending { region: String, what: String },
+}
+
+impl Error {
+    /// Stable label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Ec2(e) => match e.kind {
+                ErrorKind::Throttled => "ec2_throttled",
+                ErrorKind::Transient => "ec2_transient",
+                ErrorKind::NotFound => "ec2_not_found",
+                ErrorKind::Rejected => "ec2_rejected",
+            },
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+            Error::MissingField(_) => "invalid_object",
+            Error::CleanupPending { .. } => "cleanup_pending",
+        }
+    }
+
+    /// Throttling asks for a longer pause than other transient faults.
+    pub fn is_throttling(&self) -> bool {
+        self.metric_label() == "ec2_throttled"
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,557 @@
+//! The pure decision logic: from the spec, the last status and what EC2
+//! reports, the next actions and the status to show. No client, no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use sha2::{Digest, Sha256};
+
+use crate::api::{
+    AmiCopySpec, AmiCopyStatus, DeletionPolicy, Destination, MAX_NAME_BASE, OWNER_TAG, SOURCE_TAG,
+    TargetStatus, UID_TAG,
+};
+use crate::ec2::{CopyRequest, Ec2Error, ImageInfo};
+use crate::status::{self, reason, state};
+
+/// Identity of the object being reconciled.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: Option<i64>,
+}
+
+/// What EC2 reported for one reconcile.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The source image: `Ok(None)` when EC2 says it does not exist, `Err`
+    /// when EC2 refused to tell (access denied, ...).
+    pub source: Option<Result<Option<ImageInfo>, Ec2Error>>,
+    /// Per region, every image this object owns (by its UID tag).
+    pub owned: BTreeMap<String, Vec<ImageInfo>>,
+    /// Images named in the last status but absent from `owned`, looked up by
+    /// ID: `None` when EC2 no longer has them.
+    pub recorded: BTreeMap<String, Option<ImageInfo>>,
+}
+
+/// One side effect for the reconciler to perform.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start a copy; its image ID goes into `status.destinations[index]`.
+    Copy {
+        index: usize,
+        region: String,
+        request: CopyRequest,
+    },
+    /// Make sure an owned image carries these tags.
+    TagImage {
+        region: String,
+        image_id: String,
+        tags: BTreeMap<String, String>,
+    },
+    /// Tag the snapshots of an owned, available image that lack the
+    /// ownership tags (peers that ignore TagSpecifications on copy).
+    ClaimSnapshots {
+        region: String,
+        image_id: String,
+        snapshot_ids: Vec<String>,
+        tags: BTreeMap<String, String>,
+    },
+    /// Deregister an owned image and delete its owned snapshots.
+    Retire { region: String, image: ImageInfo },
+    /// `Retain`: leave an image in place, remove the ownership tags.
+    Release { region: String, image: ImageInfo },
+}
+
+/// A Kubernetes Event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The planner's answer.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub status: AmiCopyStatus,
+    pub notes: Vec<Note>,
+    /// Something is in flight: look again soon.
+    pub busy: bool,
+    /// A problem of the whole object (the source), not of one destination.
+    pub global: Option<(&'static str, String)>,
+}
+
+impl Plan {
+    /// Fills in `available` and the conditions from the destination states;
+    /// called again after the actions changed them.
+    pub fn summarize(&mut self, previous: &[Condition], generation: Option<i64>, now: &Time) {
+        let s = &mut self.status;
+        let available = s
+            .destinations
+            .iter()
+            .filter(|d| d.state == state::AVAILABLE)
+            .count();
+        s.available = Some(format!("{available}/{}", s.destinations.len()));
+        s.conditions = status::conditions(
+            previous,
+            &s.destinations,
+            &s.retiring,
+            self.global.clone(),
+            generation,
+            now,
+        );
+        self.busy |= s
+            .destinations
+            .iter()
+            .any(|d| d.state == state::PENDING || d.state == state::WAITING)
+            || !s.retiring.is_empty();
+    }
+}
+
+/// Tags every target image and snapshot carries: ownership plus the user's.
+pub fn desired_tags(
+    spec: &AmiCopySpec,
+    meta: &Meta,
+    source_image_id: &str,
+) -> BTreeMap<String, String> {
+    let mut tags = spec.tags.clone();
+    tags.insert(
+        OWNER_TAG.into(),
+        format!("{}/{}", meta.namespace, meta.name),
+    );
+    tags.insert(UID_TAG.into(), meta.uid.clone());
+    tags.insert(SOURCE_TAG.into(), source_image_id.into());
+    tags
+}
+
+/// Target AMI name: `<base>-<source image ID>`. AMI names are unique per
+/// region and account; the suffix keeps the copies of an old and a new source
+/// apart while both exist.
+pub fn target_name(base: &str, source_image_id: &str) -> String {
+    let base: String = base.chars().take(MAX_NAME_BASE).collect();
+    format!("{base}-{source_image_id}")
+}
+
+/// The idempotency token of a copy: the same object, region, source,
+/// encryption and attempt always yield the same token, so a retry after a
+/// crash or a lost response returns the copy already started.
+pub fn client_token(
+    uid: &str,
+    region: &str,
+    source_region: &str,
+    source_image_id: &str,
+    encrypted: Option<bool>,
+    kms: Option<&str>,
+    attempt: u32,
+) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        uid,
+        region,
+        source_region,
+        source_image_id,
+        &format!("{encrypted:?}"),
+        kms.unwrap_or(""),
+        &attempt.to_string(),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+fn target_status(
+    region: &str,
+    img: &ImageInfo,
+    source_image_id: &str,
+    attempt: u32,
+) -> TargetStatus {
+    let failed = img.state != state::AVAILABLE && img.state != state::PENDING;
+    TargetStatus {
+        region: region.to_owned(),
+        image_id: Some(img.id.clone()),
+        state: img.state.clone(),
+        source_image_id: Some(source_image_id.to_owned()),
+        encrypted: img.encrypted(),
+        kms_key_id: img.kms_key_id().map(str::to_owned),
+        reason: failed.then(|| reason::COPY_FAILED.to_owned()),
+        message: if failed {
+            img.state_reason
+                .clone()
+                .unwrap_or_else(|| format!("EC2 reports the copy as {}", img.state))
+        } else {
+            String::new()
+        },
+        attempt,
+    }
+}
+
+fn blocked(
+    region: &str,
+    source_image_id: &str,
+    st: &str,
+    why: &str,
+    message: String,
+    attempt: u32,
+) -> TargetStatus {
+    TargetStatus {
+        region: region.to_owned(),
+        state: st.to_owned(),
+        source_image_id: Some(source_image_id.to_owned()),
+        reason: Some(why.to_owned()),
+        message,
+        attempt,
+        ..TargetStatus::default()
+    }
+}
+
+/// Why the source cannot be copied to `dest` at all, if it cannot.
+fn precondition(
+    spec: &AmiCopySpec,
+    dest: &Destination,
+    src: &ImageInfo,
+) -> Option<(&'static str, String)> {
+    let enc = spec.encryption_for(dest);
+    if src.instance_store() && enc == Some(true) {
+        return Some((
+            reason::ENCRYPTION_INSTANCE_STORE,
+            "the source is instance-store-backed: it has no snapshots, so its copies cannot be encrypted; remove encrypted: true for this destination".into(),
+        ));
+    }
+    if src.encrypted() == Some(true) && enc == Some(false) {
+        return Some((
+            reason::ENCRYPTION_DOWNGRADE,
+            "the source's snapshots are encrypted and EC2 cannot make an unencrypted copy of an encrypted snapshot; set encrypted: true (or leave it unset) for this destination".into(),
+        ));
+    }
+    None
+}
+
+/// Decides what to do next. `now` stamps changed conditions.
+pub fn plan(
+    spec: &AmiCopySpec,
+    meta: &Meta,
+    previous: Option<&AmiCopyStatus>,
+    observed: &Observed,
+    now: &Time,
+) -> Plan {
+    let prev = previous.cloned().unwrap_or_default();
+    let source_id = spec.source.image_id.as_str();
+    let tags = desired_tags(spec, meta, source_id);
+    let mut actions = Vec::new();
+    let mut notes = Vec::new();
+    let mut destinations = Vec::new();
+    let mut global: Option<(&'static str, String)> = None;
+    // Images kept as the current target of some destination.
+    let mut current_ids = BTreeSet::new();
+    let same_generation = prev.observed_generation == meta.generation
+        && prev.source_image_id.as_deref() == Some(source_id);
+
+    let source = match &observed.source {
+        Some(Ok(Some(img))) => Some(img),
+        Some(Ok(None)) => {
+            global = Some((
+                reason::SOURCE_NOT_FOUND,
+                format!(
+                    "source {source_id} not found in {}: check spec.source, and that an AMI of another account is shared with this one",
+                    spec.source.region
+                ),
+            ));
+            None
+        }
+        Some(Err(e)) => {
+            global = Some(status::copy_error(e));
+            None
+        }
+        None => None,
+    };
+
+    for dest in &spec.destinations {
+        let region = dest.region.as_str();
+        let owned = observed
+            .owned
+            .get(region)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let last = prev
+            .destinations
+            .iter()
+            .find(|d| d.region == region && d.source_image_id.as_deref() == Some(source_id));
+        let mut attempt = last.map_or(0, |d| d.attempt);
+        let recorded_id = last.and_then(|d| d.image_id.as_deref());
+
+        // The current target: an owned copy of this source, preferring the
+        // one the status names, then available over pending over failed.
+        let mut candidates: Vec<&ImageInfo> = owned
+            .iter()
+            .filter(|i| i.tags.get(SOURCE_TAG).map(String::as_str) == Some(source_id))
+            .collect();
+        let rank = |i: &ImageInfo| match i.state.as_str() {
+            state::AVAILABLE => 0,
+            state::PENDING => 1,
+            _ => 2,
+        };
+        candidates.sort_by_key(|i| (Some(i.id.as_str()) != recorded_id, rank(i), i.id.clone()));
+        // EC2 lists new images with a delay: a recorded image missing from
+        // the tag query but found by ID (and ours) is still the target.
+        let late = recorded_id
+            .and_then(|id| observed.recorded.get(id))
+            .and_then(Option::as_ref)
+            .filter(|i| i.owned_by(&meta.uid));
+        let current = candidates.first().copied().or(late);
+
+        if let Some(img) = current {
+            current_ids.insert(img.id.clone());
+            let ts = target_status(region, img, source_id, attempt);
+            let was = last.map(|d| d.state.as_str());
+            if img.state == state::AVAILABLE && was != Some(state::AVAILABLE) {
+                notes.push(Note {
+                    warning: false,
+                    reason: "CopyAvailable",
+                    message: format!("{} is available in {region}", img.id),
+                });
+                let source_snaps: BTreeSet<&str> = source
+                    .map(|s| s.snapshots.iter().map(|x| x.id.as_str()).collect())
+                    .unwrap_or_default();
+                let snapshot_ids: Vec<String> = img
+                    .snapshots
+                    .iter()
+                    .map(|s| s.id.clone())
+                    .filter(|id| !source_snaps.contains(id.as_str()))
+                    .collect();
+                if !snapshot_ids.is_empty() {
+                    actions.push(Action::ClaimSnapshots {
+                        region: region.into(),
+                        image_id: img.id.clone(),
+                        snapshot_ids,
+                        tags: tags.clone(),
+                    });
+                }
+            }
+            if ts.reason.is_some() && was != Some(ts.state.as_str()) {
+                notes.push(Note {
+                    warning: true,
+                    reason: "CopyFailed",
+                    message: format!("{} in {region}: {}", img.id, ts.message),
+                });
+            }
+            if tags.iter().any(|(k, v)| img.tags.get(k) != Some(v)) {
+                actions.push(Action::TagImage {
+                    region: region.into(),
+                    image_id: img.id.clone(),
+                    tags: tags.clone(),
+                });
+            }
+            destinations.push(ts);
+            continue;
+        }
+
+        if let Some(id) = recorded_id {
+            match observed.recorded.get(id) {
+                Some(Some(foreign)) if !foreign.owned_by(&meta.uid) => notes.push(Note {
+                    warning: true,
+                    reason: "ForeignImageIgnored",
+                    message: format!("status named {id} in {region}, which this object does not own; it is left untouched"),
+                }),
+                // Gone (deregistered out of band): copy again under a new
+                // token, since EC2 would answer the old one with the old image.
+                _ if last.is_some_and(|d| d.state != state::ERROR) => {
+                    attempt += 1;
+                    notes.push(Note {
+                        warning: true,
+                        reason: "TargetMissing",
+                        message: format!("{id} in {region} no longer exists; copying again"),
+                    });
+                }
+                _ => {}
+            }
+        }
+
+        let Some(src) = source else {
+            let (why, msg) = global
+                .clone()
+                .unwrap_or((reason::WAITING, "reading the source image".into()));
+            let st = if global.is_some() {
+                state::ERROR
+            } else {
+                state::WAITING
+            };
+            destinations.push(blocked(region, source_id, st, why, msg, attempt));
+            continue;
+        };
+        if src.state != state::AVAILABLE {
+            let st = if src.state == state::PENDING {
+                state::WAITING
+            } else {
+                state::ERROR
+            };
+            let msg = format!(
+                "the source image is {}; copies start when it is available",
+                src.state
+            );
+            destinations.push(blocked(
+                region,
+                source_id,
+                st,
+                reason::SOURCE_NOT_AVAILABLE,
+                msg,
+                attempt,
+            ));
+            continue;
+        }
+        if let Some((why, msg)) = precondition(spec, dest, src) {
+            destinations.push(blocked(region, source_id, state::ERROR, why, msg, attempt));
+            continue;
+        }
+        // A copy EC2 rejected stays rejected until the spec changes.
+        if let Some(last) =
+            last.filter(|d| d.state == state::ERROR && d.image_id.is_none() && same_generation)
+        {
+            destinations.push(last.clone());
+            continue;
+        }
+        let encrypted = spec.encryption_for(dest);
+        let kms = if encrypted == Some(true) {
+            dest.kms_key_id.clone()
+        } else {
+            None
+        };
+        let base = spec
+            .name
+            .clone()
+            .or_else(|| src.name.clone())
+            .unwrap_or_else(|| format!("{}-{}", meta.namespace, meta.name));
+        let request = CopyRequest {
+            source_region: spec.source.region.clone(),
+            source_image_id: source_id.to_owned(),
+            name: target_name(&base, source_id),
+            description: spec.description.clone().unwrap_or_else(|| {
+                format!(
+                    "Copy of {source_id} from {}, managed by AmiCopy {}/{}",
+                    spec.source.region, meta.namespace, meta.name
+                )
+            }),
+            encrypted,
+            kms_key_id: kms.clone(),
+            copy_image_tags: spec.copy_image_tags.unwrap_or(false),
+            client_token: client_token(
+                &meta.uid,
+                region,
+                &spec.source.region,
+                source_id,
+                encrypted,
+                kms.as_deref(),
+                attempt,
+            ),
+            tags: tags.clone(),
+        };
+        actions.push(Action::Copy {
+            index: destinations.len(),
+            region: region.into(),
+            request,
+        });
+        destinations.push(TargetStatus {
+            region: region.into(),
+            state: state::PENDING.into(),
+            source_image_id: Some(source_id.into()),
+            attempt,
+            ..TargetStatus::default()
+        });
+    }
+
+    // Everything else this object owns is retired: duplicates at once, older
+    // generations once the current copy in their region is available, and
+    // everything in regions no longer listed.
+    let mut retiring = Vec::new();
+    for (region, images) in &observed.owned {
+        let current_available = destinations
+            .iter()
+            .any(|d| &d.region == region && d.state == state::AVAILABLE);
+        let listed = spec.destinations.iter().any(|d| &d.region == region);
+        for img in images.iter().filter(|i| !current_ids.contains(&i.id)) {
+            let from = img.tags.get(SOURCE_TAG).cloned().unwrap_or_default();
+            let duplicate = from == source_id;
+            let mut ts = target_status(region, img, &from, 0);
+            if duplicate || !listed || current_available {
+                ts.message = if duplicate {
+                    "duplicate copy of the current source".into()
+                } else if !listed {
+                    "region removed from spec.destinations".into()
+                } else {
+                    "replaced by a copy of the current source".into()
+                };
+                let action = match spec.deletion_policy {
+                    DeletionPolicy::Delete => Action::Retire {
+                        region: region.clone(),
+                        image: img.clone(),
+                    },
+                    DeletionPolicy::Retain => Action::Release {
+                        region: region.clone(),
+                        image: img.clone(),
+                    },
+                };
+                actions.push(action);
+            } else {
+                ts.message = "kept until the copy of the current source is available".into();
+            }
+            retiring.push(ts);
+        }
+    }
+
+    let status = AmiCopyStatus {
+        observed_generation: meta.generation,
+        source_image_id: Some(source_id.into()),
+        available: None,
+        destinations,
+        retiring,
+        conditions: Vec::new(),
+    };
+    let mut plan = Plan {
+        actions,
+        status,
+        notes,
+        busy: false,
+        global,
+    };
+    plan.summarize(&prev.conditions, meta.generation, now);
+    plan
+}
+
+/// Regions where this object may own images: listed now, or named in status.
+pub fn regions_of_interest(
+    spec: &AmiCopySpec,
+    previous: Option<&AmiCopyStatus>,
+) -> BTreeSet<String> {
+    let mut regions: BTreeSet<String> =
+        spec.destinations.iter().map(|d| d.region.clone()).collect();
+    if let Some(p) = previous {
+        regions.extend(
+            p.destinations
+                .iter()
+                .chain(&p.retiring)
+                .map(|d| d.region.clone()),
+        );
+    }
+    regions
+}
+
+/// Image IDs the last status names that the tag query did not return: they
+/// are looked up by ID (late listing, deregistration, or a foreign image).
+pub fn recorded_to_check(
+    previous: Option<&AmiCopyStatus>,
+    owned: &BTreeMap<String, Vec<ImageInfo>>,
+) -> Vec<(String, String)> {
+    let Some(p) = previous else { return Vec::new() };
+    p.destinations
+        .iter()
+        .filter_map(|d| Some((d.region.clone(), d.image_id.clone()?)))
+        .filter(|(region, id)| {
+            !owned
+                .get(region)
+                .is_some_and(|imgs| imgs.iter().any(|i| &i.id == id))
+        })
+        .collect()
+}
