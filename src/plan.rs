@@ -555,3 +555,6 @@ pub fn recorded_to_check(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

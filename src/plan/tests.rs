@@ -1,0 +1,693 @@
+//! Table-style tests of the planner: an in-memory picture of EC2 in, actions
+//! and status out.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::*;
+use crate::api::{AmiCopySpec, DeletionPolicy, Destination, Source};
+use crate::ec2::{ImageInfo, SnapshotRef};
+use crate::status::{DEGRADED, PROGRESSING, READY};
+
+const SRC: &str = "ami-0123456789abcdef0";
+const NEW_SRC: &str = "ami-0fedcba9876543210";
+const UID: &str = "5f0c7c3e-1111-2222-3333-444455556666";
+
+fn now() -> Time {
+    Time(Timestamp::from_second(1_800_000_000).unwrap())
+}
+
+fn meta(generation: i64) -> Meta {
+    Meta {
+        namespace: "images".into(),
+        name: "golden".into(),
+        uid: UID.into(),
+        generation: Some(generation),
+    }
+}
+
+fn dest(region: &str) -> Destination {
+    Destination {
+        region: region.into(),
+        encrypted: None,
+        kms_key_id: None,
+    }
+}
+
+fn spec(source: &str, regions: &[&str]) -> AmiCopySpec {
+    AmiCopySpec {
+        source: Source {
+            region: "us-east-1".into(),
+            image_id: source.into(),
+        },
+        destinations: regions.iter().map(|r| dest(r)).collect(),
+        name: None,
+        description: None,
+        encrypted: None,
+        copy_image_tags: None,
+        tags: BTreeMap::from([("team".into(), "platform".into())]),
+        deletion_policy: DeletionPolicy::Delete,
+    }
+}
+
+fn source_image(encrypted: bool) -> ImageInfo {
+    ImageInfo {
+        id: SRC.into(),
+        name: Some("golden-base".into()),
+        state: "available".into(),
+        root_device_type: Some("ebs".into()),
+        snapshots: vec![SnapshotRef {
+            id: "snap-source".into(),
+            encrypted,
+            kms_key_id: None,
+        }],
+        ..ImageInfo::default()
+    }
+}
+
+/// An image this object owns, copied from `source`.
+fn target(id: &str, source: &str, state: &str) -> ImageInfo {
+    ImageInfo {
+        id: id.into(),
+        state: state.into(),
+        root_device_type: Some("ebs".into()),
+        snapshots: vec![SnapshotRef {
+            id: format!("snap-{id}"),
+            encrypted: false,
+            kms_key_id: None,
+        }],
+        tags: desired_tags(&spec(source, &[]), &meta(1), source),
+        ..ImageInfo::default()
+    }
+}
+
+fn observed(source: Option<ImageInfo>, owned: &[(&str, Vec<ImageInfo>)]) -> Observed {
+    Observed {
+        source: Some(Ok(source)),
+        owned: owned
+            .iter()
+            .map(|(r, imgs)| (r.to_string(), imgs.clone()))
+            .collect(),
+        recorded: BTreeMap::new(),
+    }
+}
+
+fn cond<'a>(p: &'a Plan, t: &str) -> (&'a str, &'a str) {
+    let c = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .expect("condition present");
+    (c.status.as_str(), c.reason.as_str())
+}
+
+fn copies(p: &Plan) -> Vec<&CopyRequest> {
+    p.actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Copy { request, .. } = a {
+                Some(request)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn retired(p: &Plan) -> Vec<&str> {
+    p.actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Retire { image, .. } = a {
+                Some(image.id.as_str())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn run(spec: &AmiCopySpec, prev: Option<&AmiCopyStatus>, obs: &Observed) -> Plan {
+    plan(spec, &meta(1), prev, obs, &now())
+}
+
+#[test]
+fn fresh_object_copies_into_every_region_with_ownership_tags() {
+    let s = spec(SRC, &["eu-west-1", "ap-southeast-2"]);
+    let p = run(&s, None, &observed(Some(source_image(false)), &[]));
+    let reqs = copies(&p);
+    assert_eq!(reqs.len(), 2);
+    for r in &reqs {
+        assert_eq!(r.source_region, "us-east-1");
+        assert_eq!(r.source_image_id, SRC);
+        assert_eq!(r.name, format!("golden-base-{SRC}"));
+        assert_eq!(r.tags.get(UID_TAG).map(String::as_str), Some(UID));
+        assert_eq!(
+            r.tags.get(OWNER_TAG).map(String::as_str),
+            Some("images/golden")
+        );
+        assert_eq!(r.tags.get("team").map(String::as_str), Some("platform"));
+        assert_eq!(r.encrypted, None);
+        assert!(!r.copy_image_tags);
+        assert_eq!(r.client_token.len(), 64);
+    }
+    assert_ne!(reqs[0].client_token, reqs[1].client_token);
+    assert!(
+        p.status
+            .destinations
+            .iter()
+            .all(|d| d.state == "pending" && d.image_id.is_none())
+    );
+    assert_eq!(cond(&p, READY), ("False", "CopyPending"));
+    assert_eq!(cond(&p, PROGRESSING), ("True", "CopyPending"));
+    assert_eq!(cond(&p, DEGRADED), ("False", "AsExpected"));
+    assert_eq!(p.status.available.as_deref(), Some("0/2"));
+    assert!(p.busy);
+}
+
+#[test]
+fn client_token_is_deterministic_and_covers_every_input() {
+    let base = client_token(UID, "eu-west-1", "us-east-1", SRC, None, None, 0);
+    assert_eq!(
+        base,
+        client_token(UID, "eu-west-1", "us-east-1", SRC, None, None, 0)
+    );
+    let variants = [
+        client_token("other-uid", "eu-west-1", "us-east-1", SRC, None, None, 0),
+        client_token(UID, "eu-west-2", "us-east-1", SRC, None, None, 0),
+        client_token(UID, "eu-west-1", "us-east-2", SRC, None, None, 0),
+        client_token(UID, "eu-west-1", "us-east-1", NEW_SRC, None, None, 0),
+        client_token(UID, "eu-west-1", "us-east-1", SRC, Some(true), None, 0),
+        client_token(
+            UID,
+            "eu-west-1",
+            "us-east-1",
+            SRC,
+            Some(true),
+            Some("alias/x"),
+            0,
+        ),
+        client_token(UID, "eu-west-1", "us-east-1", SRC, None, None, 1),
+    ];
+    for v in variants {
+        assert_ne!(v, base);
+        assert!(v.len() <= 64, "EC2 allows 64 characters");
+    }
+}
+
+#[test]
+fn pending_target_is_followed_not_copied_again() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let p = run(
+        &s,
+        None,
+        &observed(
+            Some(source_image(false)),
+            &[(
+                "eu-west-1",
+                vec![target("ami-00000000000000001", SRC, "pending")],
+            )],
+        ),
+    );
+    assert!(copies(&p).is_empty());
+    assert_eq!(
+        p.status.destinations[0].image_id.as_deref(),
+        Some("ami-00000000000000001")
+    );
+    assert_eq!(p.status.destinations[0].state, "pending");
+    assert!(p.busy);
+}
+
+#[test]
+fn available_everywhere_is_ready_and_claims_snapshots_once() {
+    let s = spec(SRC, &["eu-west-1", "ap-southeast-2"]);
+    let obs = observed(
+        Some(source_image(false)),
+        &[
+            (
+                "eu-west-1",
+                vec![target("ami-00000000000000001", SRC, "available")],
+            ),
+            (
+                "ap-southeast-2",
+                vec![target("ami-00000000000000002", SRC, "available")],
+            ),
+        ],
+    );
+    let first = run(&s, None, &obs);
+    assert_eq!(cond(&first, READY), ("True", "Available"));
+    assert_eq!(cond(&first, PROGRESSING), ("False", "Complete"));
+    assert_eq!(first.status.available.as_deref(), Some("2/2"));
+    let claims = first
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::ClaimSnapshots { .. }))
+        .count();
+    assert_eq!(claims, 2);
+    assert!(first.notes.iter().all(|n| n.reason == "CopyAvailable"));
+    assert!(!first.busy);
+
+    // Steady state: nothing to do, nothing changes.
+    let again = run(&s, Some(&first.status), &obs);
+    assert!(again.actions.is_empty(), "{:?}", again.actions);
+    assert!(again.notes.is_empty());
+    assert_eq!(again.status, first.status);
+}
+
+#[test]
+fn snapshots_of_the_source_are_never_claimed() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let mut img = target("ami-00000000000000001", SRC, "available");
+    img.snapshots.push(SnapshotRef {
+        id: "snap-source".into(),
+        ..SnapshotRef::default()
+    });
+    let p = run(
+        &s,
+        None,
+        &observed(Some(source_image(false)), &[("eu-west-1", vec![img])]),
+    );
+    let Some(Action::ClaimSnapshots { snapshot_ids, .. }) = p
+        .actions
+        .iter()
+        .find(|a| matches!(a, Action::ClaimSnapshots { .. }))
+    else {
+        panic!("no claim")
+    };
+    assert_eq!(
+        snapshot_ids,
+        &vec!["snap-ami-00000000000000001".to_string()]
+    );
+}
+
+#[test]
+fn failed_copy_is_degraded_with_ec2s_reason() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let mut img = target("ami-00000000000000001", SRC, "failed");
+    img.state_reason = Some("Client.InternalError: snapshot copy failed".into());
+    let p = run(
+        &s,
+        None,
+        &observed(Some(source_image(false)), &[("eu-west-1", vec![img])]),
+    );
+    assert_eq!(cond(&p, DEGRADED), ("True", "CopyFailed"));
+    assert_eq!(cond(&p, READY), ("False", "CopyFailed"));
+    assert!(
+        p.status.destinations[0]
+            .message
+            .contains("snapshot copy failed")
+    );
+    assert!(copies(&p).is_empty());
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.warning && n.reason == "CopyFailed")
+    );
+}
+
+#[test]
+fn source_problems_block_copies_with_a_reason() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let p = run(&s, None, &observed(None, &[]));
+    assert!(copies(&p).is_empty());
+    assert_eq!(cond(&p, DEGRADED), ("True", "SourceNotFound"));
+    assert_eq!(p.status.destinations[0].state, "error");
+
+    let mut pending = source_image(false);
+    pending.state = "pending".into();
+    let p = run(&s, None, &observed(Some(pending), &[]));
+    assert!(copies(&p).is_empty());
+    assert_eq!(p.status.destinations[0].state, "waiting");
+    assert_eq!(cond(&p, DEGRADED).0, "False");
+
+    let denied = Observed {
+        source: Some(Err(Ec2Error::new("UnauthorizedOperation", "not allowed"))),
+        ..Observed::default()
+    };
+    let p = run(&s, None, &denied);
+    assert_eq!(cond(&p, DEGRADED), ("True", "AccessDenied"));
+}
+
+#[test]
+fn encryption_rules() {
+    // (source encrypted, instance-store, spec-wide, destination, kms, expected reason or None)
+    let cases: &[(
+        bool,
+        bool,
+        Option<bool>,
+        Option<bool>,
+        Option<&str>,
+        Option<&str>,
+    )] = &[
+        (false, false, None, None, None, None),
+        (false, false, None, Some(true), Some("alias/k"), None),
+        (false, false, Some(true), None, None, None),
+        (true, false, None, None, None, None),
+        (true, false, None, Some(true), None, None),
+        (
+            true,
+            false,
+            None,
+            Some(false),
+            None,
+            Some("EncryptionDowngradeNotSupported"),
+        ),
+        (
+            true,
+            false,
+            Some(false),
+            None,
+            None,
+            Some("EncryptionDowngradeNotSupported"),
+        ),
+        (true, false, Some(false), Some(true), None, None),
+        (
+            false,
+            true,
+            None,
+            Some(true),
+            None,
+            Some("EncryptionNotSupportedForInstanceStore"),
+        ),
+        (false, true, None, None, None, None),
+    ];
+    for &(src_enc, instance_store, wide, per_dest, kms, want) in cases {
+        let mut s = spec(SRC, &["eu-west-1"]);
+        s.encrypted = wide;
+        s.destinations[0].encrypted = per_dest;
+        s.destinations[0].kms_key_id = kms.map(String::from);
+        let mut src = source_image(src_enc);
+        if instance_store {
+            src.root_device_type = Some("instance-store".into());
+            src.snapshots.clear();
+        }
+        let p = run(&s, None, &observed(Some(src), &[]));
+        let case = format!("{src_enc} {instance_store} {wide:?} {per_dest:?} {kms:?}");
+        match want {
+            Some(reason) => {
+                assert!(copies(&p).is_empty(), "{case}");
+                assert_eq!(cond(&p, DEGRADED), ("True", reason), "{case}");
+            }
+            None => {
+                let reqs = copies(&p);
+                assert_eq!(reqs.len(), 1, "{case}");
+                assert_eq!(reqs[0].encrypted, per_dest.or(wide), "{case}");
+                assert_eq!(reqs[0].kms_key_id.as_deref(), kms, "{case}");
+            }
+        }
+    }
+}
+
+#[test]
+fn source_change_copies_first_then_retires_the_old_generation() {
+    let old = target("ami-00000000000000001", SRC, "available");
+    let first = run(
+        &spec(SRC, &["eu-west-1"]),
+        None,
+        &observed(
+            Some(source_image(false)),
+            &[("eu-west-1", vec![old.clone()])],
+        ),
+    );
+
+    let s = spec(NEW_SRC, &["eu-west-1"]);
+    let mut new_src = source_image(false);
+    new_src.id = NEW_SRC.into();
+    let p = plan(
+        &s,
+        &meta(2),
+        Some(&first.status),
+        &observed(Some(new_src.clone()), &[("eu-west-1", vec![old.clone()])]),
+        &now(),
+    );
+    assert_eq!(copies(&p).len(), 1);
+    assert_eq!(copies(&p)[0].name, format!("golden-base-{NEW_SRC}"));
+    assert!(
+        retired(&p).is_empty(),
+        "the old copy stays while the new one is pending"
+    );
+    assert_eq!(p.status.retiring.len(), 1);
+    assert_eq!(
+        p.status.retiring[0].image_id.as_deref(),
+        Some("ami-00000000000000001")
+    );
+
+    let new = target("ami-00000000000000002", NEW_SRC, "pending");
+    let p = plan(
+        &s,
+        &meta(2),
+        Some(&p.status),
+        &observed(
+            Some(new_src.clone()),
+            &[("eu-west-1", vec![old.clone(), new])],
+        ),
+        &now(),
+    );
+    assert!(copies(&p).is_empty());
+    assert!(retired(&p).is_empty());
+
+    let new = target("ami-00000000000000002", NEW_SRC, "available");
+    let p = plan(
+        &s,
+        &meta(2),
+        Some(&p.status),
+        &observed(
+            Some(new_src.clone()),
+            &[("eu-west-1", vec![old.clone(), new.clone()])],
+        ),
+        &now(),
+    );
+    assert_eq!(retired(&p), vec!["ami-00000000000000001"]);
+    assert_eq!(
+        p.status.destinations[0].image_id.as_deref(),
+        Some("ami-00000000000000002")
+    );
+
+    let mut retain = s.clone();
+    retain.deletion_policy = DeletionPolicy::Retain;
+    let p = plan(
+        &retain,
+        &meta(2),
+        Some(&p.status),
+        &observed(Some(new_src), &[("eu-west-1", vec![old, new])]),
+        &now(),
+    );
+    assert!(retired(&p).is_empty());
+    assert!(p.actions.iter().any(
+        |a| matches!(a, Action::Release { image, .. } if image.id == "ami-00000000000000001")
+    ));
+}
+
+#[test]
+fn removed_destination_is_retired_at_once() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let prev = AmiCopyStatus {
+        destinations: vec![TargetStatus {
+            region: "ap-southeast-2".into(),
+            image_id: Some("ami-00000000000000002".into()),
+            state: "available".into(),
+            source_image_id: Some(SRC.into()),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    assert!(regions_of_interest(&s, Some(&prev)).contains("ap-southeast-2"));
+    let obs = observed(
+        Some(source_image(false)),
+        &[
+            ("eu-west-1", vec![]),
+            (
+                "ap-southeast-2",
+                vec![target("ami-00000000000000002", SRC, "available")],
+            ),
+        ],
+    );
+    let p = run(&s, Some(&prev), &obs);
+    assert_eq!(retired(&p), vec!["ami-00000000000000002"]);
+    assert_eq!(p.status.destinations.len(), 1);
+}
+
+#[test]
+fn duplicates_of_the_current_source_are_retired() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let obs = observed(
+        Some(source_image(false)),
+        &[(
+            "eu-west-1",
+            vec![
+                target("ami-00000000000000001", SRC, "available"),
+                target("ami-00000000000000009", SRC, "available"),
+            ],
+        )],
+    );
+    let p = run(&s, None, &obs);
+    assert_eq!(
+        p.status.destinations[0].image_id.as_deref(),
+        Some("ami-00000000000000001")
+    );
+    assert_eq!(retired(&p), vec!["ami-00000000000000009"]);
+}
+
+#[test]
+fn target_deregistered_out_of_band_is_copied_again_under_a_new_token() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let prev = run(
+        &s,
+        None,
+        &observed(
+            Some(source_image(false)),
+            &[(
+                "eu-west-1",
+                vec![target("ami-00000000000000001", SRC, "available")],
+            )],
+        ),
+    )
+    .status;
+    let mut obs = observed(Some(source_image(false)), &[("eu-west-1", vec![])]);
+    assert_eq!(
+        recorded_to_check(Some(&prev), &obs.owned),
+        vec![("eu-west-1".to_string(), "ami-00000000000000001".to_string())]
+    );
+    obs.recorded.insert("ami-00000000000000001".into(), None);
+    let p = run(&s, Some(&prev), &obs);
+    let reqs = copies(&p);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(
+        reqs[0].client_token,
+        client_token(UID, "eu-west-1", "us-east-1", SRC, None, None, 1)
+    );
+    assert_eq!(p.status.destinations[0].attempt, 1);
+    assert!(p.notes.iter().any(|n| n.reason == "TargetMissing"));
+}
+
+#[test]
+fn late_listed_target_found_by_id_is_not_copied_again() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let prev = AmiCopyStatus {
+        destinations: vec![TargetStatus {
+            region: "eu-west-1".into(),
+            image_id: Some("ami-00000000000000001".into()),
+            state: "pending".into(),
+            source_image_id: Some(SRC.into()),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    let mut obs = observed(Some(source_image(false)), &[("eu-west-1", vec![])]);
+    obs.recorded.insert(
+        "ami-00000000000000001".into(),
+        Some(target("ami-00000000000000001", SRC, "pending")),
+    );
+    let p = run(&s, Some(&prev), &obs);
+    assert!(copies(&p).is_empty());
+    assert_eq!(
+        p.status.destinations[0].image_id.as_deref(),
+        Some("ami-00000000000000001")
+    );
+}
+
+#[test]
+fn foreign_image_named_in_status_is_never_touched() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let prev = AmiCopyStatus {
+        destinations: vec![TargetStatus {
+            region: "eu-west-1".into(),
+            image_id: Some("ami-0000000000000f00d".into()),
+            state: "available".into(),
+            source_image_id: Some(SRC.into()),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    let foreign = ImageInfo {
+        id: "ami-0000000000000f00d".into(),
+        state: "available".into(),
+        ..ImageInfo::default()
+    };
+    let mut obs = observed(Some(source_image(false)), &[("eu-west-1", vec![])]);
+    obs.recorded.insert(foreign.id.clone(), Some(foreign));
+    let p = run(&s, Some(&prev), &obs);
+    assert!(retired(&p).is_empty());
+    assert!(!p.actions.iter().any(
+        |a| matches!(a, Action::TagImage { image_id, .. } if image_id == "ami-0000000000000f00d")
+    ));
+    assert_eq!(
+        copies(&p).len(),
+        1,
+        "the destination gets a copy of its own"
+    );
+    assert!(p.notes.iter().any(|n| n.reason == "ForeignImageIgnored"));
+}
+
+#[test]
+fn changed_user_tags_are_applied_to_the_target() {
+    let mut s = spec(SRC, &["eu-west-1"]);
+    s.tags.insert("team".into(), "security".into());
+    let p = run(
+        &s,
+        None,
+        &observed(
+            Some(source_image(false)),
+            &[(
+                "eu-west-1",
+                vec![target("ami-00000000000000001", SRC, "available")],
+            )],
+        ),
+    );
+    assert!(p.actions.iter().any(|a| matches!(a, Action::TagImage { tags, .. } if tags.get("team").map(String::as_str) == Some("security"))));
+}
+
+#[test]
+fn rejected_copy_waits_for_a_spec_change() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let prev = AmiCopyStatus {
+        observed_generation: Some(1),
+        source_image_id: Some(SRC.into()),
+        destinations: vec![TargetStatus {
+            region: "eu-west-1".into(),
+            state: "error".into(),
+            source_image_id: Some(SRC.into()),
+            reason: Some("DuplicateName".into()),
+            message: "taken".into(),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    let obs = observed(Some(source_image(false)), &[("eu-west-1", vec![])]);
+    let p = plan(&s, &meta(1), Some(&prev), &obs, &now());
+    assert!(copies(&p).is_empty());
+    assert_eq!(cond(&p, DEGRADED), ("True", "DuplicateName"));
+    let p = plan(&s, &meta(2), Some(&prev), &obs, &now());
+    assert_eq!(copies(&p).len(), 1);
+}
+
+#[test]
+fn names_leave_room_for_the_source_suffix() {
+    let long = "x".repeat(200);
+    let name = target_name(&long, SRC);
+    assert_eq!(name.len(), 128);
+    assert!(name.ends_with(SRC));
+    let mut s = spec(SRC, &["eu-west-1"]);
+    s.name = Some("custom".into());
+    let p = run(&s, None, &observed(Some(source_image(false)), &[]));
+    assert_eq!(copies(&p)[0].name, format!("custom-{SRC}"));
+}
+
+#[test]
+fn unchanged_conditions_keep_their_transition_time() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let obs = observed(
+        Some(source_image(false)),
+        &[(
+            "eu-west-1",
+            vec![target("ami-00000000000000001", SRC, "available")],
+        )],
+    );
+    let first = run(&s, None, &obs);
+    let later = Time(Timestamp::from_second(1_800_000_600).unwrap());
+    let again = plan(&s, &meta(1), Some(&first.status), &obs, &later);
+    assert_eq!(again.status.conditions, first.status.conditions);
+}
