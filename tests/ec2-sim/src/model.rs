@@ -1184,20 +1184,20 @@ impl State {
             client_token: None,
             ..req.clone()
         };
-        if let Some(key) = &token_key {
-            if let Some((earlier, image_id)) = self.tokens.get(key) {
-                return if *earlier == fingerprint {
-                    Ok(image_id.clone())
-                } else {
-                    Err(ApiError::client(
-                        "IdempotentParameterMismatch",
-                        format!(
-                            "Arguments on this idempotent request are inconsistent with arguments used in previous request(s) with client token {}.",
-                            key.token
-                        ),
-                    ))
-                };
-            }
+        if let Some(key) = &token_key
+            && let Some((earlier, image_id)) = self.tokens.get(key)
+        {
+            return if *earlier == fingerprint {
+                Ok(image_id.clone())
+            } else {
+                Err(ApiError::client(
+                    "IdempotentParameterMismatch",
+                    format!(
+                        "Arguments on this idempotent request are inconsistent with arguments used in previous request(s) with client token {}.",
+                        key.token
+                    ),
+                ))
+            };
         }
 
         if !ctx.config.is_region(&req.source_region) {
@@ -1243,14 +1243,14 @@ impl State {
                 ),
             ));
         }
-        if let Some(minutes) = req.snapshot_copy_completion_minutes {
-            if !(15..=2880).contains(&minutes) || minutes % 15 != 0 {
-                return Err(ApiError::invalid_value(
-                    "SnapshotCopyCompletionDurationMinutes",
-                    &minutes.to_string(),
-                    "Must be a multiple of 15 between 15 and 2880.",
-                ));
-            }
+        if let Some(minutes) = req.snapshot_copy_completion_minutes
+            && (!(15..=2880).contains(&minutes) || minutes % 15 != 0)
+        {
+            return Err(ApiError::invalid_value(
+                "SnapshotCopyCompletionDurationMinutes",
+                &minutes.to_string(),
+                "Must be a multiple of 15 between 15 and 2880.",
+            ));
         }
         let wants_encryption = req.encrypted == Some(true);
         if !source.is_ebs() && (wants_encryption || req.kms_key_id.is_some()) {
@@ -1759,3 +1759,7 @@ fn apply_permissions(list: &mut Vec<Permission>, change: &PermissionChange) {
     }
     list.retain(|p| !change.remove.contains(p));
 }
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;

@@ -107,16 +107,16 @@ fn authenticate(
         auth.verify(secret, header_value, body)
             .map_err(|e| (e, region.clone()))?;
     }
-    if let Some(version) = params.get("Version") {
-        if version != API_VERSION {
-            return Err((
-                ApiError::client(
-                    "InvalidParameterValue",
-                    format!("Unsupported API version {version}"),
-                ),
-                region,
-            ));
-        }
+    if let Some(version) = params.get("Version")
+        && version != API_VERSION
+    {
+        return Err((
+            ApiError::client(
+                "InvalidParameterValue",
+                format!("Unsupported API version {version}"),
+            ),
+            region,
+        ));
     }
     Ok((
         Caller {
