@@ -1,0 +1,472 @@
+//! The operator end to end: a real kube-apiserver, the operator in-process,
+//! and an EC2 peer. Assertions are on what the EC2 peer holds (read back
+//! through the EC2 API), not on the operator's own claims.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ami_copy_operator::AmiCopy;
+use ami_copy_operator::api::UID_TAG;
+use aws_sdk_ec2::Client as Ec2Client;
+use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, Filter, Image};
+use ec2_sim::{FaultKind, FaultRule, SeedImage, SimConfig, Simulator, Trigger};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use crate::testbed::{self, Operator, condition, is_ready, wait_for, wait_gone};
+
+const SOURCE_REGION: &str = "us-east-1";
+
+/// An EC2 peer on loopback: our simulator (with its control handle) or moto.
+struct Peer {
+    endpoint: String,
+    sim: Option<Simulator>,
+}
+
+impl Peer {
+    async fn sim() -> Self {
+        let sim = Simulator::start(SimConfig {
+            copy_duration: Duration::from_millis(1500),
+            ..SimConfig::default()
+        })
+        .await
+        .expect("start the EC2 simulator");
+        Self { endpoint: sim.endpoint(), sim: Some(sim) }
+    }
+
+    fn moto() -> Self {
+        let endpoint = std::env::var("AMICOPY_MOTO_ENDPOINT")
+            .expect("AMICOPY_MOTO_ENDPOINT is not set: run the tests with hack/test.sh, which starts moto");
+        Self { endpoint, sim: None }
+    }
+
+    fn control(&self) -> std::sync::Arc<ec2_sim::Control> {
+        self.sim.as_ref().expect("a simulator-only scenario").control()
+    }
+
+    fn ec2(&self, region: &str) -> Ec2Client {
+        let conf = aws_sdk_ec2::config::Builder::from(&testbed::sdk_config())
+            .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
+            .endpoint_url(&self.endpoint)
+            .build();
+        Ec2Client::from_conf(conf)
+    }
+
+    /// Registers an EBS-backed source image through the EC2 API (the same
+    /// calls on both peers): volume → snapshot → RegisterImage.
+    async fn seed_source(&self, name: &str) -> String {
+        let ec2 = self.ec2(SOURCE_REGION);
+        let vol = ec2
+            .create_volume()
+            .availability_zone(format!("{SOURCE_REGION}a"))
+            .size(8)
+            .send()
+            .await
+            .expect("CreateVolume");
+        let snap = ec2
+            .create_snapshot()
+            .volume_id(vol.volume_id().unwrap())
+            .send()
+            .await
+            .expect("CreateSnapshot");
+        let img = ec2
+            .register_image()
+            .name(name)
+            .architecture("x86_64".into())
+            .root_device_name("/dev/xvda")
+            .virtualization_type("hvm")
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name("/dev/xvda")
+                    .ebs(EbsBlockDevice::builder().snapshot_id(snap.snapshot_id().unwrap()).build())
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("RegisterImage");
+        img.image_id().unwrap().to_owned()
+    }
+
+    /// Images in `region` carrying `amicopy.dev/uid=<uid>`.
+    async fn owned(&self, region: &str, uid: &str) -> Vec<Image> {
+        self.ec2(region)
+            .describe_images()
+            .owners("self")
+            .filters(Filter::builder().name(format!("tag:{UID_TAG}")).values(uid).build())
+            .send()
+            .await
+            .expect("DescribeImages")
+            .images()
+            .to_vec()
+    }
+
+    async fn image(&self, region: &str, id: &str) -> Option<Image> {
+        let out = self
+            .ec2(region)
+            .describe_images()
+            .filters(Filter::builder().name("image-id").values(id).build())
+            .send()
+            .await
+            .expect("DescribeImages");
+        out.images().first().cloned()
+    }
+
+    async fn snapshot_exists(&self, region: &str, id: &str) -> bool {
+        let out = self
+            .ec2(region)
+            .describe_snapshots()
+            .filters(Filter::builder().name("snapshot-id").values(id).build())
+            .send()
+            .await
+            .expect("DescribeSnapshots");
+        !out.snapshots().is_empty()
+    }
+}
+
+fn snapshot_ids(img: &Image) -> Vec<String> {
+    img.block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_owned))
+        .collect()
+}
+
+fn tags(img: &Image) -> BTreeMap<String, String> {
+    img.tags()
+        .iter()
+        .map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+async fn create(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) -> AmiCopy {
+    let obj: AmiCopy = serde_json::from_value(json!({
+        "apiVersion": "amicopy.dev/v1alpha1",
+        "kind": "AmiCopy",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("a valid AmiCopy");
+    api.create(&PostParams::default(), &obj).await.expect("create the AmiCopy")
+}
+
+/// Patches the spec the way `kubectl apply` would (another field manager).
+async fn patch_spec(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) {
+    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": spec})))
+        .await
+        .expect("patch the spec");
+}
+
+fn target_of(obj: &AmiCopy, region: &str) -> Option<String> {
+    obj.status
+        .as_ref()?
+        .destinations
+        .iter()
+        .find(|d| d.region == region)?
+        .image_id
+        .clone()
+}
+
+struct Setup {
+    kube: Client,
+    api: Api<AmiCopy>,
+    peer: Peer,
+    operator: Operator,
+}
+
+async fn setup(peer: Peer, prefix: &str) -> Setup {
+    let kube = testbed::kube().await;
+    let ns = testbed::namespace(&kube, prefix).await;
+    let operator = Operator::start(&kube, &ns, &peer.endpoint).await;
+    Setup { api: Api::namespaced(kube.clone(), &ns), kube, peer, operator }
+}
+
+/// The main job: two destination regions, copies appear in each region of the
+/// peer, status goes pending → available, Ready=True for the current
+/// generation; then deletion deregisters both and deletes their snapshots.
+async fn copy_two_regions_then_delete(peer: Peer, expect_pending: bool) {
+    let s = setup(peer, "two-regions").await;
+    let source = s.peer.seed_source(&format!("golden-{}", s.api.namespace().unwrap_or_default())).await;
+    let obj = create(
+        &s.api,
+        "golden",
+        json!({"source": {"region": SOURCE_REGION, "imageId": source},
+               "destinations": [{"region": "eu-west-1"}, {"region": "ap-southeast-2"}],
+               "tags": {"team": "platform"}}),
+    )
+    .await;
+    let uid = obj.uid().unwrap();
+
+    if expect_pending {
+        let pending = wait_for(&s.api, "golden", "both targets recorded as pending", |o| {
+            o.status.as_ref().is_some_and(|st| {
+                st.destinations.len() == 2 && st.destinations.iter().all(|d| d.image_id.is_some() && d.state == "pending")
+            })
+        })
+        .await;
+        assert_eq!(condition(&pending, "Progressing").unwrap(), ("True".into(), "CopyPending".into()));
+        assert_eq!(condition(&pending, "Ready").unwrap(), ("False".into(), "CopyPending".into()));
+    }
+    let ready = wait_for(&s.api, "golden", "Ready=True", is_ready).await;
+    let status = ready.status.clone().unwrap();
+    assert_eq!(status.available.as_deref(), Some("2/2"));
+    assert_eq!(status.source_image_id.as_deref(), Some(source.as_str()));
+    assert_eq!(condition(&ready, "Degraded").unwrap().0, "False");
+
+    let mut snapshots = Vec::new();
+    for region in ["eu-west-1", "ap-southeast-2"] {
+        let id = target_of(&ready, region).expect("target recorded");
+        let owned = s.peer.owned(region, &uid).await;
+        assert_eq!(owned.len(), 1, "exactly one target in {region}");
+        let img = &owned[0];
+        assert_eq!(img.image_id(), Some(id.as_str()), "status names the peer's image in {region}");
+        assert_eq!(img.state().map(|s| s.as_str()), Some("available"));
+        let t = tags(img);
+        assert_eq!(t.get("team").map(String::as_str), Some("platform"));
+        assert_eq!(t.get("amicopy.dev/source-image"), Some(&source));
+        assert!(img.name().unwrap().ends_with(&source), "name carries the source ID");
+        for snap in snapshot_ids(img) {
+            assert!(s.peer.snapshot_exists(region, &snap).await);
+            snapshots.push((region, snap));
+        }
+    }
+    assert!(!snapshots.is_empty());
+    assert!(s.peer.image(SOURCE_REGION, &source).await.is_some(), "the source is untouched");
+
+    testbed::delete(&s.api, "golden").await;
+    wait_gone(&s.api, "golden").await;
+    for region in ["eu-west-1", "ap-southeast-2"] {
+        assert!(s.peer.owned(region, &uid).await.is_empty(), "targets in {region} deregistered");
+    }
+    for (region, snap) in snapshots {
+        assert!(!s.peer.snapshot_exists(region, &snap).await, "snapshot {snap} in {region} deleted");
+    }
+    assert!(s.peer.image(SOURCE_REGION, &source).await.is_some(), "the source survives the deletion");
+    s.operator.stop().await;
+}
+
+#[tokio::test]
+async fn sim_copy_two_regions_then_delete() {
+    copy_two_regions_then_delete(Peer::sim().await, true).await;
+}
+
+#[tokio::test]
+async fn moto_copy_two_regions_then_delete() {
+    // moto makes copies available at once, so `pending` is rarely observable.
+    copy_two_regions_then_delete(Peer::moto(), false).await;
+}
+
+#[tokio::test]
+async fn sim_per_region_kms_keys_are_used_and_reported() {
+    let s = setup(Peer::sim().await, "kms").await;
+    let source = s.peer.seed_source("kms-source").await;
+    let key = |r: &str| format!("arn:aws:kms:{r}:123456789012:key/0000aaaa-1111-2222-3333-{}", if r == "eu-west-1" { "444455556666" } else { "777788889999" });
+    create(
+        &s.api,
+        "kms",
+        json!({"source": {"region": SOURCE_REGION, "imageId": source},
+               "destinations": [
+                   {"region": "eu-west-1", "encrypted": true, "kmsKeyId": key("eu-west-1")},
+                   {"region": "ap-southeast-2", "encrypted": true, "kmsKeyId": key("ap-southeast-2")}]}),
+    )
+    .await;
+    let ready = wait_for(&s.api, "kms", "Ready=True", is_ready).await;
+    let control = s.peer.control();
+    for d in &ready.status.unwrap().destinations {
+        assert_eq!(d.encrypted, Some(true));
+        assert_eq!(d.kms_key_id.as_deref(), Some(key(&d.region).as_str()), "status reports EC2's key");
+        let img = control.image(d.image_id.as_deref().unwrap()).expect("image in the peer");
+        for snap in img.snapshot_ids() {
+            let snap = control.snapshot(snap).unwrap();
+            assert!(snap.encrypted);
+            assert_eq!(snap.kms_key_id.as_deref(), Some(key(&d.region).as_str()));
+        }
+    }
+    s.operator.stop().await;
+}
+
+#[tokio::test]
+async fn sim_source_change_copies_then_retires_old_targets() {
+    let s = setup(Peer::sim().await, "source-change").await;
+    let first = s.peer.seed_source("gen-1").await;
+    let second = s.peer.seed_source("gen-2").await;
+    let obj = create(&s.api, "rolling", json!({"source": {"region": SOURCE_REGION, "imageId": first}, "destinations": [{"region": "eu-west-1"}]})).await;
+    let uid = obj.uid().unwrap();
+    let v1 = wait_for(&s.api, "rolling", "first copy ready", is_ready).await;
+    let old = target_of(&v1, "eu-west-1").unwrap();
+
+    patch_spec(&s.api, "rolling", json!({"source": {"region": SOURCE_REGION, "imageId": second}})).await;
+    let both = wait_for(&s.api, "rolling", "new copy pending beside the old", |o| {
+        o.status.as_ref().is_some_and(|st| {
+            st.source_image_id.as_deref() == Some(second.as_str())
+                && st.destinations.iter().any(|d| d.image_id.is_some() && d.state == "pending")
+                && st.retiring.iter().any(|r| r.image_id.as_deref() == Some(old.as_str()))
+        })
+    })
+    .await;
+    assert!(s.peer.image("eu-west-1", &old).await.is_some(), "old copy kept while the new one is pending");
+    let new = target_of(&both, "eu-west-1").unwrap();
+    assert_ne!(new, old);
+
+    let done = wait_for(&s.api, "rolling", "new copy ready and old retired", |o| {
+        is_ready(o) && o.status.as_ref().is_some_and(|st| st.retiring.is_empty())
+    })
+    .await;
+    assert_eq!(target_of(&done, "eu-west-1").as_deref(), Some(new.as_str()));
+    let owned = s.peer.owned("eu-west-1", &uid).await;
+    assert_eq!(owned.iter().filter_map(|i| i.image_id()).collect::<Vec<_>>(), vec![new.as_str()]);
+    assert!(s.peer.image("eu-west-1", &old).await.is_none(), "old copy deregistered");
+    let old_snaps: Vec<_> = s.peer.control().snapshots().into_iter().filter(|sn| sn.tags.get("amicopy.dev/source-image") == Some(&first)).collect();
+    assert!(old_snaps.is_empty(), "old snapshots deleted: {old_snaps:?}");
+    s.operator.stop().await;
+}
+
+#[tokio::test]
+async fn sim_removed_destination_is_retired() {
+    let s = setup(Peer::sim().await, "remove-dest").await;
+    let source = s.peer.seed_source("remove-dest").await;
+    let obj = create(&s.api, "shrink", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}, {"region": "eu-central-1"}]})).await;
+    let uid = obj.uid().unwrap();
+    let ready = wait_for(&s.api, "shrink", "Ready=True", is_ready).await;
+    let gone = target_of(&ready, "eu-central-1").unwrap();
+    api_replace_destinations(&s.api, "shrink", json!([{"region": "eu-west-1"}])).await;
+    wait_for(&s.api, "shrink", "one destination left, nothing retiring", |o| {
+        is_ready(o) && o.status.as_ref().is_some_and(|st| st.destinations.len() == 1 && st.retiring.is_empty())
+    })
+    .await;
+    assert!(s.peer.owned("eu-central-1", &uid).await.is_empty());
+    assert!(s.peer.image("eu-central-1", &gone).await.is_none());
+    assert_eq!(s.peer.owned("eu-west-1", &uid).await.len(), 1, "the other destination is untouched");
+    s.operator.stop().await;
+}
+
+async fn api_replace_destinations(api: &Api<AmiCopy>, name: &str, destinations: serde_json::Value) {
+    // A JSON merge patch replaces lists whole, as `kubectl apply` of a
+    // shorter list would.
+    patch_spec(api, name, json!({"destinations": destinations})).await;
+}
+
+#[tokio::test]
+async fn sim_target_deregistered_out_of_band_is_copied_again() {
+    let s = setup(Peer::sim().await, "drift").await;
+    let source = s.peer.seed_source("drift").await;
+    let obj = create(&s.api, "drift", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}]})).await;
+    let uid = obj.uid().unwrap();
+    let ready = wait_for(&s.api, "drift", "Ready=True", is_ready).await;
+    let first = target_of(&ready, "eu-west-1").unwrap();
+    s.peer.ec2("eu-west-1").deregister_image().image_id(&first).send().await.expect("deregister out of band");
+
+    let again = wait_for(&s.api, "drift", "a new copy, ready", |o| {
+        is_ready(o) && target_of(o, "eu-west-1").is_some_and(|id| id != first)
+    })
+    .await;
+    let second = target_of(&again, "eu-west-1").unwrap();
+    let owned = s.peer.owned("eu-west-1", &uid).await;
+    assert_eq!(owned.iter().filter_map(|i| i.image_id()).collect::<Vec<_>>(), vec![second.as_str()]);
+    let events = events_for(&s.kube, &s.api.namespace().unwrap(), "drift").await;
+    assert!(events.iter().any(|(reason, _)| reason == "TargetMissing"), "an Event says so: {events:?}");
+    s.operator.stop().await;
+}
+
+#[tokio::test]
+async fn sim_retain_policy_keeps_targets() {
+    let s = setup(Peer::sim().await, "retain").await;
+    let source = s.peer.seed_source("retain").await;
+    let obj = create(&s.api, "keep", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}], "deletionPolicy": "Retain"})).await;
+    let uid = obj.uid().unwrap();
+    let ready = wait_for(&s.api, "keep", "Ready=True", is_ready).await;
+    let target = target_of(&ready, "eu-west-1").unwrap();
+    testbed::delete(&s.api, "keep").await;
+    wait_gone(&s.api, "keep").await;
+    let img = s.peer.image("eu-west-1", &target).await.expect("target kept");
+    assert_eq!(img.state().map(|s| s.as_str()), Some("available"));
+    assert_eq!(s.peer.owned("eu-west-1", &uid).await.len(), 1);
+    for snap in snapshot_ids(&img) {
+        assert!(s.peer.snapshot_exists("eu-west-1", &snap).await);
+    }
+    s.operator.stop().await;
+}
+
+#[tokio::test]
+async fn sim_failed_copy_is_degraded_with_ec2s_reason() {
+    let s = setup(Peer::sim().await, "failed").await;
+    let source = s.peer.seed_source("failed").await;
+    s.peer.control().add_fault(
+        FaultRule::new(
+            FaultKind::CopyFailure { code: "Client.InternalError".into(), message: "snapshot copy failed: checksum mismatch".into() },
+            Trigger::Always,
+        )
+        .in_region("ap-southeast-2"),
+    );
+    create(&s.api, "broken", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}, {"region": "ap-southeast-2"}]})).await;
+    let degraded = wait_for(&s.api, "broken", "Degraded=True", |o| {
+        condition(o, "Degraded").is_some_and(|(st, _)| st == "True")
+            && o.status.as_ref().is_some_and(|st| st.destinations.iter().any(|d| d.region == "eu-west-1" && d.state == "available"))
+    })
+    .await;
+    assert_eq!(condition(&degraded, "Degraded").unwrap().1, "CopyFailed");
+    assert_eq!(condition(&degraded, "Ready").unwrap().0, "False");
+    let failed = degraded.status.as_ref().unwrap().destinations.iter().find(|d| d.region == "ap-southeast-2").unwrap();
+    assert_eq!(failed.state, "failed");
+    assert!(failed.message.contains("checksum mismatch"), "EC2's reason is shown: {}", failed.message);
+    let msg = degraded.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Degraded").unwrap().message.clone();
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    s.operator.stop().await;
+}
+
+#[tokio::test]
+async fn sim_foreign_image_named_in_status_is_untouched() {
+    let s = setup(Peer::sim().await, "foreign").await;
+    let source = s.peer.seed_source("foreign-source").await;
+    let foreign = s.peer.control().seed_image(SeedImage { region: "eu-west-1".into(), name: "someone-elses".into(), ..SeedImage::default() });
+    create(&s.api, "victim", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}]})).await;
+    wait_for(&s.api, "victim", "Ready=True", is_ready).await;
+
+    // Point status at the foreign image, as a confused writer might.
+    let status = json!({"status": {"destinations": [{"region": "eu-west-1", "imageId": foreign, "state": "available", "sourceImageId": source}]}});
+    s.api
+        .patch_status("victim", &PatchParams::apply("intruder").force(), &Patch::Apply(json!({"apiVersion": "amicopy.dev/v1alpha1", "kind": "AmiCopy", "status": status["status"]})))
+        .await
+        .expect("patch status");
+    testbed::delete(&s.api, "victim").await;
+    wait_gone(&s.api, "victim").await;
+    let img = s.peer.control().image(&foreign).expect("the foreign image still exists");
+    assert_eq!(img.state.as_str(), "available");
+    assert!(img.snapshot_ids().all(|sn| s.peer.control().snapshot(sn).is_some()), "its snapshots too");
+    s.operator.stop().await;
+}
+
+#[tokio::test]
+async fn sim_encryption_downgrade_is_refused_without_a_copy() {
+    let s = setup(Peer::sim().await, "downgrade").await;
+    let source = s.peer.control().seed_image(SeedImage { region: SOURCE_REGION.into(), name: "encrypted-source".into(), encrypted: true, ..SeedImage::default() });
+    let obj = create(&s.api, "down", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1", "encrypted": false}]})).await;
+    let degraded = wait_for(&s.api, "down", "Degraded=True", |o| condition(o, "Degraded").is_some_and(|(st, _)| st == "True")).await;
+    assert_eq!(condition(&degraded, "Degraded").unwrap().1, "EncryptionDowngradeNotSupported");
+    assert!(s.peer.owned("eu-west-1", &obj.uid().unwrap()).await.is_empty());
+    assert_eq!(s.peer.control().call_count("CopyImage", "eu-west-1"), 0, "no CopyImage was sent");
+    s.operator.stop().await;
+}
+
+#[tokio::test]
+async fn sim_missing_source_is_degraded() {
+    let s = setup(Peer::sim().await, "no-source").await;
+    create(&s.api, "nothing", json!({"source": {"region": SOURCE_REGION, "imageId": "ami-0000000000000dead"}, "destinations": [{"region": "eu-west-1"}]})).await;
+    let degraded = wait_for(&s.api, "nothing", "Degraded=True", |o| condition(o, "Degraded").is_some_and(|(st, _)| st == "True")).await;
+    assert_eq!(condition(&degraded, "Degraded").unwrap().1, "SourceNotFound");
+    assert_eq!(s.peer.control().call_count("CopyImage", "eu-west-1"), 0);
+    s.operator.stop().await;
+}
+
+/// Events recorded for an object: (reason, note).
+async fn events_for(kube: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    use k8s_openapi::api::events::v1::Event;
+    let api: Api<Event> = Api::namespaced(kube.clone(), ns);
+    api.list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
