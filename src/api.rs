@@ -236,6 +236,7 @@ pub struct TargetStatus {
     /// How many times a copy to this region was started for this source after
     /// its target went missing; part of the copy's idempotency token.
     #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(with = "i32", range(min = 0))]
     pub attempt: u32,
 }
 
