@@ -160,6 +160,10 @@ async fn seeded_image_is_described(peer: Peer) {
         .await
         .expect("DescribeSnapshots");
     assert_eq!(out.snapshots().len(), 1);
+    assert_eq!(
+        out.snapshots()[0].volume_id(),
+        Some(seeded.volume_id.as_str())
+    );
 }
 
 async fn copy_lands_in_the_destination_region(peer: Peer) {
@@ -228,11 +232,11 @@ async fn describe_filters_by_tag_name_state_and_owner(peer: Peer) {
             &[]
         )
         .await,
-        [web.image_id.clone()]
+        [web.image_id.as_str()]
     );
     assert_eq!(
         ids_matching(&ec2, vec![filter("name", &format!("{run}-d?"))], &[]).await,
-        [db.image_id.clone()]
+        [db.image_id.as_str()]
     );
     assert_eq!(
         ids_matching(&ec2, vec![filter("name", &format!("{run}-*"))], &[]).await,
@@ -240,7 +244,7 @@ async fn describe_filters_by_tag_name_state_and_owner(peer: Peer) {
     );
     assert_eq!(
         ids_matching(&ec2, vec![filter("image-id", &web.image_id)], &[]).await,
-        [web.image_id.clone()]
+        [web.image_id.as_str()]
     );
     assert_eq!(
         ids_matching(
@@ -993,8 +997,7 @@ async fn sim_only_requests_are_authenticated() {
         .await
         .expect_err("bad signature");
     assert_eq!(error_code(&err).as_deref(), Some("SignatureDoesNotMatch"));
-    let err = env
-        .client("xx-nowhere-1")
+    let err = crate::ec2peer::client(env.endpoint(), "xx-nowhere-1")
         .describe_images()
         .send()
         .await

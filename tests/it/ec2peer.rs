@@ -105,7 +105,6 @@ pub fn sim_config() -> SimConfig {
 
 /// A connected peer: moto (shared) or a simulator of the test's own.
 pub struct PeerEnv {
-    pub peer: Peer,
     endpoint: String,
     sim: Option<Simulator>,
 }
@@ -114,7 +113,6 @@ impl PeerEnv {
     pub async fn start(peer: Peer) -> Self {
         match peer {
             Peer::Moto => Self {
-                peer,
                 endpoint: moto_endpoint(),
                 sim: None,
             },
@@ -127,7 +125,6 @@ impl PeerEnv {
             .await
             .expect("start the EC2 simulator");
         Self {
-            peer: Peer::Sim,
             endpoint: sim.endpoint(),
             sim: Some(sim),
         }
