@@ -20,18 +20,46 @@ fn valid() -> serde_json::Value {
 async fn invalid_manifests_are_refused_with_a_readable_message() {
     let kube = testbed::kube().await;
     let ns = testbed::namespace(&kube, "admission").await;
-    let api: Api<DynamicObject> = Api::namespaced_with(kube.clone(), &ns, &kube::api::ApiResource::erase::<AmiCopy>(&()));
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        kube.clone(),
+        &ns,
+        &kube::api::ApiResource::erase::<AmiCopy>(&()),
+    );
     let cases = [
-        (json!({"source": {"region": "us-east-1", "imageId": "ami-xyz"}}), "imageId must be ami- followed by 8 or 17"),
-        (json!({"source": {"region": "useast1", "imageId": "ami-0123456789abcdef0"}}), "region must look like an AWS region"),
+        (
+            json!({"source": {"region": "us-east-1", "imageId": "ami-xyz"}}),
+            "imageId must be ami- followed by 8 or 17",
+        ),
+        (
+            json!({"source": {"region": "useast1", "imageId": "ami-0123456789abcdef0"}}),
+            "region must look like an AWS region",
+        ),
         (json!({"destinations": []}), "should have at least 1 items"),
-        (json!({"destinations": [{"region": "eu-west-1"}, {"region": "eu-west-1"}]}), "destinations must name each region only once"),
-        (json!({"destinations": [{"region": "eu-west-1", "kmsKeyId": "alias/images"}]}), "kmsKeyId needs encryption"),
-        (json!({"destinations": [{"region": "eu-west-1", "encrypted": true, "kmsKeyId": "arn:aws:kms:us-east-1:111122223333:key/abc"}]}), "KMS keys are regional"),
-        (json!({"tags": {"aws:createdBy": "me"}}), "tag keys may not start with 'aws:'"),
-        (json!({"deletionPolicy": "Keep"}), "supported values: \"Delete\", \"Retain\""),
+        (
+            json!({"destinations": [{"region": "eu-west-1"}, {"region": "eu-west-1"}]}),
+            "destinations must name each region only once",
+        ),
+        (
+            json!({"destinations": [{"region": "eu-west-1", "kmsKeyId": "alias/images"}]}),
+            "kmsKeyId needs encryption",
+        ),
+        (
+            json!({"destinations": [{"region": "eu-west-1", "encrypted": true, "kmsKeyId": "arn:aws:kms:us-east-1:111122223333:key/abc"}]}),
+            "KMS keys are regional",
+        ),
+        (
+            json!({"tags": {"aws:createdBy": "me"}}),
+            "tag keys may not start with 'aws:'",
+        ),
+        (
+            json!({"deletionPolicy": "Keep"}),
+            "supported values: \"Delete\", \"Retain\"",
+        ),
         (json!({"name": "no*stars"}), "name may contain only"),
-        (json!({"description": "d".repeat(256)}), "may not be more than 255"),
+        (
+            json!({"description": "d".repeat(256)}),
+            "may not be more than 255",
+        ),
         (json!({"source": null}), "spec.source: Required value"),
     ];
     for (i, (patch, want)) in cases.into_iter().enumerate() {
@@ -44,12 +72,17 @@ async fn invalid_manifests_are_refused_with_a_readable_message() {
             }
         }
         let err = api
-            .create(&PostParams::default(), &manifest(&format!("bad-{i}"), spec.clone()))
+            .create(
+                &PostParams::default(),
+                &manifest(&format!("bad-{i}"), spec.clone()),
+            )
             .await
             .expect_err(&format!("{spec} must be refused"));
         let msg = err.to_string();
         assert!(msg.contains(want), "{spec}: wanted {want:?} in {msg}");
     }
-    let ok = api.create(&PostParams::default(), &manifest("good", valid())).await;
+    let ok = api
+        .create(&PostParams::default(), &manifest("good", valid()))
+        .await;
     assert!(ok.is_ok(), "a valid manifest is accepted: {ok:?}");
 }

@@ -1,1 +1,8 @@
-fn main(){}
+//! The one integration-test binary (aws-sdk-ec2 is linked once). Needs the
+//! test bed: run it through `hack/test.sh`.
+
+mod admission;
+mod conformance;
+mod ec2peer;
+mod operator;
+mod testbed;

@@ -8,84 +8,56 @@ use std::time::Duration;
 use ami_copy_operator::AmiCopy;
 use ami_copy_operator::api::UID_TAG;
 use aws_sdk_ec2::Client as Ec2Client;
-use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, Filter, Image};
-use ec2_sim::{FaultKind, FaultRule, SeedImage, SimConfig, Simulator, Trigger};
+use aws_sdk_ec2::types::{Filter, Image};
+use ec2_sim::{FaultKind, FaultRule, SeedImage, Trigger};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use crate::ec2peer::{self, PeerEnv};
 use crate::testbed::{self, Operator, condition, is_ready, wait_for, wait_gone};
 
 const SOURCE_REGION: &str = "us-east-1";
 
-/// An EC2 peer on loopback: our simulator (with its control handle) or moto.
+/// The operator tests' view of an EC2 peer, read through the EC2 API so the
+/// same assertions hold for moto and the simulator.
 struct Peer {
-    endpoint: String,
-    sim: Option<Simulator>,
+    env: PeerEnv,
 }
 
 impl Peer {
     async fn sim() -> Self {
-        let sim = Simulator::start(SimConfig {
-            copy_duration: Duration::from_millis(1500),
-            ..SimConfig::default()
-        })
-        .await
-        .expect("start the EC2 simulator");
-        Self { endpoint: sim.endpoint(), sim: Some(sim) }
+        let mut config = ec2peer::sim_config();
+        // Long enough for `pending` to be seen in status.
+        config.copy_duration = Duration::from_millis(1500);
+        Self {
+            env: PeerEnv::with_sim(config).await,
+        }
     }
 
-    fn moto() -> Self {
-        let endpoint = std::env::var("AMICOPY_MOTO_ENDPOINT")
-            .expect("AMICOPY_MOTO_ENDPOINT is not set: run the tests with hack/test.sh, which starts moto");
-        Self { endpoint, sim: None }
+    async fn moto() -> Self {
+        Self {
+            env: PeerEnv::start(ec2peer::Peer::Moto).await,
+        }
     }
 
-    fn control(&self) -> std::sync::Arc<ec2_sim::Control> {
-        self.sim.as_ref().expect("a simulator-only scenario").control()
+    fn control(&self) -> &ec2_sim::Control {
+        self.env.sim()
     }
 
     fn ec2(&self, region: &str) -> Ec2Client {
-        let conf = aws_sdk_ec2::config::Builder::from(&testbed::sdk_config())
-            .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
-            .endpoint_url(&self.endpoint)
-            .build();
-        Ec2Client::from_conf(conf)
+        self.env.client(region)
     }
 
-    /// Registers an EBS-backed source image through the EC2 API (the same
-    /// calls on both peers): volume → snapshot → RegisterImage.
     async fn seed_source(&self, name: &str) -> String {
-        let ec2 = self.ec2(SOURCE_REGION);
-        let vol = ec2
-            .create_volume()
-            .availability_zone(format!("{SOURCE_REGION}a"))
-            .size(8)
-            .send()
-            .await
-            .expect("CreateVolume");
-        let snap = ec2
-            .create_snapshot()
-            .volume_id(vol.volume_id().unwrap())
-            .send()
-            .await
-            .expect("CreateSnapshot");
-        let img = ec2
-            .register_image()
-            .name(name)
-            .architecture("x86_64".into())
-            .root_device_name("/dev/xvda")
-            .virtualization_type("hvm")
-            .block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name("/dev/xvda")
-                    .ebs(EbsBlockDevice::builder().snapshot_id(snap.snapshot_id().unwrap()).build())
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("RegisterImage");
-        img.image_id().unwrap().to_owned()
+        ec2peer::seed_image(
+            &self.ec2(SOURCE_REGION),
+            SOURCE_REGION,
+            &ec2peer::unique(name),
+            &[],
+        )
+        .await
+        .image_id
     }
 
     /// Images in `region` carrying `amicopy.dev/uid=<uid>`.
@@ -93,7 +65,12 @@ impl Peer {
         self.ec2(region)
             .describe_images()
             .owners("self")
-            .filters(Filter::builder().name(format!("tag:{UID_TAG}")).values(uid).build())
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{UID_TAG}"))
+                    .values(uid)
+                    .build(),
+            )
             .send()
             .await
             .expect("DescribeImages")
@@ -102,14 +79,7 @@ impl Peer {
     }
 
     async fn image(&self, region: &str, id: &str) -> Option<Image> {
-        let out = self
-            .ec2(region)
-            .describe_images()
-            .filters(Filter::builder().name("image-id").values(id).build())
-            .send()
-            .await
-            .expect("DescribeImages");
-        out.images().first().cloned()
+        ec2peer::describe_image(&self.ec2(region), id).await
     }
 
     async fn snapshot_exists(&self, region: &str, id: &str) -> bool {
@@ -134,7 +104,12 @@ fn snapshot_ids(img: &Image) -> Vec<String> {
 fn tags(img: &Image) -> BTreeMap<String, String> {
     img.tags()
         .iter()
-        .map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned()))
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -146,14 +121,20 @@ async fn create(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) -> AmiC
         "spec": spec,
     }))
     .expect("a valid AmiCopy");
-    api.create(&PostParams::default(), &obj).await.expect("create the AmiCopy")
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create the AmiCopy")
 }
 
 /// Patches the spec the way `kubectl apply` would (another field manager).
 async fn patch_spec(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) {
-    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": spec})))
-        .await
-        .expect("patch the spec");
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": spec})),
+    )
+    .await
+    .expect("patch the spec");
 }
 
 fn target_of(obj: &AmiCopy, region: &str) -> Option<String> {
@@ -176,8 +157,13 @@ struct Setup {
 async fn setup(peer: Peer, prefix: &str) -> Setup {
     let kube = testbed::kube().await;
     let ns = testbed::namespace(&kube, prefix).await;
-    let operator = Operator::start(&kube, &ns, &peer.endpoint).await;
-    Setup { api: Api::namespaced(kube.clone(), &ns), kube, peer, operator }
+    let operator = Operator::start(&kube, &ns, peer.env.endpoint()).await;
+    Setup {
+        api: Api::namespaced(kube.clone(), &ns),
+        kube,
+        peer,
+        operator,
+    }
 }
 
 /// The main job: two destination regions, copies appear in each region of the
@@ -185,7 +171,7 @@ async fn setup(peer: Peer, prefix: &str) -> Setup {
 /// generation; then deletion deregisters both and deletes their snapshots.
 async fn copy_two_regions_then_delete(peer: Peer, expect_pending: bool) {
     let s = setup(peer, "two-regions").await;
-    let source = s.peer.seed_source(&format!("golden-{}", s.api.namespace().unwrap_or_default())).await;
+    let source = s.peer.seed_source("golden").await;
     let obj = create(
         &s.api,
         "golden",
@@ -199,12 +185,22 @@ async fn copy_two_regions_then_delete(peer: Peer, expect_pending: bool) {
     if expect_pending {
         let pending = wait_for(&s.api, "golden", "both targets recorded as pending", |o| {
             o.status.as_ref().is_some_and(|st| {
-                st.destinations.len() == 2 && st.destinations.iter().all(|d| d.image_id.is_some() && d.state == "pending")
+                st.destinations.len() == 2
+                    && st
+                        .destinations
+                        .iter()
+                        .all(|d| d.image_id.is_some() && d.state == "pending")
             })
         })
         .await;
-        assert_eq!(condition(&pending, "Progressing").unwrap(), ("True".into(), "CopyPending".into()));
-        assert_eq!(condition(&pending, "Ready").unwrap(), ("False".into(), "CopyPending".into()));
+        assert_eq!(
+            condition(&pending, "Progressing").unwrap(),
+            ("True".into(), "CopyPending".into())
+        );
+        assert_eq!(
+            condition(&pending, "Ready").unwrap(),
+            ("False".into(), "CopyPending".into())
+        );
     }
     let ready = wait_for(&s.api, "golden", "Ready=True", is_ready).await;
     let status = ready.status.clone().unwrap();
@@ -218,29 +214,48 @@ async fn copy_two_regions_then_delete(peer: Peer, expect_pending: bool) {
         let owned = s.peer.owned(region, &uid).await;
         assert_eq!(owned.len(), 1, "exactly one target in {region}");
         let img = &owned[0];
-        assert_eq!(img.image_id(), Some(id.as_str()), "status names the peer's image in {region}");
+        assert_eq!(
+            img.image_id(),
+            Some(id.as_str()),
+            "status names the peer's image in {region}"
+        );
         assert_eq!(img.state().map(|s| s.as_str()), Some("available"));
         let t = tags(img);
         assert_eq!(t.get("team").map(String::as_str), Some("platform"));
         assert_eq!(t.get("amicopy.dev/source-image"), Some(&source));
-        assert!(img.name().unwrap().ends_with(&source), "name carries the source ID");
+        assert!(
+            img.name().unwrap().ends_with(&source),
+            "name carries the source ID"
+        );
         for snap in snapshot_ids(img) {
             assert!(s.peer.snapshot_exists(region, &snap).await);
             snapshots.push((region, snap));
         }
     }
     assert!(!snapshots.is_empty());
-    assert!(s.peer.image(SOURCE_REGION, &source).await.is_some(), "the source is untouched");
+    assert!(
+        s.peer.image(SOURCE_REGION, &source).await.is_some(),
+        "the source is untouched"
+    );
 
     testbed::delete(&s.api, "golden").await;
     wait_gone(&s.api, "golden").await;
     for region in ["eu-west-1", "ap-southeast-2"] {
-        assert!(s.peer.owned(region, &uid).await.is_empty(), "targets in {region} deregistered");
+        assert!(
+            s.peer.owned(region, &uid).await.is_empty(),
+            "targets in {region} deregistered"
+        );
     }
     for (region, snap) in snapshots {
-        assert!(!s.peer.snapshot_exists(region, &snap).await, "snapshot {snap} in {region} deleted");
+        assert!(
+            !s.peer.snapshot_exists(region, &snap).await,
+            "snapshot {snap} in {region} deleted"
+        );
     }
-    assert!(s.peer.image(SOURCE_REGION, &source).await.is_some(), "the source survives the deletion");
+    assert!(
+        s.peer.image(SOURCE_REGION, &source).await.is_some(),
+        "the source survives the deletion"
+    );
     s.operator.stop().await;
 }
 
@@ -252,14 +267,23 @@ async fn sim_copy_two_regions_then_delete() {
 #[tokio::test]
 async fn moto_copy_two_regions_then_delete() {
     // moto makes copies available at once, so `pending` is rarely observable.
-    copy_two_regions_then_delete(Peer::moto(), false).await;
+    copy_two_regions_then_delete(Peer::moto().await, false).await;
 }
 
 #[tokio::test]
 async fn sim_per_region_kms_keys_are_used_and_reported() {
     let s = setup(Peer::sim().await, "kms").await;
     let source = s.peer.seed_source("kms-source").await;
-    let key = |r: &str| format!("arn:aws:kms:{r}:123456789012:key/0000aaaa-1111-2222-3333-{}", if r == "eu-west-1" { "444455556666" } else { "777788889999" });
+    let key = |r: &str| {
+        format!(
+            "arn:aws:kms:{r}:123456789012:key/0000aaaa-1111-2222-3333-{}",
+            if r == "eu-west-1" {
+                "444455556666"
+            } else {
+                "777788889999"
+            }
+        )
+    };
     create(
         &s.api,
         "kms",
@@ -273,8 +297,14 @@ async fn sim_per_region_kms_keys_are_used_and_reported() {
     let control = s.peer.control();
     for d in &ready.status.unwrap().destinations {
         assert_eq!(d.encrypted, Some(true));
-        assert_eq!(d.kms_key_id.as_deref(), Some(key(&d.region).as_str()), "status reports EC2's key");
-        let img = control.image(d.image_id.as_deref().unwrap()).expect("image in the peer");
+        assert_eq!(
+            d.kms_key_id.as_deref(),
+            Some(key(&d.region).as_str()),
+            "status reports EC2's key"
+        );
+        let img = control
+            .image(d.image_id.as_deref().unwrap())
+            .expect("image in the peer");
         for snap in img.snapshot_ids() {
             let snap = control.snapshot(snap).unwrap();
             assert!(snap.encrypted);
@@ -294,16 +324,30 @@ async fn sim_source_change_copies_then_retires_old_targets() {
     let v1 = wait_for(&s.api, "rolling", "first copy ready", is_ready).await;
     let old = target_of(&v1, "eu-west-1").unwrap();
 
-    patch_spec(&s.api, "rolling", json!({"source": {"region": SOURCE_REGION, "imageId": second}})).await;
+    patch_spec(
+        &s.api,
+        "rolling",
+        json!({"source": {"region": SOURCE_REGION, "imageId": second}}),
+    )
+    .await;
     let both = wait_for(&s.api, "rolling", "new copy pending beside the old", |o| {
         o.status.as_ref().is_some_and(|st| {
             st.source_image_id.as_deref() == Some(second.as_str())
-                && st.destinations.iter().any(|d| d.image_id.is_some() && d.state == "pending")
-                && st.retiring.iter().any(|r| r.image_id.as_deref() == Some(old.as_str()))
+                && st
+                    .destinations
+                    .iter()
+                    .any(|d| d.image_id.is_some() && d.state == "pending")
+                && st
+                    .retiring
+                    .iter()
+                    .any(|r| r.image_id.as_deref() == Some(old.as_str()))
         })
     })
     .await;
-    assert!(s.peer.image("eu-west-1", &old).await.is_some(), "old copy kept while the new one is pending");
+    assert!(
+        s.peer.image("eu-west-1", &old).await.is_some(),
+        "old copy kept while the new one is pending"
+    );
     let new = target_of(&both, "eu-west-1").unwrap();
     assert_ne!(new, old);
 
@@ -313,9 +357,24 @@ async fn sim_source_change_copies_then_retires_old_targets() {
     .await;
     assert_eq!(target_of(&done, "eu-west-1").as_deref(), Some(new.as_str()));
     let owned = s.peer.owned("eu-west-1", &uid).await;
-    assert_eq!(owned.iter().filter_map(|i| i.image_id()).collect::<Vec<_>>(), vec![new.as_str()]);
-    assert!(s.peer.image("eu-west-1", &old).await.is_none(), "old copy deregistered");
-    let old_snaps: Vec<_> = s.peer.control().snapshots().into_iter().filter(|sn| sn.tags.get("amicopy.dev/source-image") == Some(&first)).collect();
+    assert_eq!(
+        owned
+            .iter()
+            .filter_map(|i| i.image_id())
+            .collect::<Vec<_>>(),
+        vec![new.as_str()]
+    );
+    assert!(
+        s.peer.image("eu-west-1", &old).await.is_none(),
+        "old copy deregistered"
+    );
+    let old_snaps: Vec<_> = s
+        .peer
+        .control()
+        .snapshots()
+        .into_iter()
+        .filter(|sn| sn.tags.get("amicopy.dev/source-image") == Some(&first))
+        .collect();
     assert!(old_snaps.is_empty(), "old snapshots deleted: {old_snaps:?}");
     s.operator.stop().await;
 }
@@ -329,13 +388,25 @@ async fn sim_removed_destination_is_retired() {
     let ready = wait_for(&s.api, "shrink", "Ready=True", is_ready).await;
     let gone = target_of(&ready, "eu-central-1").unwrap();
     api_replace_destinations(&s.api, "shrink", json!([{"region": "eu-west-1"}])).await;
-    wait_for(&s.api, "shrink", "one destination left, nothing retiring", |o| {
-        is_ready(o) && o.status.as_ref().is_some_and(|st| st.destinations.len() == 1 && st.retiring.is_empty())
-    })
+    wait_for(
+        &s.api,
+        "shrink",
+        "one destination left, nothing retiring",
+        |o| {
+            is_ready(o)
+                && o.status
+                    .as_ref()
+                    .is_some_and(|st| st.destinations.len() == 1 && st.retiring.is_empty())
+        },
+    )
     .await;
     assert!(s.peer.owned("eu-central-1", &uid).await.is_empty());
     assert!(s.peer.image("eu-central-1", &gone).await.is_none());
-    assert_eq!(s.peer.owned("eu-west-1", &uid).await.len(), 1, "the other destination is untouched");
+    assert_eq!(
+        s.peer.owned("eu-west-1", &uid).await.len(),
+        1,
+        "the other destination is untouched"
+    );
     s.operator.stop().await;
 }
 
@@ -353,7 +424,13 @@ async fn sim_target_deregistered_out_of_band_is_copied_again() {
     let uid = obj.uid().unwrap();
     let ready = wait_for(&s.api, "drift", "Ready=True", is_ready).await;
     let first = target_of(&ready, "eu-west-1").unwrap();
-    s.peer.ec2("eu-west-1").deregister_image().image_id(&first).send().await.expect("deregister out of band");
+    s.peer
+        .ec2("eu-west-1")
+        .deregister_image()
+        .image_id(&first)
+        .send()
+        .await
+        .expect("deregister out of band");
 
     let again = wait_for(&s.api, "drift", "a new copy, ready", |o| {
         is_ready(o) && target_of(o, "eu-west-1").is_some_and(|id| id != first)
@@ -361,9 +438,18 @@ async fn sim_target_deregistered_out_of_band_is_copied_again() {
     .await;
     let second = target_of(&again, "eu-west-1").unwrap();
     let owned = s.peer.owned("eu-west-1", &uid).await;
-    assert_eq!(owned.iter().filter_map(|i| i.image_id()).collect::<Vec<_>>(), vec![second.as_str()]);
+    assert_eq!(
+        owned
+            .iter()
+            .filter_map(|i| i.image_id())
+            .collect::<Vec<_>>(),
+        vec![second.as_str()]
+    );
     let events = events_for(&s.kube, &s.api.namespace().unwrap(), "drift").await;
-    assert!(events.iter().any(|(reason, _)| reason == "TargetMissing"), "an Event says so: {events:?}");
+    assert!(
+        events.iter().any(|(reason, _)| reason == "TargetMissing"),
+        "an Event says so: {events:?}"
+    );
     s.operator.stop().await;
 }
 
@@ -377,7 +463,11 @@ async fn sim_retain_policy_keeps_targets() {
     let target = target_of(&ready, "eu-west-1").unwrap();
     testbed::delete(&s.api, "keep").await;
     wait_gone(&s.api, "keep").await;
-    let img = s.peer.image("eu-west-1", &target).await.expect("target kept");
+    let img = s
+        .peer
+        .image("eu-west-1", &target)
+        .await
+        .expect("target kept");
     assert_eq!(img.state().map(|s| s.as_str()), Some("available"));
     assert_eq!(s.peer.owned("eu-west-1", &uid).await.len(), 1);
     for snap in snapshot_ids(&img) {
@@ -392,7 +482,10 @@ async fn sim_failed_copy_is_degraded_with_ec2s_reason() {
     let source = s.peer.seed_source("failed").await;
     s.peer.control().add_fault(
         FaultRule::new(
-            FaultKind::CopyFailure { code: "Client.InternalError".into(), message: "snapshot copy failed: checksum mismatch".into() },
+            FaultKind::CopyFailure {
+                code: "Client.InternalError".into(),
+                message: "snapshot copy failed: checksum mismatch".into(),
+            },
             Trigger::Always,
         )
         .in_region("ap-southeast-2"),
@@ -400,15 +493,39 @@ async fn sim_failed_copy_is_degraded_with_ec2s_reason() {
     create(&s.api, "broken", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}, {"region": "ap-southeast-2"}]})).await;
     let degraded = wait_for(&s.api, "broken", "Degraded=True", |o| {
         condition(o, "Degraded").is_some_and(|(st, _)| st == "True")
-            && o.status.as_ref().is_some_and(|st| st.destinations.iter().any(|d| d.region == "eu-west-1" && d.state == "available"))
+            && o.status.as_ref().is_some_and(|st| {
+                st.destinations
+                    .iter()
+                    .any(|d| d.region == "eu-west-1" && d.state == "available")
+            })
     })
     .await;
     assert_eq!(condition(&degraded, "Degraded").unwrap().1, "CopyFailed");
     assert_eq!(condition(&degraded, "Ready").unwrap().0, "False");
-    let failed = degraded.status.as_ref().unwrap().destinations.iter().find(|d| d.region == "ap-southeast-2").unwrap();
+    let failed = degraded
+        .status
+        .as_ref()
+        .unwrap()
+        .destinations
+        .iter()
+        .find(|d| d.region == "ap-southeast-2")
+        .unwrap();
     assert_eq!(failed.state, "failed");
-    assert!(failed.message.contains("checksum mismatch"), "EC2's reason is shown: {}", failed.message);
-    let msg = degraded.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Degraded").unwrap().message.clone();
+    assert!(
+        failed.message.contains("checksum mismatch"),
+        "EC2's reason is shown: {}",
+        failed.message
+    );
+    let msg = degraded
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap()
+        .message
+        .clone();
     assert!(msg.contains("checksum mismatch"), "{msg}");
     s.operator.stop().await;
 }
@@ -417,7 +534,11 @@ async fn sim_failed_copy_is_degraded_with_ec2s_reason() {
 async fn sim_foreign_image_named_in_status_is_untouched() {
     let s = setup(Peer::sim().await, "foreign").await;
     let source = s.peer.seed_source("foreign-source").await;
-    let foreign = s.peer.control().seed_image(SeedImage { region: "eu-west-1".into(), name: "someone-elses".into(), ..SeedImage::default() });
+    let foreign = s.peer.control().seed_image(SeedImage {
+        region: "eu-west-1".into(),
+        name: "someone-elses".into(),
+        ..SeedImage::default()
+    });
     create(&s.api, "victim", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}]})).await;
     wait_for(&s.api, "victim", "Ready=True", is_ready).await;
 
@@ -429,21 +550,49 @@ async fn sim_foreign_image_named_in_status_is_untouched() {
         .expect("patch status");
     testbed::delete(&s.api, "victim").await;
     wait_gone(&s.api, "victim").await;
-    let img = s.peer.control().image(&foreign).expect("the foreign image still exists");
+    let img = s
+        .peer
+        .control()
+        .image(&foreign)
+        .expect("the foreign image still exists");
     assert_eq!(img.state.as_str(), "available");
-    assert!(img.snapshot_ids().all(|sn| s.peer.control().snapshot(sn).is_some()), "its snapshots too");
+    assert!(
+        img.snapshot_ids()
+            .all(|sn| s.peer.control().snapshot(sn).is_some()),
+        "its snapshots too"
+    );
     s.operator.stop().await;
 }
 
 #[tokio::test]
 async fn sim_encryption_downgrade_is_refused_without_a_copy() {
     let s = setup(Peer::sim().await, "downgrade").await;
-    let source = s.peer.control().seed_image(SeedImage { region: SOURCE_REGION.into(), name: "encrypted-source".into(), encrypted: true, ..SeedImage::default() });
+    let source = s.peer.control().seed_image(SeedImage {
+        region: SOURCE_REGION.into(),
+        name: "encrypted-source".into(),
+        encrypted: true,
+        ..SeedImage::default()
+    });
     let obj = create(&s.api, "down", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1", "encrypted": false}]})).await;
-    let degraded = wait_for(&s.api, "down", "Degraded=True", |o| condition(o, "Degraded").is_some_and(|(st, _)| st == "True")).await;
-    assert_eq!(condition(&degraded, "Degraded").unwrap().1, "EncryptionDowngradeNotSupported");
-    assert!(s.peer.owned("eu-west-1", &obj.uid().unwrap()).await.is_empty());
-    assert_eq!(s.peer.control().call_count("CopyImage", "eu-west-1"), 0, "no CopyImage was sent");
+    let degraded = wait_for(&s.api, "down", "Degraded=True", |o| {
+        condition(o, "Degraded").is_some_and(|(st, _)| st == "True")
+    })
+    .await;
+    assert_eq!(
+        condition(&degraded, "Degraded").unwrap().1,
+        "EncryptionDowngradeNotSupported"
+    );
+    assert!(
+        s.peer
+            .owned("eu-west-1", &obj.uid().unwrap())
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        s.peer.control().call_count("CopyImage", "eu-west-1"),
+        0,
+        "no CopyImage was sent"
+    );
     s.operator.stop().await;
 }
 
@@ -451,8 +600,14 @@ async fn sim_encryption_downgrade_is_refused_without_a_copy() {
 async fn sim_missing_source_is_degraded() {
     let s = setup(Peer::sim().await, "no-source").await;
     create(&s.api, "nothing", json!({"source": {"region": SOURCE_REGION, "imageId": "ami-0000000000000dead"}, "destinations": [{"region": "eu-west-1"}]})).await;
-    let degraded = wait_for(&s.api, "nothing", "Degraded=True", |o| condition(o, "Degraded").is_some_and(|(st, _)| st == "True")).await;
-    assert_eq!(condition(&degraded, "Degraded").unwrap().1, "SourceNotFound");
+    let degraded = wait_for(&s.api, "nothing", "Degraded=True", |o| {
+        condition(o, "Degraded").is_some_and(|(st, _)| st == "True")
+    })
+    .await;
+    assert_eq!(
+        condition(&degraded, "Degraded").unwrap().1,
+        "SourceNotFound"
+    );
     assert_eq!(s.peer.control().call_count("CopyImage", "eu-west-1"), 0);
     s.operator.stop().await;
 }

@@ -45,13 +45,20 @@ async fn install_crd(client: Client) {
     let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).expect("crds/ parses");
     let api: Api<CustomResourceDefinition> = Api::all(client);
     let name = crd.name_any();
-    api.patch(&name, &PatchParams::apply("amicopy-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply the CRD");
-    tokio::time::timeout(WAIT, await_condition(api, &name, conditions::is_crd_established()))
-        .await
-        .expect("CRD established in time")
-        .expect("watch the CRD");
+    api.patch(
+        &name,
+        &PatchParams::apply("amicopy-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply the CRD");
+    tokio::time::timeout(
+        WAIT,
+        await_condition(api, &name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD established in time")
+    .expect("watch the CRD");
 }
 
 /// A fresh namespace for one test.
@@ -72,8 +79,8 @@ pub fn sdk_config() -> aws_config::SdkConfig {
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "AKIDTESTBED",
-            "testbed-secret",
+            crate::ec2peer::ACCESS_KEY_ID,
+            crate::ec2peer::SECRET_ACCESS_KEY,
             None,
             None,
             "testbed",
@@ -83,7 +90,6 @@ pub fn sdk_config() -> aws_config::SdkConfig {
 
 /// The operator, running in this process, watching one namespace.
 pub struct Operator {
-    pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -108,7 +114,6 @@ impl Operator {
             .await;
         });
         Self {
-            metrics,
             stop: Some(tx),
             task: Some(task),
         }
@@ -135,7 +140,12 @@ impl Drop for Operator {
 
 /// Waits until `check` holds for the object (polling a fresh read, so a
 /// failure message can show the last state seen).
-pub async fn wait_for(api: &Api<AmiCopy>, name: &str, what: &str, check: impl Fn(&AmiCopy) -> bool) -> AmiCopy {
+pub async fn wait_for(
+    api: &Api<AmiCopy>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&AmiCopy) -> bool,
+) -> AmiCopy {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let obj = api.get(name).await.expect("read the AmiCopy");
@@ -143,7 +153,10 @@ pub async fn wait_for(api: &Api<AmiCopy>, name: &str, what: &str, check: impl Fn
             return obj;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}; last status: {:#?}", obj.status);
+            panic!(
+                "timed out waiting for {what}; last status: {:#?}",
+                obj.status
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -153,13 +166,18 @@ pub async fn wait_for(api: &Api<AmiCopy>, name: &str, what: &str, check: impl Fn
 pub async fn wait_gone(api: &Api<AmiCopy>, name: &str) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while api.get_opt(name).await.expect("read the AmiCopy").is_some() {
-        assert!(tokio::time::Instant::now() < deadline, "{name} was not deleted in time");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} was not deleted in time"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 pub async fn delete(api: &Api<AmiCopy>, name: &str) {
-    api.delete(name, &DeleteParams::default()).await.expect("delete the AmiCopy");
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete the AmiCopy");
 }
 
 /// The status of condition `type_`, with its reason.
@@ -174,6 +192,7 @@ pub fn condition(obj: &AmiCopy, type_: &str) -> Option<(String, String)> {
 
 /// Ready=True for the current generation.
 pub fn is_ready(obj: &AmiCopy) -> bool {
-    let current = obj.status.as_ref().and_then(|s| s.observed_generation) == obj.metadata.generation;
+    let current =
+        obj.status.as_ref().and_then(|s| s.observed_generation) == obj.metadata.generation;
     current && condition(obj, "Ready").is_some_and(|(s, _)| s == "True")
 }
