@@ -331,17 +331,20 @@ fn source_problems_block_copies_with_a_reason() {
     assert_eq!(cond(&p, DEGRADED), ("True", "AccessDenied"));
 }
 
+/// Source encrypted, source instance-store, `spec.encrypted`, the
+/// destination's `encrypted`, its `kmsKeyId`, and the refusal expected (if any).
+type EncryptionCase = (
+    bool,
+    bool,
+    Option<bool>,
+    Option<bool>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
 #[test]
 fn encryption_rules() {
-    // (source encrypted, instance-store, spec-wide, destination, kms, expected reason or None)
-    let cases: &[(
-        bool,
-        bool,
-        Option<bool>,
-        Option<bool>,
-        Option<&str>,
-        Option<&str>,
-    )] = &[
+    let cases: &[EncryptionCase] = &[
         (false, false, None, None, None, None),
         (false, false, None, Some(true), Some("alias/k"), None),
         (false, false, Some(true), None, None, None),

@@ -445,7 +445,7 @@ async fn sim_target_deregistered_out_of_band_is_copied_again() {
             .collect::<Vec<_>>(),
         vec![second.as_str()]
     );
-    let events = events_for(&s.kube, &s.api.namespace().unwrap(), "drift").await;
+    let events = events_for(&s.kube, s.api.namespace().unwrap(), "drift").await;
     assert!(
         events.iter().any(|(reason, _)| reason == "TargetMissing"),
         "an Event says so: {events:?}"
