@@ -89,7 +89,13 @@ impl<E: Ec2> Context<E> {
             },
             reason: note.reason.into(),
             note: Some(note.message.chars().take(1000).collect()),
-            action: note.reason.into(),
+            // Events with the same action and reason are merged into one
+            // series; the region keeps each destination's story apart.
+            action: if note.region.is_empty() {
+                note.reason.into()
+            } else {
+                format!("{}/{}", note.reason, note.region)
+            },
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
@@ -286,6 +292,7 @@ async fn act<E: Ec2>(
                     plan.notes.push(Note {
                         warning: false,
                         reason: "CopyStarted",
+                        region: region.to_string(),
                         message: format!("copying {} to {region} as {id}", request.source_image_id),
                     });
                     // Some EC2 peers ignore TagSpecifications; the image ID
@@ -316,6 +323,7 @@ async fn act<E: Ec2>(
                         plan.notes.push(Note {
                             warning: true,
                             reason: "CopyRejected",
+                            region: region.to_string(),
                             message: format!("{region}: {message}"),
                         });
                     }
@@ -350,6 +358,7 @@ async fn act<E: Ec2>(
             plan.notes.push(Note {
                 warning: false,
                 reason: "Deregistered",
+                region: region.to_string(),
                 message: format!(
                     "deregistered {} in {region} and deleted its snapshots",
                     image.id
@@ -364,6 +373,7 @@ async fn act<E: Ec2>(
             plan.notes.push(Note {
                 warning: false,
                 reason: "Retained",
+                region: region.to_string(),
                 message: format!("{} in {region} is retained and no longer managed", image.id),
             });
         }
@@ -415,6 +425,7 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
             &Note {
                 warning: false,
                 reason: "Retained",
+                region: String::new(),
                 message: "deletionPolicy is Retain: target images are left in place".into(),
             },
         )
@@ -444,6 +455,7 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
                 &Note {
                     warning: false,
                     reason: "Deregistered",
+                    region: region.to_string(),
                     message: format!("deregistered {} in {region}", image.id),
                 },
             )
@@ -487,7 +499,208 @@ async fn write_status(api: &Api<AmiCopy>, obj: &AmiCopy, status: &AmiCopyStatus)
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::ec2::{CopyRequest, SnapshotInfo, SnapshotRef};
+
+    /// An in-memory EC2 account: images and snapshots per region, and a log
+    /// of the mutating calls made.
+    #[derive(Default)]
+    struct FakeEc2 {
+        images: Mutex<BTreeMap<(String, String), ImageInfo>>,
+        snapshots: Mutex<BTreeMap<(String, String), SnapshotInfo>>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl FakeEc2 {
+        fn log(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    fn not_found(what: &str) -> Ec2Error {
+        Ec2Error::new(format!("{what}.NotFound"), "no such thing")
+    }
+
+    impl Ec2 for FakeEc2 {
+        async fn describe_image(
+            &self,
+            region: &str,
+            id: &str,
+        ) -> Result<Option<ImageInfo>, Ec2Error> {
+            Ok(self
+                .images
+                .lock()
+                .unwrap()
+                .get(&(region.into(), id.into()))
+                .cloned())
+        }
+        async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
+            let images = self.images.lock().unwrap();
+            Ok(images
+                .iter()
+                .filter(|((r, _), i)| r == region && i.owned_by(uid))
+                .map(|(_, i)| i.clone())
+                .collect())
+        }
+        async fn copy_image(&self, region: &str, req: &CopyRequest) -> Result<String, Ec2Error> {
+            self.log(format!("CopyImage {region} {}", req.source_image_id));
+            Ok("ami-00000000000000042".into())
+        }
+        async fn create_tags(
+            &self,
+            region: &str,
+            ids: &[String],
+            tags: &BTreeMap<String, String>,
+        ) -> Result<(), Ec2Error> {
+            self.log(format!("CreateTags {region} {ids:?}"));
+            for id in ids {
+                if let Some(s) = self
+                    .snapshots
+                    .lock()
+                    .unwrap()
+                    .get_mut(&(region.into(), id.clone()))
+                {
+                    s.tags.extend(tags.clone());
+                }
+            }
+            Ok(())
+        }
+        async fn delete_tags(
+            &self,
+            region: &str,
+            ids: &[String],
+            _keys: &[String],
+        ) -> Result<(), Ec2Error> {
+            self.log(format!("DeleteTags {region} {ids:?}"));
+            Ok(())
+        }
+        async fn deregister_image(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
+            self.log(format!("DeregisterImage {region} {id}"));
+            self.images
+                .lock()
+                .unwrap()
+                .remove(&(region.into(), id.into()));
+            Ok(())
+        }
+        async fn describe_snapshots(
+            &self,
+            region: &str,
+            ids: &[String],
+        ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
+            let snaps = self.snapshots.lock().unwrap();
+            Ok(ids
+                .iter()
+                .filter_map(|id| snaps.get(&(region.into(), id.clone())).cloned())
+                .collect())
+        }
+        async fn owned_snapshots(
+            &self,
+            region: &str,
+            uid: &str,
+        ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
+            let snaps = self.snapshots.lock().unwrap();
+            Ok(snaps
+                .iter()
+                .filter(|((r, _), s)| {
+                    r == region && s.tags.get(UID_TAG).map(String::as_str) == Some(uid)
+                })
+                .map(|(_, s)| s.clone())
+                .collect())
+        }
+        async fn delete_snapshot(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
+            self.log(format!("DeleteSnapshot {region} {id}"));
+            match self
+                .snapshots
+                .lock()
+                .unwrap()
+                .remove(&(region.into(), id.into()))
+            {
+                Some(_) => Ok(()),
+                None => Err(not_found("InvalidSnapshot")),
+            }
+        }
+    }
+
+    const UID: &str = "uid-1";
+
+    fn world(image_tags: &[(&str, &str)]) -> (FakeEc2, ImageInfo) {
+        let ec2 = FakeEc2::default();
+        let image = ImageInfo {
+            id: "ami-00000000000000001".into(),
+            state: "available".into(),
+            snapshots: ["snap-ours", "snap-untagged", "snap-other-owner"]
+                .into_iter()
+                .map(|id| SnapshotRef {
+                    id: id.into(),
+                    ..SnapshotRef::default()
+                })
+                .collect(),
+            tags: image_tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..ImageInfo::default()
+        };
+        ec2.images
+            .lock()
+            .unwrap()
+            .insert(("eu-west-1".into(), image.id.clone()), image.clone());
+        for (id, uid) in [
+            ("snap-ours", Some(UID)),
+            ("snap-untagged", None),
+            ("snap-other-owner", Some("uid-2")),
+        ] {
+            let tags = uid
+                .map(|u| BTreeMap::from([(UID_TAG.to_string(), u.to_string())]))
+                .unwrap_or_default();
+            ec2.snapshots.lock().unwrap().insert(
+                ("eu-west-1".into(), id.into()),
+                SnapshotInfo {
+                    id: id.into(),
+                    tags,
+                },
+            );
+        }
+        (ec2, image)
+    }
+
+    #[tokio::test]
+    async fn retire_deletes_only_what_carries_this_objects_uid() {
+        let (ec2, image) = world(&[(UID_TAG, UID)]);
+        retire(&ec2, UID, "eu-west-1", &image).await.unwrap();
+        assert!(
+            ec2.images.lock().unwrap().is_empty(),
+            "the owned image is deregistered"
+        );
+        let left: Vec<String> = ec2
+            .snapshots
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.id.clone())
+            .collect();
+        assert_eq!(
+            left,
+            vec!["snap-other-owner".to_string(), "snap-untagged".to_string()]
+        );
+    }
+
+    #[tokio::test]
+    async fn retire_refuses_an_image_without_this_objects_uid() {
+        for tags in [&[][..], &[(UID_TAG, "uid-2")][..]] {
+            let (ec2, image) = world(tags);
+            retire(&ec2, UID, "eu-west-1", &image).await.unwrap();
+            assert!(
+                ec2.calls.lock().unwrap().is_empty(),
+                "no call at all: {:?}",
+                ec2.calls.lock().unwrap()
+            );
+            assert_eq!(ec2.images.lock().unwrap().len(), 1);
+            assert_eq!(ec2.snapshots.lock().unwrap().len(), 3);
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

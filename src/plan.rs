@@ -69,6 +69,8 @@ pub enum Action {
 pub struct Note {
     pub warning: bool,
     pub reason: &'static str,
+    /// Region the note is about; empty for the object as a whole.
+    pub region: String,
     pub message: String,
 }
 
@@ -311,6 +313,7 @@ pub fn plan(
                 notes.push(Note {
                     warning: false,
                     reason: "CopyAvailable",
+                    region: region.to_string(),
                     message: format!("{} is available in {region}", img.id),
                 });
                 let source_snaps: BTreeSet<&str> = source
@@ -335,6 +338,7 @@ pub fn plan(
                 notes.push(Note {
                     warning: true,
                     reason: "CopyFailed",
+                    region: region.to_string(),
                     message: format!("{} in {region}: {}", img.id, ts.message),
                 });
             }
@@ -353,7 +357,7 @@ pub fn plan(
             match observed.recorded.get(id) {
                 Some(Some(foreign)) if !foreign.owned_by(&meta.uid) => notes.push(Note {
                     warning: true,
-                    reason: "ForeignImageIgnored",
+                    reason: "ForeignImageIgnored", region: region.to_string(),
                     message: format!("status named {id} in {region}, which this object does not own; it is left untouched"),
                 }),
                 // Gone (deregistered out of band): copy again under a new
@@ -362,7 +366,7 @@ pub fn plan(
                     attempt += 1;
                     notes.push(Note {
                         warning: true,
-                        reason: "TargetMissing",
+                        reason: "TargetMissing", region: region.to_string(),
                         message: format!("{id} in {region} no longer exists; copying again"),
                     });
                 }
