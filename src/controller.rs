@@ -340,19 +340,7 @@ async fn act<E: Ec2>(
             image_id,
             snapshot_ids,
             tags,
-        } => {
-            let unclaimed: Vec<String> = ec2
-                .describe_snapshots(&region, &snapshot_ids)
-                .await?
-                .into_iter()
-                .filter(|s| !s.tags.contains_key(UID_TAG))
-                .map(|s| s.id)
-                .collect();
-            if !unclaimed.is_empty() {
-                info!(%region, image = %image_id, snapshots = ?unclaimed, "tagging the snapshots of a target image");
-                ec2.create_tags(&region, &unclaimed, &tags).await?;
-            }
-        }
+        } => claim_snapshots(ec2, &region, &image_id, &snapshot_ids, &tags).await?,
         Action::Retire { region, image } => {
             retire(ec2, &m.uid, &region, &image).await?;
             plan.notes.push(Note {
@@ -377,6 +365,30 @@ async fn act<E: Ec2>(
                 message: format!("{} in {region} is retained and no longer managed", image.id),
             });
         }
+    }
+    Ok(())
+}
+
+/// Tags those of an owned image's snapshots that carry no owner's UID tag yet
+/// (peers that ignore TagSpecifications on copy); never re-tags another
+/// owner's snapshot.
+async fn claim_snapshots<E: Ec2>(
+    ec2: &E,
+    region: &str,
+    image_id: &str,
+    snapshot_ids: &[String],
+    tags: &BTreeMap<String, String>,
+) -> Result<()> {
+    let unclaimed: Vec<String> = ec2
+        .describe_snapshots(region, snapshot_ids)
+        .await?
+        .into_iter()
+        .filter(|s| !s.tags.contains_key(UID_TAG))
+        .map(|s| s.id)
+        .collect();
+    if !unclaimed.is_empty() {
+        info!(%region, image = %image_id, snapshots = ?unclaimed, "tagging the snapshots of a target image");
+        ec2.create_tags(region, &unclaimed, tags).await?;
     }
     Ok(())
 }
@@ -439,16 +451,7 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
             // Claim this image's untagged snapshots first, so the sweep below
             // finds them even on peers that ignore TagSpecifications.
             let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-            let unclaimed: Vec<String> = ec2
-                .describe_snapshots(&region, &ids)
-                .await?
-                .into_iter()
-                .filter(|s| !s.tags.contains_key(UID_TAG))
-                .map(|s| s.id)
-                .collect();
-            if !unclaimed.is_empty() {
-                ec2.create_tags(&region, &unclaimed, &tags).await?;
-            }
+            claim_snapshots(ec2, &region, &image.id, &ids, &tags).await?;
             ec2.deregister_image(&region, &image.id).await?;
             ctx.publish(
                 obj,

@@ -78,6 +78,14 @@ impl Peer {
             .to_vec()
     }
 
+    async fn owned_ids(&self, region: &str, uid: &str) -> Vec<String> {
+        let images = self.owned(region, uid).await;
+        images
+            .iter()
+            .filter_map(|i| i.image_id().map(str::to_owned))
+            .collect()
+    }
+
     async fn image(&self, region: &str, id: &str) -> Option<Image> {
         ec2peer::describe_image(&self.ec2(region), id).await
     }
@@ -356,14 +364,7 @@ async fn sim_source_change_copies_then_retires_old_targets() {
     })
     .await;
     assert_eq!(target_of(&done, "eu-west-1").as_deref(), Some(new.as_str()));
-    let owned = s.peer.owned("eu-west-1", &uid).await;
-    assert_eq!(
-        owned
-            .iter()
-            .filter_map(|i| i.image_id())
-            .collect::<Vec<_>>(),
-        vec![new.as_str()]
-    );
+    assert_eq!(s.peer.owned_ids("eu-west-1", &uid).await, vec![new.clone()]);
     assert!(
         s.peer.image("eu-west-1", &old).await.is_none(),
         "old copy deregistered"
@@ -437,13 +438,9 @@ async fn sim_target_deregistered_out_of_band_is_copied_again() {
     })
     .await;
     let second = target_of(&again, "eu-west-1").unwrap();
-    let owned = s.peer.owned("eu-west-1", &uid).await;
     assert_eq!(
-        owned
-            .iter()
-            .filter_map(|i| i.image_id())
-            .collect::<Vec<_>>(),
-        vec![second.as_str()]
+        s.peer.owned_ids("eu-west-1", &uid).await,
+        vec![second.clone()]
     );
     let events = events_for(&s.kube, s.api.namespace().unwrap(), "drift").await;
     assert!(
