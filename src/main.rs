@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ami_copy_operator::controller::{self, Config, Context};
 use ami_copy_operator::ec2::AwsEc2;
+use ami_copy_operator::leader::{self, LeaseConfig};
 use ami_copy_operator::metrics::Metrics;
 use ami_copy_operator::{AmiCopy, server};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -55,6 +56,19 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "AMICOPY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Reconcile only while holding a coordination.k8s.io Lease, so that
+    /// several replicas are safe.
+    #[arg(long, env = "AMICOPY_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of the Lease (default: the client's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, env = "AMICOPY_LEASE_NAME", default_value = "ami-copy-operator")]
+    lease_name: String,
+    /// A leader that has not renewed the Lease for this long is replaced.
+    #[arg(long, env = "AMICOPY_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -105,7 +119,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
 
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(wait_for_api(client, args.namespace.clone(), ready.clone()));
+    tokio::spawn(wait_for_api(
+        client.clone(),
+        args.namespace.clone(),
+        ready.clone(),
+    ));
     let http = tokio::spawn(server::serve(
         args.metrics_addr,
         metrics,
@@ -117,7 +135,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
         "starting controller"
     );
-    controller::run(ctx, args.namespace, stopped(stop_rx)).await;
+    if args.leader_election {
+        let lease = LeaseConfig {
+            namespace: args
+                .leader_election_namespace
+                .unwrap_or_else(|| client.default_namespace().to_owned()),
+            name: args.lease_name,
+            identity: std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| format!("ami-copy-operator-{}", std::process::id())),
+            duration: args.lease_duration,
+        };
+        let namespace = args.namespace;
+        leader::run(client, lease, stop_rx, |lost| {
+            controller::run(ctx.clone(), namespace.clone(), lost.wait())
+        })
+        .await?;
+    } else {
+        controller::run(ctx, args.namespace, stopped(stop_rx)).await;
+    }
     http.await??;
     Ok(())
 }

@@ -4,5 +4,6 @@
 mod admission;
 mod conformance;
 mod ec2peer;
+mod leader;
 mod operator;
 mod testbed;
