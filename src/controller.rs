@@ -17,6 +17,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use rand::Rng;
 use serde_json::json;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, instrument, warn};
 
 use crate::api::{
@@ -27,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::plan::{self, Action, Meta, Note, Observed};
 use crate::status::{self, reason, state};
+use crate::tracker::{Known, Tracker, TrackerConfig};
 
 /// Field manager of the status written by server-side apply.
 pub const FIELD_MANAGER: &str = "ami-copy-operator";
@@ -41,15 +43,26 @@ pub struct Config {
     /// First retry delay after a transient error; doubles up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Track targets in shared batches (the default) instead of each object
+    /// polling its own.
+    pub batched: bool,
+    /// Copies in flight per destination region (batched tracking).
+    pub dest_copy_limit: usize,
+    /// Copies in flight from one source region (batched tracking).
+    pub source_copy_limit: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
+        let tracker = TrackerConfig::default();
         Self {
-            poll_interval: Duration::from_secs(15),
-            resync_interval: Duration::from_secs(600),
+            poll_interval: tracker.interval,
+            resync_interval: tracker.drift_interval,
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
+            batched: true,
+            dest_copy_limit: tracker.dest_limit,
+            source_copy_limit: tracker.source_limit,
         }
     }
 }
@@ -61,6 +74,9 @@ pub struct Context<E> {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    /// Shared batched tracking; `None` when each object polls its own targets.
+    pub tracker: Option<Tracker>,
+    wake: tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>>>,
     failures: Mutex<HashMap<ObjectRef<AmiCopy>, u32>>,
 }
 
@@ -70,12 +86,26 @@ impl<E: Ec2> Context<E> {
             controller: FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let (tracker, wake) = if config.batched {
+            let (tracker, wake) = Tracker::new(TrackerConfig {
+                interval: config.poll_interval,
+                drift_interval: config.resync_interval,
+                dest_limit: config.dest_copy_limit,
+                source_limit: config.source_copy_limit,
+                ..TrackerConfig::default()
+            });
+            (Some(tracker), Some(wake))
+        } else {
+            (None, None)
+        };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             ec2,
             metrics,
             config,
+            tracker,
+            wake: tokio::sync::Mutex::new(wake),
             failures: Mutex::default(),
         }
     }
@@ -114,17 +144,39 @@ pub async fn run<E: Ec2>(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    Controller::new(api, watcher::Config::default().any_semantic())
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // Objects whose targets changed, as the tracker sees them. The receiver
+    // stays in the context so that a later run (a new leadership) gets it.
+    let woken = futures::stream::unfold(ctx.clone(), |ctx| async move {
+        let next = ctx.wake.lock().await.as_mut()?.recv().await?;
+        Some((next, ctx))
+    });
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .reconcile_on(woken)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| {
             if let Err(e) = res {
                 // One malformed object or failed reconcile never stops the others.
                 warn!(error = %e, "reconcile failed");
             }
             future::ready(())
-        })
-        .await;
+        });
+    let tracking = async {
+        if let Some(tracker) = &ctx.tracker {
+            tracker
+                .run(&ctx.ec2, &ctx.metrics, stopped(stop_rx.clone()))
+                .await;
+        }
+    };
+    let stop = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    future::join3(controller, tracking, stop).await;
 }
 
 #[instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
@@ -200,16 +252,22 @@ fn retryable(e: Ec2Error) -> Result<Ec2Error> {
     }
 }
 
-async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ec2: &E) -> Result<Observed> {
+/// What EC2 holds for this object: from the tracker's cache when it knows
+/// every target the status names, else by asking EC2 (and tracking what it
+/// says).
+async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Observed> {
     let spec = &obj.spec;
     let previous = obj.status.as_ref();
-    let source = match ec2
-        .describe_image(&spec.source.region, &spec.source.image_id)
-        .await
-    {
-        Ok(img) => Ok(img),
-        Err(e) => Err(retryable(e)?),
-    };
+    let ec2 = &ctx.ec2;
+    let tracker = ctx.tracker.as_ref();
+    let source = observe_source(obj, ec2, tracker).await?;
+    if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, t)) {
+        return Ok(Observed {
+            source: Some(source),
+            owned,
+            recorded,
+        });
+    }
     let regions = plan::regions_of_interest(spec, previous);
     let owned: BTreeMap<String, Vec<ImageInfo>> =
         future::try_join_all(regions.into_iter().map(|r| async move {
@@ -228,6 +286,14 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ec2: &E) -> Result<Observed> {
     .await?
     .into_iter()
     .collect();
+    if let Some(t) = tracker {
+        let key = object_ref(m);
+        for (region, images) in &owned {
+            for img in images {
+                t.track(&key, region, img.clone(), &spec.source.region);
+            }
+        }
+    }
     Ok(Observed {
         source: Some(source),
         owned,
@@ -235,9 +301,80 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ec2: &E) -> Result<Observed> {
     })
 }
 
+/// The source image; EC2's refusals (not found, access denied) become part
+/// of the observation, transient errors end the reconcile.
+async fn observe_source<E: Ec2>(
+    obj: &AmiCopy,
+    ec2: &E,
+    tracker: Option<&Tracker>,
+) -> Result<std::result::Result<Option<ImageInfo>, Ec2Error>> {
+    let (region, id) = (&obj.spec.source.region, &obj.spec.source.image_id);
+    if let Some(hit) = tracker.and_then(|t| t.source(region, id)) {
+        return Ok(Ok(hit));
+    }
+    match ec2.describe_image(region, id).await {
+        Ok(img) => {
+            if let Some(t) = tracker {
+                t.remember_source(region, id, img.clone());
+            }
+            Ok(Ok(img))
+        }
+        Err(e) => Ok(Err(retryable(e)?)),
+    }
+}
+
+type Targets = (
+    BTreeMap<String, Vec<ImageInfo>>,
+    BTreeMap<String, Option<ImageInfo>>,
+);
+
+/// The targets as the tracker knows them, if it knows every one the status
+/// names and the spec has not changed since that status.
+fn from_cache(obj: &AmiCopy, m: &Meta, tracker: &Tracker) -> Option<Targets> {
+    let prev = obj.status.as_ref()?;
+    if prev.observed_generation != m.generation
+        || prev.source_image_id.as_deref() != Some(obj.spec.source.image_id.as_str())
+    {
+        return None;
+    }
+    for d in &obj.spec.destinations {
+        let t = prev.destinations.iter().find(|t| t.region == d.region)?;
+        let unstarted = matches!(
+            t.state.as_str(),
+            state::QUEUED | state::WAITING | state::ERROR
+        );
+        if t.image_id.is_none() && !unstarted {
+            return None;
+        }
+    }
+    let mut owned: BTreeMap<String, Vec<ImageInfo>> =
+        plan::regions_of_interest(&obj.spec, Some(prev))
+            .into_iter()
+            .map(|r| (r, Vec::new()))
+            .collect();
+    let mut recorded = BTreeMap::new();
+    for t in prev.destinations.iter().chain(&prev.retiring) {
+        let Some(id) = &t.image_id else { continue };
+        match tracker.lookup(&t.region, id) {
+            Known::Unknown => return None,
+            Known::Image(Some(info)) if info.owned_by(&m.uid) => {
+                owned.entry(t.region.clone()).or_default().push(info)
+            }
+            Known::Image(other) => {
+                recorded.insert(id.clone(), other);
+            }
+        }
+    }
+    Some((owned, recorded))
+}
+
+fn object_ref(m: &Meta) -> ObjectRef<AmiCopy> {
+    ObjectRef::new(&m.name).within(&m.namespace)
+}
+
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
     let m = meta(obj)?;
-    let observed = observe(obj, &m, &ctx.ec2).await?;
+    let observed = observe(obj, &m, ctx).await?;
     let now = Time(Timestamp::now());
     let mut plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);
     let mut deferred: Option<Error> = None;
@@ -263,11 +400,19 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     if let Some(e) = deferred {
         return Err(e);
     }
-    Ok(if plan.busy {
-        Requeue::requeue(ctx.config.poll_interval)
+    // With the tracker, pending copies wake their object when they change;
+    // only copies that have not started yet are looked at on a timer.
+    let unstarted = plan
+        .status
+        .destinations
+        .iter()
+        .any(|d| d.state == state::WAITING || d.state == state::QUEUED);
+    let poll = plan.busy && (ctx.tracker.is_none() || unstarted);
+    Ok(Requeue::requeue(if poll {
+        ctx.config.poll_interval
     } else {
-        Requeue::requeue(ctx.config.resync_interval)
-    })
+        ctx.config.resync_interval
+    }))
 }
 
 async fn act<E: Ec2>(
@@ -283,12 +428,31 @@ async fn act<E: Ec2>(
             region,
             request,
         } => {
+            let key = object_ref(m);
+            let src_region = request.source_region.as_str();
             let entry = &mut plan.status.destinations[index];
+            if let Some(t) = &ctx.tracker
+                && let Err(queued) = t.admit(&key, &region, src_region)
+            {
+                entry.state = state::QUEUED.into();
+                entry.reason = Some(reason::COPY_QUEUED.into());
+                entry.message = queued.message;
+                return Ok(());
+            }
             match ec2.copy_image(&region, &request).await {
                 Ok(id) => {
                     info!(%region, image = %id, "copy started");
                     ctx.metrics.copy_started(&region);
                     entry.image_id = Some(id.clone());
+                    if let Some(t) = &ctx.tracker {
+                        let placeholder = ImageInfo {
+                            id: id.clone(),
+                            state: state::PENDING.into(),
+                            tags: request.tags.clone(),
+                            ..ImageInfo::default()
+                        };
+                        t.track_new(&key, &region, placeholder, src_region);
+                    }
                     plan.notes.push(Note {
                         warning: false,
                         reason: "CopyStarted",
@@ -300,34 +464,42 @@ async fn act<E: Ec2>(
                     ec2.create_tags(&region, std::slice::from_ref(&id), &request.tags)
                         .await?;
                 }
-                Err(e) => match e.kind {
-                    ErrorKind::Throttled | ErrorKind::Transient => {
-                        entry.state = state::WAITING.into();
-                        entry.reason = Some(
-                            if e.code == "ResourceLimitExceeded" {
-                                reason::COPY_QUOTA
-                            } else {
-                                reason::WAITING
+                Err(e) => {
+                    if let Some(t) = &ctx.tracker {
+                        t.release(&region, src_region);
+                    }
+                    match e.kind {
+                        ErrorKind::Throttled if e.code == "ResourceLimitExceeded" => {
+                            entry.state = state::QUEUED.into();
+                            entry.reason = Some(reason::COPY_QUOTA.into());
+                            entry.message = format!(
+                                "EC2's copy quota in {region} is reached; the operator slows down and retries"
+                            );
+                            match &ctx.tracker {
+                                Some(t) => t.lower_limit(&region),
+                                None => return Err(e.into()),
                             }
-                            .into(),
-                        );
-                        entry.message = format!("EC2 is busy ({}); retrying", e.code);
-                        plan.busy = true;
-                        return Err(e.into());
+                        }
+                        ErrorKind::Throttled | ErrorKind::Transient => {
+                            entry.state = state::WAITING.into();
+                            entry.reason = Some(reason::WAITING.into());
+                            entry.message = format!("EC2 is busy ({}); retrying", e.code);
+                            return Err(e.into());
+                        }
+                        _ => {
+                            let (why, message) = status::copy_error(&e);
+                            entry.state = state::ERROR.into();
+                            entry.reason = Some(why.into());
+                            entry.message = message.clone();
+                            plan.notes.push(Note {
+                                warning: true,
+                                reason: "CopyRejected",
+                                region: region.to_string(),
+                                message: format!("{region}: {message}"),
+                            });
+                        }
                     }
-                    _ => {
-                        let (why, message) = status::copy_error(&e);
-                        entry.state = state::ERROR.into();
-                        entry.reason = Some(why.into());
-                        entry.message = message.clone();
-                        plan.notes.push(Note {
-                            warning: true,
-                            reason: "CopyRejected",
-                            region: region.to_string(),
-                            message: format!("{region}: {message}"),
-                        });
-                    }
-                },
+                }
             }
         }
         Action::TagImage {
@@ -343,6 +515,7 @@ async fn act<E: Ec2>(
         } => claim_snapshots(ec2, &region, &image_id, &snapshot_ids, &tags).await?,
         Action::Retire { region, image } => {
             retire(ec2, &m.uid, &region, &image).await?;
+            forget_target(ctx, plan, &region, &image.id);
             plan.notes.push(Note {
                 warning: false,
                 reason: "Deregistered",
@@ -358,6 +531,7 @@ async fn act<E: Ec2>(
             ids.extend(owned_snapshot_ids(ec2, &m.uid, &region, &image).await?);
             let keys = [UID_TAG, OWNER_TAG, SOURCE_TAG].map(String::from);
             ec2.delete_tags(&region, &ids, &keys).await?;
+            forget_target(ctx, plan, &region, &image.id);
             plan.notes.push(Note {
                 warning: false,
                 reason: "Retained",
@@ -367,6 +541,16 @@ async fn act<E: Ec2>(
         }
     }
     Ok(())
+}
+
+/// A retired or released target leaves the tracker and the status.
+fn forget_target<E>(ctx: &Context<E>, plan: &mut plan::Plan, region: &str, id: &str) {
+    if let Some(t) = &ctx.tracker {
+        t.untrack(region, id);
+    }
+    plan.status
+        .retiring
+        .retain(|r| !(r.region == region && r.image_id.as_deref() == Some(id)));
 }
 
 /// Tags those of an owned image's snapshots that carry no owner's UID tag yet
@@ -431,6 +615,9 @@ async fn retire<E: Ec2>(ec2: &E, uid: &str, region: &str, image: &ImageInfo) -> 
 /// that succeeded. With `Retain`, leave everything.
 async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
     let m = meta(obj)?;
+    if let Some(t) = &ctx.tracker {
+        t.forget(&object_ref(&m));
+    }
     if obj.spec.deletion_policy == DeletionPolicy::Retain {
         ctx.publish(
             obj,
@@ -505,126 +692,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::ec2::{CopyRequest, SnapshotInfo, SnapshotRef};
-
-    /// An in-memory EC2 account: images and snapshots per region, and a log
-    /// of the mutating calls made.
-    #[derive(Default)]
-    struct FakeEc2 {
-        images: Mutex<BTreeMap<(String, String), ImageInfo>>,
-        snapshots: Mutex<BTreeMap<(String, String), SnapshotInfo>>,
-        calls: Mutex<Vec<String>>,
-    }
-
-    impl FakeEc2 {
-        fn log(&self, call: String) {
-            self.calls.lock().unwrap().push(call);
-        }
-    }
-
-    fn not_found(what: &str) -> Ec2Error {
-        Ec2Error::new(format!("{what}.NotFound"), "no such thing")
-    }
-
-    impl Ec2 for FakeEc2 {
-        async fn describe_image(
-            &self,
-            region: &str,
-            id: &str,
-        ) -> Result<Option<ImageInfo>, Ec2Error> {
-            Ok(self
-                .images
-                .lock()
-                .unwrap()
-                .get(&(region.into(), id.into()))
-                .cloned())
-        }
-        async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
-            let images = self.images.lock().unwrap();
-            Ok(images
-                .iter()
-                .filter(|((r, _), i)| r == region && i.owned_by(uid))
-                .map(|(_, i)| i.clone())
-                .collect())
-        }
-        async fn copy_image(&self, region: &str, req: &CopyRequest) -> Result<String, Ec2Error> {
-            self.log(format!("CopyImage {region} {}", req.source_image_id));
-            Ok("ami-00000000000000042".into())
-        }
-        async fn create_tags(
-            &self,
-            region: &str,
-            ids: &[String],
-            tags: &BTreeMap<String, String>,
-        ) -> Result<(), Ec2Error> {
-            self.log(format!("CreateTags {region} {ids:?}"));
-            for id in ids {
-                if let Some(s) = self
-                    .snapshots
-                    .lock()
-                    .unwrap()
-                    .get_mut(&(region.into(), id.clone()))
-                {
-                    s.tags.extend(tags.clone());
-                }
-            }
-            Ok(())
-        }
-        async fn delete_tags(
-            &self,
-            region: &str,
-            ids: &[String],
-            _keys: &[String],
-        ) -> Result<(), Ec2Error> {
-            self.log(format!("DeleteTags {region} {ids:?}"));
-            Ok(())
-        }
-        async fn deregister_image(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
-            self.log(format!("DeregisterImage {region} {id}"));
-            self.images
-                .lock()
-                .unwrap()
-                .remove(&(region.into(), id.into()));
-            Ok(())
-        }
-        async fn describe_snapshots(
-            &self,
-            region: &str,
-            ids: &[String],
-        ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
-            let snaps = self.snapshots.lock().unwrap();
-            Ok(ids
-                .iter()
-                .filter_map(|id| snaps.get(&(region.into(), id.clone())).cloned())
-                .collect())
-        }
-        async fn owned_snapshots(
-            &self,
-            region: &str,
-            uid: &str,
-        ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
-            let snaps = self.snapshots.lock().unwrap();
-            Ok(snaps
-                .iter()
-                .filter(|((r, _), s)| {
-                    r == region && s.tags.get(UID_TAG).map(String::as_str) == Some(uid)
-                })
-                .map(|(_, s)| s.clone())
-                .collect())
-        }
-        async fn delete_snapshot(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
-            self.log(format!("DeleteSnapshot {region} {id}"));
-            match self
-                .snapshots
-                .lock()
-                .unwrap()
-                .remove(&(region.into(), id.into()))
-            {
-                Some(_) => Ok(()),
-                None => Err(not_found("InvalidSnapshot")),
-            }
-        }
-    }
+    use crate::ec2::fake::FakeEc2;
+    use crate::ec2::{SnapshotInfo, SnapshotRef};
 
     const UID: &str = "uid-1";
 

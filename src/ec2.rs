@@ -142,6 +142,9 @@ pub fn classify(code: &str) -> ErrorKind {
     }
 }
 
+/// IDs per batched DescribeImages call (EC2 allows 200 filter values).
+pub const MAX_IDS_PER_CALL: usize = 100;
+
 /// The EC2 calls the operator makes. Every method is scoped to one region.
 pub trait Ec2: Send + Sync + 'static {
     /// One image by ID; `None` when EC2 says it does not exist.
@@ -150,6 +153,14 @@ pub trait Ec2: Send + Sync + 'static {
         region: &str,
         image_id: &str,
     ) -> impl Future<Output = Result<Option<ImageInfo>, Ec2Error>> + Send;
+
+    /// The images among `image_ids` that exist (one call, for batches of up
+    /// to [`MAX_IDS_PER_CALL`] IDs); missing ones are left out, not an error.
+    fn describe_images_by_ids(
+        &self,
+        region: &str,
+        image_ids: &[String],
+    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
 
     /// Images owned by this account that carry `amicopy.dev/uid=<uid>`.
     fn owned_images(
@@ -206,6 +217,18 @@ pub trait Ec2: Send + Sync + 'static {
         snapshot_id: &str,
     ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
 }
+
+/// Every EC2 operation [`AwsEc2`] calls: exactly the `ec2:` actions of the
+/// IAM policy in `docs/iam-policy.json` (unit tests hold both to this list).
+pub const OPERATIONS: &[&str] = &[
+    "CopyImage",
+    "CreateTags",
+    "DeleteSnapshot",
+    "DeleteTags",
+    "DeregisterImage",
+    "DescribeImages",
+    "DescribeSnapshots",
+];
 
 /// aws-sdk-ec2 behind the [`Ec2`] seam, with one client per region built
 /// from a shared configuration (credentials from the standard chain).
@@ -399,6 +422,25 @@ impl Ec2 for AwsEc2 {
         }
     }
 
+    async fn describe_images_by_ids(
+        &self,
+        region: &str,
+        image_ids: &[String],
+    ) -> Result<Vec<ImageInfo>, Ec2Error> {
+        if image_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A filter rather than ImageIds: a missing ID is left out instead of
+        // failing the whole batch.
+        let filter = Filter::builder()
+            .name("image-id")
+            .set_values(Some(image_ids.to_vec()))
+            .build();
+        let req = self.client(region).describe_images().filters(filter).send();
+        let out = self.call("DescribeImages", region, req).await?;
+        Ok(out.images().iter().map(image_info).collect())
+    }
+
     async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
         let client = self.client(region);
         let mut images = Vec::new();
@@ -559,8 +601,55 @@ fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> Option<SnapshotInfo> {
 }
 
 #[cfg(test)]
+pub(crate) mod fake;
+
+#[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    /// The operation names `AwsEc2` passes to `call(...)`, read from this
+    /// file's source (the part above the tests).
+    fn called_operations() -> BTreeSet<String> {
+        let source = include_str!("ec2.rs");
+        let code = &source[..source.find("#[cfg(test)]").expect("a test module")];
+        code.split(".call(\"")
+            .skip(1)
+            .map(|rest| rest[..rest.find('"').expect("a closing quote")].to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn operations_lists_every_call_and_nothing_else() {
+        let listed: BTreeSet<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(listed.len(), OPERATIONS.len(), "OPERATIONS has duplicates");
+        assert_eq!(called_operations(), listed);
+    }
+
+    /// The least-privilege IAM policy allows exactly the EC2 actions the
+    /// operator calls: a new call fails here until the policy has it.
+    #[test]
+    fn iam_policy_allows_exactly_the_operations() {
+        let policy: serde_json::Value =
+            serde_json::from_str(include_str!("../docs/iam-policy.json")).expect("valid JSON");
+        let mut allowed = BTreeSet::new();
+        for statement in policy["Statement"].as_array().expect("statements") {
+            assert_eq!(statement["Effect"], "Allow", "{statement}");
+            let actions = match &statement["Action"] {
+                serde_json::Value::String(a) => vec![a.clone()],
+                other => serde_json::from_value(other.clone()).expect("a list of actions"),
+            };
+            for action in actions {
+                assert!(!action.contains('*'), "no wildcard actions: {action}");
+                if let Some(op) = action.strip_prefix("ec2:") {
+                    allowed.insert(op.to_owned());
+                }
+            }
+        }
+        let expected: BTreeSet<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(allowed, expected);
+    }
 
     #[test]
     fn classifies_error_codes() {

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod plan;
 pub mod server;
 pub mod status;
+pub mod tracker;
 
 pub use api::{AmiCopy, AmiCopySpec, AmiCopyStatus};
 pub use error::{Error, Result};

@@ -53,6 +53,21 @@ struct RunArgs {
     /// How often to re-check settled objects for drift.
     #[arg(long, env = "AMICOPY_RESYNC_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     resync_interval: Duration,
+    /// `batched`: one tracker per region follows every pending copy in as few
+    /// DescribeImages calls as EC2 allows and wakes the objects concerned;
+    /// `per-object`: each object polls its own targets.
+    #[arg(long, env = "AMICOPY_TRACKING", value_enum, default_value_t = Tracking::Batched)]
+    tracking: Tracking,
+    /// Copies in flight per destination region (batched tracking).
+    #[arg(long, env = "AMICOPY_COPY_LIMIT_PER_REGION", default_value_t = 50)]
+    copy_limit_per_region: usize,
+    /// Copies in flight from one source region (batched tracking).
+    #[arg(
+        long,
+        env = "AMICOPY_COPY_LIMIT_PER_SOURCE_REGION",
+        default_value_t = 25
+    )]
+    copy_limit_per_source_region: usize,
     /// Log format.
     #[arg(long, env = "AMICOPY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -69,6 +84,12 @@ struct RunArgs {
     /// A leader that has not renewed the Lease for this long is replaced.
     #[arg(long, env = "AMICOPY_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Tracking {
+    Batched,
+    PerObject,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,6 +125,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config {
         poll_interval: args.poll_interval,
         resync_interval: args.resync_interval,
+        batched: args.tracking == Tracking::Batched,
+        dest_copy_limit: args.copy_limit_per_region,
+        source_copy_limit: args.copy_limit_per_source_region,
         ..Config::default()
     };
     let ctx = Arc::new(Context::new(client.clone(), ec2, metrics.clone(), config));

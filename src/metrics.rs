@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -34,6 +35,9 @@ pub struct Metrics {
     reconciles: Family<OutcomeLabels, Counter>,
     reconcile_seconds: Histogram,
     copies_started: Family<RegionLabels, Counter>,
+    copies_in_flight: Family<RegionLabels, Gauge>,
+    copies_queued: Family<RegionLabels, Gauge>,
+    copy_seconds: Family<RegionLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -46,6 +50,11 @@ impl Default for Metrics {
         let reconciles = Family::<OutcomeLabels, Counter>::default();
         let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let copies_started = Family::<RegionLabels, Counter>::default();
+        let copies_in_flight = Family::<RegionLabels, Gauge>::default();
+        let copies_queued = Family::<RegionLabels, Gauge>::default();
+        let copy_seconds = Family::<RegionLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 2.0, 16))
+        });
         registry.register(
             "ec2_calls",
             "EC2 API calls by operation, region and outcome",
@@ -71,6 +80,21 @@ impl Default for Metrics {
             "CopyImage calls that started a copy, by destination region",
             copies_started.clone(),
         );
+        registry.register(
+            "copies_in_flight",
+            "Copies started and still pending, by destination region (batched tracking)",
+            copies_in_flight.clone(),
+        );
+        registry.register(
+            "copies_queued",
+            "Objects waiting for a copy slot, by destination region",
+            copies_queued.clone(),
+        );
+        registry.register(
+            "copy_duration_seconds",
+            "Time from CopyImage to the copy seen available, by destination region",
+            copy_seconds.clone(),
+        );
         Self {
             registry,
             ec2_calls,
@@ -78,6 +102,9 @@ impl Default for Metrics {
             reconciles,
             reconcile_seconds,
             copies_started,
+            copies_in_flight,
+            copies_queued,
+            copy_seconds,
         }
     }
 }
@@ -114,6 +141,25 @@ impl Metrics {
                 region: region.to_owned(),
             })
             .inc();
+    }
+
+    pub fn set_copy_load(&self, region: &str, in_flight: usize, queued: usize) {
+        let labels = RegionLabels {
+            region: region.to_owned(),
+        };
+        self.copies_in_flight
+            .get_or_create(&labels)
+            .set(in_flight as i64);
+        self.copies_queued.get_or_create(&labels).set(queued as i64);
+    }
+
+    pub fn copy_finished(&self, region: &str, took: Duration) {
+        let labels = RegionLabels {
+            region: region.to_owned(),
+        };
+        self.copy_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 
     /// Prometheus text exposition of every metric.

@@ -105,11 +105,8 @@ impl Plan {
             generation,
             now,
         );
-        self.busy |= s
-            .destinations
-            .iter()
-            .any(|d| d.state == state::PENDING || d.state == state::WAITING)
-            || !s.retiring.is_empty();
+        self.busy |=
+            s.destinations.iter().any(|d| status::is_underway(&d.state)) || !s.retiring.is_empty();
     }
 }
 

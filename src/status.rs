@@ -15,6 +15,7 @@ pub mod reason {
     pub const AVAILABLE: &str = "Available";
     pub const COPY_PENDING: &str = "CopyPending";
     pub const WAITING: &str = "Waiting";
+    pub const COPY_QUEUED: &str = "CopyQueued";
     pub const COMPLETE: &str = "Complete";
     pub const AS_EXPECTED: &str = "AsExpected";
     pub const SOURCE_NOT_FOUND: &str = "SourceNotFound";
@@ -40,6 +41,8 @@ pub mod state {
     pub const FAILED: &str = "failed";
     /// The copy cannot start yet (source pending, throttled, quota).
     pub const WAITING: &str = "waiting";
+    /// Waiting for a copy slot (per-region copy limits).
+    pub const QUEUED: &str = "queued";
     /// The copy cannot start at all until the spec or the source changes.
     pub const ERROR: &str = "error";
 }
@@ -91,6 +94,11 @@ pub fn copy_error(err: &Ec2Error) -> (&'static str, String) {
     )
 }
 
+/// A copy that is on its way: started, queued for a slot, or waiting to start.
+pub fn is_underway(state: &str) -> bool {
+    matches!(state, state::PENDING | state::QUEUED | state::WAITING)
+}
+
 /// Builds a condition, keeping the previous transition time when the status
 /// of that condition did not change.
 pub fn condition(
@@ -136,11 +144,10 @@ pub fn conditions(
     };
     let pending = in_state(state::PENDING);
     let waiting = in_state(state::WAITING);
+    let queued = in_state(state::QUEUED);
     let problems: Vec<&TargetStatus> = destinations
         .iter()
-        .filter(|d| {
-            d.state != state::AVAILABLE && d.state != state::PENDING && d.state != state::WAITING
-        })
+        .filter(|d| d.state != state::AVAILABLE && !is_underway(&d.state))
         .collect();
     let degraded: Option<(&str, String)> = match global {
         Some((r, m)) => Some((r, m)),
@@ -177,6 +184,10 @@ pub fn conditions(
                 reason::COPY_PENDING,
                 format!("copy pending in {}", pending.join(", ")),
             ),
+            None if !queued.is_empty() => (
+                reason::COPY_QUEUED,
+                format!("queued for a copy slot in {}", queued.join(", ")),
+            ),
             None => (
                 reason::WAITING,
                 format!("waiting to copy to {}", waiting.join(", ")),
@@ -185,11 +196,15 @@ pub fn conditions(
         condition(previous, READY, false, r, m, generation, now)
     };
 
-    let busy = !pending.is_empty() || !waiting.is_empty() || !retiring.is_empty();
+    let busy =
+        !pending.is_empty() || !waiting.is_empty() || !queued.is_empty() || !retiring.is_empty();
     let progressing = if busy {
         let mut parts = Vec::new();
         if !pending.is_empty() {
             parts.push(format!("copy pending in {}", pending.join(", ")));
+        }
+        if !queued.is_empty() {
+            parts.push(format!("queued for a copy slot in {}", queued.join(", ")));
         }
         if !waiting.is_empty() {
             parts.push(format!("waiting to copy to {}", waiting.join(", ")));
@@ -201,10 +216,12 @@ pub fn conditions(
                 .collect();
             parts.push(format!("retiring {}", ids.join(", ")));
         }
-        let r = if pending.is_empty() {
-            reason::WAITING
-        } else {
+        let r = if !pending.is_empty() {
             reason::COPY_PENDING
+        } else if !queued.is_empty() {
+            reason::COPY_QUEUED
+        } else {
+            reason::WAITING
         };
         condition(
             previous,

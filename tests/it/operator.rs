@@ -21,12 +21,12 @@ const SOURCE_REGION: &str = "us-east-1";
 
 /// The operator tests' view of an EC2 peer, read through the EC2 API so the
 /// same assertions hold for moto and the simulator.
-struct Peer {
-    env: PeerEnv,
+pub(crate) struct Peer {
+    pub(crate) env: PeerEnv,
 }
 
 impl Peer {
-    async fn sim() -> Self {
+    pub(crate) async fn sim() -> Self {
         let mut config = ec2peer::sim_config();
         // Long enough for `pending` to be seen in status.
         config.copy_duration = Duration::from_millis(1500);
@@ -155,11 +155,11 @@ fn target_of(obj: &AmiCopy, region: &str) -> Option<String> {
         .clone()
 }
 
-struct Setup {
-    kube: Client,
-    api: Api<AmiCopy>,
-    peer: Peer,
-    operator: Operator,
+pub(crate) struct Setup {
+    pub(crate) kube: Client,
+    pub(crate) api: Api<AmiCopy>,
+    pub(crate) peer: Peer,
+    pub(crate) operator: Operator,
 }
 
 async fn setup(peer: Peer, prefix: &str) -> Setup {
@@ -178,7 +178,12 @@ async fn setup(peer: Peer, prefix: &str) -> Setup {
 /// peer, status goes pending → available, Ready=True for the current
 /// generation; then deletion deregisters both and deletes their snapshots.
 async fn copy_two_regions_then_delete(peer: Peer, expect_pending: bool) {
-    let s = setup(peer, "two-regions").await;
+    copy_two_regions_then_delete_with(setup(peer, "two-regions").await, expect_pending).await;
+}
+
+/// The same cycle with an operator set up by the caller (e.g. running as the
+/// Helm chart's ServiceAccount).
+pub(crate) async fn copy_two_regions_then_delete_with(s: Setup, expect_pending: bool) {
     let source = s.peer.seed_source("golden").await;
     let obj = create(
         &s.api,
@@ -621,4 +626,58 @@ async fn events_for(kube: &Client, ns: &str, name: &str) -> Vec<(String, String)
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
+}
+
+/// Copy admission: with one copy allowed in flight per region, four objects
+/// copying into the same region queue (status `queued`), start one after the
+/// other as slots free, and all end Ready; EC2 never sees more copies than
+/// the limit (the simulator's own limit is 1 too and is never hit).
+#[tokio::test]
+async fn sim_copies_beyond_the_region_limit_are_queued() {
+    let mut config = ec2peer::sim_config();
+    config.copy_duration = Duration::from_millis(600);
+    config.concurrent_copy_limit = 1;
+    let peer = Peer {
+        env: PeerEnv::with_sim(config).await,
+    };
+    let kube = testbed::kube().await;
+    let ns = testbed::namespace(&kube, "queued").await;
+    let operator =
+        Operator::start_with(&kube, &ns, peer.env.endpoint(), |c| c.dest_copy_limit = 1).await;
+    let api: Api<AmiCopy> = Api::namespaced(kube.clone(), &ns);
+    let source = peer.seed_source("queued").await;
+    let names = ["queue-1", "queue-2", "queue-3", "queue-4"];
+    for name in names {
+        let spec = json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}], "name": name});
+        create(&api, name, spec).await;
+    }
+    let seen_queued = futures::future::select_all(names.map(|n| {
+        Box::pin(wait_for(&api, n, "a queued destination", |o| {
+            o.status
+                .as_ref()
+                .is_some_and(|s| s.destinations.iter().any(|d| d.state == "queued"))
+        }))
+    }))
+    .await
+    .0;
+    let queued = seen_queued.status.unwrap().destinations[0].clone();
+    assert_eq!(queued.reason.as_deref(), Some("CopyQueued"));
+    assert!(
+        queued
+            .message
+            .contains("at most 1 copies in flight to eu-west-1"),
+        "{}",
+        queued.message
+    );
+    for name in names {
+        wait_for(&api, name, "Ready=True", is_ready).await;
+    }
+    let calls = peer.control().calls();
+    let copies: Vec<_> = calls.iter().filter(|c| c.action == "CopyImage").collect();
+    assert_eq!(copies.iter().map(|c| c.count).sum::<u64>(), 4, "{copies:?}");
+    assert!(
+        copies.iter().all(|c| c.outcome == "ok"),
+        "EC2's own limit was never hit: {copies:?}"
+    );
+    operator.stop().await;
 }

@@ -27,16 +27,20 @@ static CRD: OnceCell<()> = OnceCell::const_new();
 
 /// A client for the test bed's kube-apiserver, with the CRD installed.
 pub async fn kube() -> Client {
+    let client = Client::try_from(admin_config().await).expect("build a kube client");
+    CRD.get_or_init(|| install_crd(client.clone())).await;
+    client
+}
+
+/// The test bed's admin kubeconfig (`system:masters`) as a client config.
+pub async fn admin_config() -> kube::Config {
     let path = std::env::var("AMICOPY_KUBECONFIG").unwrap_or_else(|_| {
         panic!("AMICOPY_KUBECONFIG is not set: run the tests with hack/test.sh, which starts the test bed")
     });
     let kc = Kubeconfig::read_from(&path).expect("read the test bed's kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .expect("kubeconfig is valid");
-    let client = Client::try_from(config).expect("build a kube client");
-    CRD.get_or_init(|| install_crd(client.clone())).await;
-    client
+        .expect("kubeconfig is valid")
 }
 
 /// Applies `crds/` exactly as a user would and waits until it is served.
@@ -96,14 +100,26 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(client: &Client, namespace: &str, ec2_endpoint: &str) -> Self {
+        Self::start_with(client, namespace, ec2_endpoint, |_| {}).await
+    }
+
+    /// Like [`Operator::start`], with test timing that `adjust` may change.
+    pub async fn start_with(
+        client: &Client,
+        namespace: &str,
+        ec2_endpoint: &str,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let metrics = Arc::new(Metrics::default());
         let ec2 = AwsEc2::new(sdk_config(), Some(ec2_endpoint.to_owned()), metrics.clone());
-        let config = Config {
+        let mut config = Config {
             poll_interval: Duration::from_millis(300),
             resync_interval: Duration::from_secs(3),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(3),
+            ..Config::default()
         };
+        adjust(&mut config);
         let ctx = Arc::new(Context::new(client.clone(), ec2, metrics.clone(), config));
         let (tx, rx) = oneshot::channel();
         let ns = namespace.to_owned();

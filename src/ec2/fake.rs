@@ -1,0 +1,142 @@
+//! An in-memory EC2 account for unit tests of the code above the seam.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use crate::api::UID_TAG;
+use crate::ec2::{CopyRequest, Ec2, Ec2Error, ImageInfo, SnapshotInfo};
+
+/// An in-memory EC2 account: images and snapshots per region, and a log
+/// of the mutating calls made.
+#[derive(Default)]
+pub struct FakeEc2 {
+    pub images: Mutex<BTreeMap<(String, String), ImageInfo>>,
+    pub snapshots: Mutex<BTreeMap<(String, String), SnapshotInfo>>,
+    pub calls: Mutex<Vec<String>>,
+}
+
+impl FakeEc2 {
+    /// Adds an image to `region`.
+    pub fn put(&self, region: &str, image: ImageInfo) {
+        self.images
+            .lock()
+            .unwrap()
+            .insert((region.into(), image.id.clone()), image);
+    }
+
+    fn log(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+fn not_found(what: &str) -> Ec2Error {
+    Ec2Error::new(format!("{what}.NotFound"), "no such thing")
+}
+
+impl Ec2 for FakeEc2 {
+    async fn describe_image(&self, region: &str, id: &str) -> Result<Option<ImageInfo>, Ec2Error> {
+        Ok(self
+            .images
+            .lock()
+            .unwrap()
+            .get(&(region.into(), id.into()))
+            .cloned())
+    }
+    async fn describe_images_by_ids(
+        &self,
+        region: &str,
+        ids: &[String],
+    ) -> Result<Vec<ImageInfo>, Ec2Error> {
+        self.log(format!("DescribeImagesByIds {region} {}", ids.len()));
+        let images = self.images.lock().unwrap();
+        Ok(ids
+            .iter()
+            .filter_map(|id| images.get(&(region.into(), id.clone())).cloned())
+            .collect())
+    }
+    async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
+        let images = self.images.lock().unwrap();
+        Ok(images
+            .iter()
+            .filter(|((r, _), i)| r == region && i.owned_by(uid))
+            .map(|(_, i)| i.clone())
+            .collect())
+    }
+    async fn copy_image(&self, region: &str, req: &CopyRequest) -> Result<String, Ec2Error> {
+        self.log(format!("CopyImage {region} {}", req.source_image_id));
+        Ok("ami-00000000000000042".into())
+    }
+    async fn create_tags(
+        &self,
+        region: &str,
+        ids: &[String],
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), Ec2Error> {
+        self.log(format!("CreateTags {region} {ids:?}"));
+        for id in ids {
+            if let Some(s) = self
+                .snapshots
+                .lock()
+                .unwrap()
+                .get_mut(&(region.into(), id.clone()))
+            {
+                s.tags.extend(tags.clone());
+            }
+        }
+        Ok(())
+    }
+    async fn delete_tags(
+        &self,
+        region: &str,
+        ids: &[String],
+        _keys: &[String],
+    ) -> Result<(), Ec2Error> {
+        self.log(format!("DeleteTags {region} {ids:?}"));
+        Ok(())
+    }
+    async fn deregister_image(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
+        self.log(format!("DeregisterImage {region} {id}"));
+        self.images
+            .lock()
+            .unwrap()
+            .remove(&(region.into(), id.into()));
+        Ok(())
+    }
+    async fn describe_snapshots(
+        &self,
+        region: &str,
+        ids: &[String],
+    ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
+        let snaps = self.snapshots.lock().unwrap();
+        Ok(ids
+            .iter()
+            .filter_map(|id| snaps.get(&(region.into(), id.clone())).cloned())
+            .collect())
+    }
+    async fn owned_snapshots(
+        &self,
+        region: &str,
+        uid: &str,
+    ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
+        let snaps = self.snapshots.lock().unwrap();
+        Ok(snaps
+            .iter()
+            .filter(|((r, _), s)| {
+                r == region && s.tags.get(UID_TAG).map(String::as_str) == Some(uid)
+            })
+            .map(|(_, s)| s.clone())
+            .collect())
+    }
+    async fn delete_snapshot(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
+        self.log(format!("DeleteSnapshot {region} {id}"));
+        match self
+            .snapshots
+            .lock()
+            .unwrap()
+            .remove(&(region.into(), id.into()))
+        {
+            Some(_) => Ok(()),
+            None => Err(not_found("InvalidSnapshot")),
+        }
+    }
+}

@@ -1,0 +1,688 @@
+//! Batched tracking of target images and copy admission, shared by every
+//! object.
+//!
+//! Instead of each object polling its own targets, one loop asks EC2 about
+//! all pending targets of a region in as few `DescribeImages` calls as EC2
+//! allows ([`MAX_IDS_PER_CALL`] IDs each), and wakes exactly the objects whose
+//! targets changed. Settled targets are re-checked (drift: deregistered out
+//! of band) the same way at a slower interval. Reconciles read this cache, so
+//! a settled object costs no EC2 call of its own.
+//!
+//! Copy admission: at most `dest_limit` copies in flight per destination
+//! region and `source_limit` per source region, across all objects. A copy
+//! that finds no slot is `queued`; its object is woken when a slot frees.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::future;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::api::AmiCopy;
+use crate::ec2::{Ec2, Ec2Error, ImageInfo, MAX_IDS_PER_CALL};
+use crate::metrics::Metrics;
+use crate::status::state;
+
+/// Tracking and admission settings.
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    /// How often pending targets are looked at.
+    pub interval: Duration,
+    /// How often every tracked target is looked at (drift).
+    pub drift_interval: Duration,
+    /// Copies in flight per destination region.
+    pub dest_limit: usize,
+    /// Copies in flight from one source region.
+    pub source_limit: usize,
+    /// How long a new copy may be missing from DescribeImages (EC2 lists new
+    /// images with a delay) before it counts as gone.
+    pub listing_grace: Duration,
+    /// How long a limit lowered by `ResourceLimitExceeded` stays lowered.
+    pub limit_cooldown: Duration,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15),
+            drift_interval: Duration::from_secs(600),
+            dest_limit: 50,
+            source_limit: 25,
+            listing_grace: Duration::from_secs(60),
+            limit_cooldown: Duration::from_secs(120),
+        }
+    }
+}
+
+type Key = (String, String);
+
+struct Entry {
+    info: Option<ImageInfo>,
+    /// Seen in a DescribeImages answer at least once.
+    seen: bool,
+    since: Instant,
+    source_region: String,
+    watchers: HashSet<ObjectRef<AmiCopy>>,
+}
+
+impl Entry {
+    fn pending(&self) -> bool {
+        self.info
+            .as_ref()
+            .is_some_and(|i| i.state == state::PENDING)
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    order: VecDeque<ObjectRef<AmiCopy>>,
+    members: HashSet<ObjectRef<AmiCopy>>,
+}
+
+impl Queue {
+    fn push(&mut self, o: &ObjectRef<AmiCopy>) {
+        if self.members.insert(o.clone()) {
+            self.order.push_back(o.clone());
+        }
+    }
+
+    fn remove(&mut self, o: &ObjectRef<AmiCopy>) {
+        if self.members.remove(o) {
+            self.order.retain(|x| x != o);
+        }
+    }
+
+    fn pop(&mut self) -> Option<ObjectRef<AmiCopy>> {
+        let o = self.order.pop_front()?;
+        self.members.remove(&o);
+        Some(o)
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    images: HashMap<Key, Entry>,
+    sources: HashMap<Key, (Option<ImageInfo>, Instant)>,
+    /// Admitted copies whose CopyImage has not returned yet, per destination
+    /// and per source region.
+    reserved: HashMap<String, usize>,
+    reserved_from: HashMap<String, usize>,
+    /// Lowered destination limits after `ResourceLimitExceeded`, and until when.
+    lowered: HashMap<String, (usize, Instant)>,
+    /// Objects with a queued copy, per destination region, first come first
+    /// served.
+    waiting: HashMap<String, Queue>,
+    last_full: Option<Instant>,
+}
+
+/// What the cache knows about an image.
+// Short-lived return value: boxing the image would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Known {
+    /// Not tracked: ask EC2.
+    Unknown,
+    /// Tracked; `None` when EC2 no longer has it.
+    Image(Option<ImageInfo>),
+}
+
+/// Why a copy must wait.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub message: String,
+}
+
+pub struct Tracker {
+    config: TrackerConfig,
+    state: Mutex<State>,
+    wake: mpsc::UnboundedSender<ObjectRef<AmiCopy>>,
+}
+
+impl Tracker {
+    /// The tracker and the stream of objects to reconcile again.
+    pub fn new(config: TrackerConfig) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>) {
+        let (wake, rx) = mpsc::unbounded_channel();
+        let tracker = Self {
+            config,
+            state: Mutex::default(),
+            wake,
+        };
+        (tracker, rx)
+    }
+
+    pub fn config(&self) -> &TrackerConfig {
+        &self.config
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("tracker lock")
+    }
+
+    pub fn lookup(&self, region: &str, id: &str) -> Known {
+        match self.state().images.get(&(region.to_owned(), id.to_owned())) {
+            Some(e) => Known::Image(e.info.clone()),
+            None => Known::Unknown,
+        }
+    }
+
+    /// Tracks an image EC2 reported, for `watcher`.
+    pub fn track(
+        &self,
+        watcher: &ObjectRef<AmiCopy>,
+        region: &str,
+        info: ImageInfo,
+        source_region: &str,
+    ) {
+        let mut st = self.state();
+        let entry = st
+            .images
+            .entry((region.to_owned(), info.id.clone()))
+            .or_insert_with(|| Entry {
+                info: None,
+                seen: true,
+                since: Instant::now(),
+                source_region: source_region.to_owned(),
+                watchers: HashSet::new(),
+            });
+        entry.info = Some(info);
+        entry.seen = true;
+        entry.watchers.insert(watcher.clone());
+    }
+
+    /// Tracks a copy CopyImage just started (EC2 may not list it yet) and
+    /// turns its admission reservation into an in-flight copy.
+    pub fn track_new(
+        &self,
+        watcher: &ObjectRef<AmiCopy>,
+        region: &str,
+        info: ImageInfo,
+        source_region: &str,
+    ) {
+        let mut st = self.state();
+        unreserve(&mut st, region, source_region);
+        let entry = st
+            .images
+            .entry((region.to_owned(), info.id.clone()))
+            .or_insert_with(|| Entry {
+                info: None,
+                seen: false,
+                since: Instant::now(),
+                source_region: source_region.to_owned(),
+                watchers: HashSet::new(),
+            });
+        if entry.info.is_none() {
+            entry.info = Some(info);
+        }
+        entry.watchers.insert(watcher.clone());
+    }
+
+    pub fn untrack(&self, region: &str, id: &str) {
+        self.state()
+            .images
+            .remove(&(region.to_owned(), id.to_owned()));
+    }
+
+    /// Forgets everything `watcher` tracks (the object is gone).
+    pub fn forget(&self, watcher: &ObjectRef<AmiCopy>) {
+        let mut st = self.state();
+        st.images.retain(|_, e| {
+            e.watchers.remove(watcher);
+            !e.watchers.is_empty()
+        });
+        for q in st.waiting.values_mut() {
+            q.remove(watcher);
+        }
+    }
+
+    /// A source image read within the drift interval.
+    pub fn source(&self, region: &str, id: &str) -> Option<Option<ImageInfo>> {
+        let st = self.state();
+        let (info, at) = st.sources.get(&(region.to_owned(), id.to_owned()))?;
+        let fresh = at.elapsed() < self.config.drift_interval
+            && info.as_ref().is_some_and(|i| i.state != state::PENDING);
+        fresh.then(|| info.clone())
+    }
+
+    pub fn remember_source(&self, region: &str, id: &str, info: Option<ImageInfo>) {
+        self.state()
+            .sources
+            .insert((region.to_owned(), id.to_owned()), (info, Instant::now()));
+    }
+
+    /// Reserves a copy slot, or says why the copy must wait (and wakes
+    /// `watcher` when a slot in `dest` frees).
+    pub fn admit(
+        &self,
+        watcher: &ObjectRef<AmiCopy>,
+        dest: &str,
+        source_region: &str,
+    ) -> Result<(), Queued> {
+        let mut st = self.state();
+        let now = Instant::now();
+        let limit = match st.lowered.get(dest) {
+            Some((l, until)) if *until > now => *l,
+            _ => self.config.dest_limit,
+        };
+        let in_dest = in_flight(&st, |region, _| region == dest)
+            + st.reserved.get(dest).copied().unwrap_or(0);
+        let from_source = in_flight(&st, |_, e| e.source_region == source_region)
+            + st.reserved_from.get(source_region).copied().unwrap_or(0);
+        // The messages carry limits, not counts, so a queued object's
+        // status does not change (and is not rewritten) as slots come and go.
+        let refusal = if in_dest >= limit {
+            Some(format!(
+                "waiting for a copy slot: at most {limit} copies in flight to {dest}"
+            ))
+        } else if from_source >= self.config.source_limit {
+            Some(format!(
+                "waiting for a copy slot: at most {} copies in flight from {source_region}",
+                self.config.source_limit
+            ))
+        } else {
+            None
+        };
+        match refusal {
+            Some(message) => {
+                st.waiting.entry(dest.to_owned()).or_default().push(watcher);
+                Err(Queued { message })
+            }
+            None => {
+                *st.reserved.entry(dest.to_owned()).or_default() += 1;
+                *st.reserved_from
+                    .entry(source_region.to_owned())
+                    .or_default() += 1;
+                if let Some(q) = st.waiting.get_mut(dest) {
+                    q.remove(watcher);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Returns a reservation whose CopyImage failed.
+    pub fn release(&self, dest: &str, source_region: &str) {
+        let mut st = self.state();
+        unreserve(&mut st, dest, source_region);
+        wake_waiting(&mut st, dest, 1, &self.wake);
+    }
+
+    /// EC2 said `ResourceLimitExceeded`: hold `dest` to what is in flight now
+    /// for a while.
+    pub fn lower_limit(&self, dest: &str) {
+        let mut st = self.state();
+        let in_dest = in_flight(&st, |region, _| region == dest).max(1);
+        let until = Instant::now() + self.config.limit_cooldown;
+        warn!(region = %dest, limit = in_dest, "EC2 copy quota reached; lowering the copy limit for a while");
+        st.lowered.insert(dest.to_owned(), (in_dest, until));
+    }
+
+    /// Copies in flight and queued objects per region, for metrics and tests.
+    pub fn load(&self) -> BTreeMap<String, (usize, usize)> {
+        let st = self.state();
+        let mut load: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for ((region, _), e) in &st.images {
+            if e.pending() {
+                load.entry(region.clone()).or_default().0 += 1;
+            }
+        }
+        for (region, w) in &st.waiting {
+            load.entry(region.clone()).or_default().1 += w.len();
+        }
+        load
+    }
+
+    /// One round: every pending target (every target when `full`), in
+    /// batches per region. Wakes the watchers of targets that changed.
+    pub async fn refresh<E: Ec2>(
+        &self,
+        ec2: &E,
+        metrics: &Metrics,
+        full: bool,
+    ) -> Result<(), Ec2Error> {
+        let batches: Vec<(String, Vec<String>)> = {
+            let st = self.state();
+            let mut by_region: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for ((region, id), e) in &st.images {
+                if full || e.pending() || !e.seen {
+                    by_region
+                        .entry(region.clone())
+                        .or_default()
+                        .push(id.clone());
+                }
+            }
+            by_region
+                .into_iter()
+                .flat_map(|(region, ids)| {
+                    ids.chunks(MAX_IDS_PER_CALL)
+                        .map(|c| (region.clone(), c.to_vec()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let answers = future::join_all(batches.into_iter().map(|(region, ids)| async move {
+            let found = ec2.describe_images_by_ids(&region, &ids).await;
+            (region, ids, found)
+        }))
+        .await;
+        let mut first_error = None;
+        for (region, ids, found) in answers {
+            match found {
+                Ok(found) => self.apply(&region, &ids, found, metrics),
+                Err(e) => {
+                    warn!(%region, error = %e, "batched DescribeImages failed; retrying next round");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        for (region, (in_flight, queued)) in self.load() {
+            metrics.set_copy_load(&region, in_flight, queued);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn apply(&self, region: &str, asked: &[String], found: Vec<ImageInfo>, metrics: &Metrics) {
+        let mut st = self.state();
+        let mut found: HashMap<String, ImageInfo> =
+            found.into_iter().map(|i| (i.id.clone(), i)).collect();
+        let mut freed = 0;
+        for id in asked {
+            let grace = self.config.listing_grace;
+            let Some(entry) = st.images.get_mut(&(region.to_owned(), id.clone())) else {
+                continue;
+            };
+            let was_pending = entry.pending();
+            let before = entry
+                .info
+                .as_ref()
+                .map(|i| (i.state.clone(), i.tags.clone()));
+            match found.remove(id) {
+                Some(info) => {
+                    entry.seen = true;
+                    entry.info = Some(info);
+                }
+                // Not listed yet: a new copy gets some time before it counts as gone.
+                None if !entry.seen && entry.since.elapsed() < grace => continue,
+                None => entry.info = None,
+            }
+            let after = entry
+                .info
+                .as_ref()
+                .map(|i| (i.state.clone(), i.tags.clone()));
+            if before != after {
+                debug!(%region, image = %id, state = ?after.as_ref().map(|a| &a.0), "target changed");
+                if was_pending && !entry.pending() {
+                    freed += 1;
+                    if entry
+                        .info
+                        .as_ref()
+                        .is_some_and(|i| i.state == state::AVAILABLE)
+                    {
+                        metrics.copy_finished(region, entry.since.elapsed());
+                    }
+                }
+                for w in &entry.watchers {
+                    let _ = self.wake.send(w.clone());
+                }
+            }
+        }
+        wake_waiting(&mut st, region, freed, &self.wake);
+    }
+
+    /// Runs rounds until `stop` resolves: pending targets every `interval`,
+    /// all targets every `drift_interval`.
+    pub async fn run<E: Ec2>(&self, ec2: &E, metrics: &Metrics, stop: impl Future<Output = ()>) {
+        let rounds = async {
+            let mut tick = tokio::time::interval(self.config.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let full = {
+                    let mut st = self.state();
+                    let due = st
+                        .last_full
+                        .is_none_or(|t| t.elapsed() >= self.config.drift_interval);
+                    if due {
+                        st.last_full = Some(Instant::now());
+                    }
+                    due
+                };
+                let _ = self.refresh(ec2, metrics, full).await;
+            }
+        };
+        tokio::select! {
+            _ = rounds => {},
+            _ = stop => {},
+        }
+    }
+}
+
+fn in_flight(st: &State, pick: impl Fn(&str, &Entry) -> bool) -> usize {
+    st.images
+        .iter()
+        .filter(|((region, _), e)| e.pending() && pick(region, e))
+        .count()
+}
+
+fn unreserve(st: &mut State, dest: &str, source_region: &str) {
+    if let Some(n) = st.reserved.get_mut(dest) {
+        *n = n.saturating_sub(1);
+    }
+    if let Some(n) = st.reserved_from.get_mut(source_region) {
+        *n = n.saturating_sub(1);
+    }
+}
+
+/// Wakes the first `n` objects queued for `dest` (one per freed slot).
+fn wake_waiting(
+    st: &mut State,
+    dest: &str,
+    n: usize,
+    wake: &mpsc::UnboundedSender<ObjectRef<AmiCopy>>,
+) {
+    if let Some(waiting) = st.waiting.get_mut(dest) {
+        for _ in 0..n {
+            match waiting.pop() {
+                Some(w) => {
+                    let _ = wake.send(w);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ec2::fake::FakeEc2;
+
+    fn obj(name: &str) -> ObjectRef<AmiCopy> {
+        ObjectRef::new(name).within("ns")
+    }
+
+    fn image(id: &str, state: &str) -> ImageInfo {
+        ImageInfo {
+            id: id.into(),
+            state: state.into(),
+            ..ImageInfo::default()
+        }
+    }
+
+    fn tracker(
+        dest_limit: usize,
+        source_limit: usize,
+    ) -> (Tracker, mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>) {
+        Tracker::new(TrackerConfig {
+            dest_limit,
+            source_limit,
+            listing_grace: Duration::from_secs(3600),
+            ..TrackerConfig::default()
+        })
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>) -> Vec<String> {
+        let mut woken = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            woken.push(o.name);
+        }
+        woken
+    }
+
+    #[tokio::test]
+    async fn pending_targets_are_described_in_batches_of_100_per_region() {
+        let (t, _rx) = tracker(1000, 1000);
+        let ec2 = FakeEc2::default();
+        for i in 0..250 {
+            let id = format!("ami-{i:017x}");
+            ec2.put("eu-west-1", image(&id, "pending"));
+            t.track(&obj("a"), "eu-west-1", image(&id, "pending"), "us-east-1");
+        }
+        for i in 0..3 {
+            let id = format!("ami-{:017x}", 1000 + i);
+            ec2.put("ap-south-1", image(&id, "available"));
+            t.track(
+                &obj("b"),
+                "ap-south-1",
+                image(&id, "available"),
+                "us-east-1",
+            );
+        }
+        t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
+        let calls = ec2.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            vec![
+                "DescribeImagesByIds eu-west-1 100",
+                "DescribeImagesByIds eu-west-1 100",
+                "DescribeImagesByIds eu-west-1 50"
+            ],
+            "settled targets are not described between drift rounds"
+        );
+        ec2.calls.lock().unwrap().clear();
+        t.refresh(&ec2, &Metrics::default(), true).await.unwrap();
+        assert_eq!(
+            ec2.calls.lock().unwrap().len(),
+            4,
+            "a drift round covers every target"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_watchers_of_changed_targets_are_woken() {
+        let (t, mut rx) = tracker(10, 10);
+        let ec2 = FakeEc2::default();
+        ec2.put("eu-west-1", image("ami-00000000000000001", "available"));
+        ec2.put("eu-west-1", image("ami-00000000000000002", "pending"));
+        t.track(
+            &obj("done"),
+            "eu-west-1",
+            image("ami-00000000000000001", "pending"),
+            "us-east-1",
+        );
+        t.track(
+            &obj("still"),
+            "eu-west-1",
+            image("ami-00000000000000002", "pending"),
+            "us-east-1",
+        );
+        t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
+        assert_eq!(drain(&mut rx), vec!["done"]);
+        assert_eq!(
+            t.lookup("eu-west-1", "ami-00000000000000001"),
+            Known::Image(Some(image("ami-00000000000000001", "available")))
+        );
+        assert_eq!(
+            t.lookup("eu-west-1", "ami-00000000000000009"),
+            Known::Unknown
+        );
+
+        // Deregistered out of band: seen at the next drift round.
+        ec2.images.lock().unwrap().clear();
+        t.refresh(&ec2, &Metrics::default(), true).await.unwrap();
+        let mut woken = drain(&mut rx);
+        woken.sort();
+        assert_eq!(woken, vec!["done", "still"]);
+        assert_eq!(
+            t.lookup("eu-west-1", "ami-00000000000000001"),
+            Known::Image(None)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_copy_not_listed_yet_is_not_taken_for_gone() {
+        let (t, mut rx) = tracker(10, 10);
+        let ec2 = FakeEc2::default();
+        assert!(t.admit(&obj("a"), "eu-west-1", "us-east-1").is_ok());
+        t.track_new(
+            &obj("a"),
+            "eu-west-1",
+            image("ami-00000000000000001", "pending"),
+            "us-east-1",
+        );
+        t.refresh(&ec2, &Metrics::default(), true).await.unwrap();
+        assert_eq!(
+            t.lookup("eu-west-1", "ami-00000000000000001"),
+            Known::Image(Some(image("ami-00000000000000001", "pending")))
+        );
+        assert!(drain(&mut rx).is_empty());
+    }
+
+    #[tokio::test]
+    async fn admission_limits_copies_and_wakes_the_queue_in_order() {
+        let (t, mut rx) = tracker(2, 3);
+        let ec2 = FakeEc2::default();
+        for (i, name) in ["a", "b"].into_iter().enumerate() {
+            assert!(t.admit(&obj(name), "eu-west-1", "us-east-1").is_ok());
+            let id = format!("ami-{i:017x}");
+            t.track_new(&obj(name), "eu-west-1", image(&id, "pending"), "us-east-1");
+            ec2.put("eu-west-1", image(&id, "pending"));
+        }
+        let q = t.admit(&obj("c"), "eu-west-1", "us-east-1").unwrap_err();
+        assert!(
+            q.message
+                .contains("at most 2 copies in flight to eu-west-1"),
+            "{}",
+            q.message
+        );
+        assert!(t.admit(&obj("d"), "eu-west-1", "us-east-1").is_err());
+        // The source-region limit (3) spans destinations.
+        assert!(t.admit(&obj("e"), "ap-south-1", "us-east-1").is_ok());
+        let q = t.admit(&obj("f"), "ap-south-1", "us-east-1").unwrap_err();
+        assert!(q.message.contains("from us-east-1"), "{}", q.message);
+        t.release("ap-south-1", "us-east-1");
+        assert_eq!(
+            drain(&mut rx),
+            vec!["f"],
+            "a released slot wakes the first in line"
+        );
+        assert_eq!(t.load().get("eu-west-1"), Some(&(2, 2)));
+
+        // One copy completes: one slot, the first queued object is woken.
+        ec2.put("eu-west-1", image("ami-00000000000000000", "available"));
+        t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
+        assert_eq!(drain(&mut rx), vec!["a", "c"]);
+        assert!(t.admit(&obj("c"), "eu-west-1", "us-east-1").is_ok());
+    }
+
+    #[tokio::test]
+    async fn copy_quota_from_ec2_lowers_the_limit_for_a_while() {
+        let (t, _rx) = tracker(50, 50);
+        assert!(t.admit(&obj("a"), "eu-west-1", "us-east-1").is_ok());
+        t.track_new(
+            &obj("a"),
+            "eu-west-1",
+            image("ami-00000000000000001", "pending"),
+            "us-east-1",
+        );
+        t.lower_limit("eu-west-1");
+        let q = t.admit(&obj("b"), "eu-west-1", "us-east-1").unwrap_err();
+        assert!(q.message.contains("at most 1 copies"), "{}", q.message);
+    }
+}
