@@ -99,8 +99,26 @@ build_helm() {
   local out="$TESTBED_CACHE/helm-$HELM_VERSION/helm"
   [[ -x "$out" ]] && return
   log "building helm $HELM_VERSION (first run only)"
+  # As helm's Makefile does: the Kubernetes version `helm template` and
+  # `helm lint` assume is taken from the client-go release helm is built with
+  # (v0.X.Y is Kubernetes 1.X); without it they assume 1.20.
+  local work; work="$(mktemp -d)"
+  # shellcheck disable=SC2064 # expand now: $work is local
+  trap "rm -rf '$work'" EXIT
+  local gomod client_go minor
+  gomod="$(cd "$work" && go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  client_go="$(awk '$1 == "k8s.io/client-go" {print $2}' "$gomod")"
+  minor="$(cut -d. -f2 <<<"$client_go")"
+  [[ -n "$minor" ]] || { log "no k8s.io/client-go in helm's go.mod"; return 1; }
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  ld+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  local pkg
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+  done
   mkdir -p "$(dirname "$out")"
-  GOBIN="$(dirname "$out")" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  (cd "$work" && GOBIN="$work/bin" CGO_ENABLED=0 go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION")
+  mv "$work/bin/helm" "$out"
 }
 
 install_moto() {
