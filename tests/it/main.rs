@@ -2,6 +2,8 @@
 //! test bed: run it through `hack/test.sh`.
 
 mod admission;
+mod argocd;
+mod chart;
 mod conformance;
 mod ec2peer;
 mod leader;
