@@ -19,7 +19,10 @@ done
 
 start=$SECONDS
 log "building the test bed (cached after the first run)"
-hack/testbed/build.sh etcd kube-apiserver moto
+hack/testbed/build.sh etcd kube-apiserver moto helm
+# shellcheck source=hack/testbed/versions.sh
+source hack/testbed/versions.sh
+export AMICOPY_HELM="$TESTBED_CACHE/helm-$HELM_VERSION/helm"
 
 log "cargo fmt --check"
 cargo fmt --all --check
