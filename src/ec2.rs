@@ -649,6 +649,19 @@ mod tests {
         }
         let expected: BTreeSet<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
         assert_eq!(allowed, expected);
+
+        // docs/iam.md shows the same policy.
+        let doc = include_str!("../docs/iam.md");
+        let shown = doc
+            .split("```json\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n```").next())
+            .expect("docs/iam.md starts its first JSON block with the policy");
+        let shown: serde_json::Value = serde_json::from_str(shown).expect("valid JSON");
+        assert_eq!(
+            shown, policy,
+            "docs/iam.md shows another policy than docs/iam-policy.json"
+        );
     }
 
     #[test]
