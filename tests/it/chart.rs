@@ -869,30 +869,19 @@ async fn access_reviews_namespaced_mode_with_leader_election() {
     checks.push(check("/configmaps", "list", &watched, false));
     // Leases: create in the release namespace; get and patch only its own.
     checks.push(check("coordination.k8s.io/leases", "create", &ns, true));
-    checks.push(named(
-        check("coordination.k8s.io/leases", "get", &ns, true),
-        lease_name,
-    ));
-    checks.push(named(
-        check("coordination.k8s.io/leases", "patch", &ns, true),
-        lease_name,
-    ));
-    checks.push(named(
-        check("coordination.k8s.io/leases", "update", &ns, false),
-        lease_name,
-    ));
-    checks.push(named(
-        check("coordination.k8s.io/leases", "delete", &ns, false),
-        lease_name,
-    ));
-    checks.push(named(
-        check("coordination.k8s.io/leases", "get", &ns, false),
-        "kube-scheduler",
-    ));
-    checks.push(named(
-        check("coordination.k8s.io/leases", "patch", &ns, false),
-        "kube-scheduler",
-    ));
+    for (verb, name, allowed) in [
+        ("get", lease_name, true),
+        ("patch", lease_name, true),
+        ("update", lease_name, false),
+        ("delete", lease_name, false),
+        ("get", "kube-scheduler", false),
+        ("patch", "kube-scheduler", false),
+    ] {
+        checks.push(named(
+            check("coordination.k8s.io/leases", verb, &ns, allowed),
+            name,
+        ));
+    }
     checks.push(check("coordination.k8s.io/leases", "list", &ns, false));
     checks.push(check(
         "coordination.k8s.io/leases",

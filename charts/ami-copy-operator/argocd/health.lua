@@ -13,9 +13,9 @@
 
 local hs = {}
 
-local function condition(conditions, type)
+local function condition(conditions, wanted)
   for _, c in ipairs(conditions) do
-    if c.type == type then
+    if c.type == wanted then
       return c
     end
   end
