@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, future};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, instrument, warn};
 
 use crate::api::{
-    AmiCopy, AmiCopyStatus, DeletionPolicy, FINALIZER, OWNER_TAG, SOURCE_TAG, UID_TAG,
+    AmiCopy, AmiCopySpec, AmiCopyStatus, DeletionPolicy, FINALIZER, OWNER_TAG, SOURCE_TAG, UID_TAG,
 };
 use crate::ec2::{Ec2, Ec2Error, ErrorKind, ImageInfo};
 use crate::error::{Error, Result};
@@ -140,9 +140,12 @@ pub async fn run<E: Ec2>(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api: Api<AmiCopy> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
+    // Watched untyped: one object the AmiCopy types cannot read would
+    // otherwise fail every list of the watch, and no object would be served.
+    let ar = ApiResource::erase::<AmiCopy>(&());
+    let api: Api<DynamicObject> = match &namespace {
+        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &ar),
+        None => Api::all_with(ctx.client.clone(), &ar),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -154,10 +157,10 @@ pub async fn run<E: Ec2>(
         let next = ctx.wake.lock().await.as_mut()?.recv().await?;
         Some((next, ctx))
     });
-    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+    let controller = Controller::new_with(api, watcher::Config::default().any_semantic(), ar)
         .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .reconcile_on(woken)
-        .run(reconcile, error_policy, ctx.clone())
+        .reconcile_on(woken.map(ObjectRef::erase))
+        .run(reconcile_raw, error_policy, ctx.clone())
         .for_each(|res| {
             if let Err(e) = res {
                 // One malformed object or failed reconcile never stops the others.
@@ -177,6 +180,92 @@ pub async fn run<E: Ec2>(
         let _ = stop_tx.send(true);
     };
     future::join3(controller, tracking, stop).await;
+}
+
+/// Reconciles the object if it reads as an AmiCopy; one that does not is
+/// reported on itself and left alone until it changes.
+async fn reconcile_raw<E: Ec2>(raw: Arc<DynamicObject>, ctx: Arc<Context<E>>) -> Result<Requeue> {
+    match raw.as_ref().clone().try_parse::<AmiCopy>() {
+        Ok(obj) => reconcile(Arc::new(obj), ctx).await,
+        Err(e) => {
+            let why = unreadable(&raw).unwrap_or_else(|| e.to_string());
+            warn!(object = %format!("{}/{}", raw.namespace().unwrap_or_default(), raw.name_any()), error = %why, "cannot read the object; skipping it until it changes");
+            ctx.metrics.reconciled("invalid_object", Duration::ZERO);
+            report_invalid(&raw, &why, &ctx).await?;
+            Ok(Requeue::await_change())
+        }
+    }
+}
+
+/// What cannot be read, spec or status, without a position (which would
+/// change with every write and make the report differ each time).
+fn unreadable(raw: &DynamicObject) -> Option<String> {
+    let part = |key: &str| raw.data.get(key).cloned().unwrap_or_default();
+    if let Err(e) = serde_json::from_value::<AmiCopySpec>(part("spec")) {
+        return Some(format!("spec: {e}"));
+    }
+    let status = part("status");
+    if !status.is_null()
+        && let Err(e) = serde_json::from_value::<AmiCopyStatus>(status)
+    {
+        return Some(format!("status: {e}"));
+    }
+    None
+}
+
+/// Ready=False and Degraded=True with reason InvalidSpec, and a Warning
+/// Event; written once per message, so the watch event it causes ends here.
+async fn report_invalid<E: Ec2>(raw: &DynamicObject, why: &str, ctx: &Context<E>) -> Result<()> {
+    let message = format!(
+        "the object cannot be read as an AmiCopy ({why}); correct it (kubectl explain amicopy) or delete it"
+    );
+    let reported = raw.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == status::DEGRADED
+                    && c["reason"] == reason::INVALID_SPEC
+                    && c["message"] == message.as_str()
+            })
+        });
+    let Some(ns) = raw.namespace() else {
+        return Ok(());
+    };
+    if reported {
+        return Ok(());
+    }
+    let now = Time(Timestamp::now());
+    let condition = |type_: &str, status: &str| {
+        json!({"type": type_, "status": status, "reason": reason::INVALID_SPEC,
+               "message": message, "lastTransitionTime": now,
+               "observedGeneration": raw.metadata.generation})
+    };
+    // A merge patch of the conditions alone: the rest of the status (the
+    // targets recorded so far) stays for when the object is corrected.
+    let patch = json!({"status": {"conditions": [
+        condition(status::READY, "False"),
+        condition(status::DEGRADED, "True"),
+    ]}});
+    let ar = ApiResource::erase::<AmiCopy>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch_status(&raw.name_any(), &params, &Patch::Merge(&patch))
+        .await
+        .map_err(Error::Kube)?;
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: reason::INVALID_SPEC.into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: reason::INVALID_SPEC.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &raw.object_ref(&ar)).await {
+        warn!(error = %e, "could not publish an event");
+    }
+    Ok(())
 }
 
 #[instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
@@ -207,12 +296,12 @@ async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -> Result<Re
 }
 
 /// Exponential backoff with jitter, per object; throttling starts higher.
-fn error_policy<E: Ec2>(obj: Arc<AmiCopy>, err: &Error, ctx: Arc<Context<E>>) -> Requeue {
+fn error_policy<E: Ec2>(obj: Arc<DynamicObject>, err: &Error, ctx: Arc<Context<E>>) -> Requeue {
+    let key =
+        ObjectRef::<AmiCopy>::new(&obj.name_any()).within(&obj.namespace().unwrap_or_default());
     let n = {
         let mut failures = ctx.failures.lock().expect("failures lock");
-        let n = failures
-            .entry(ObjectRef::from_obj(obj.as_ref()))
-            .or_insert(0);
+        let n = failures.entry(key).or_insert(0);
         *n += 1;
         *n
     };
@@ -772,6 +861,36 @@ mod tests {
             assert_eq!(ec2.images.lock().unwrap().len(), 1);
             assert_eq!(ec2.snapshots.lock().unwrap().len(), 3);
         }
+    }
+
+    #[test]
+    fn unreadable_names_the_part_without_a_position() {
+        let raw = |spec: serde_json::Value, status: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "amicopy.dev/v1alpha1", "kind": "AmiCopy",
+                "metadata": {"name": "x", "namespace": "ns"},
+                "spec": spec, "status": status,
+            }))
+            .unwrap()
+        };
+        let good = json!({"source": {"region": "us-east-1", "imageId": "ami-12345678"},
+                          "destinations": [{"region": "eu-west-1"}]});
+        assert_eq!(
+            unreadable(&raw(good.clone(), serde_json::Value::Null)),
+            None
+        );
+        let spec = unreadable(&raw(json!({"destinations": "eu-west-1"}), json!({}))).unwrap();
+        assert!(spec.starts_with("spec: "), "{spec}");
+        let status = unreadable(&raw(
+            good,
+            json!({"destinations": [{"region": "eu-west-1", "state": "pending", "attempt": -3}]}),
+        ))
+        .unwrap();
+        assert!(
+            status.starts_with("status: ") && status.contains("-3"),
+            "{status}"
+        );
+        assert!(!status.contains("line"), "no position: {status}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub mod reason {
     pub const SNAPSHOT_NOT_SHARED: &str = "SnapshotNotShared";
     pub const COPY_QUOTA: &str = "CopyQuotaReached";
     pub const COPY_REJECTED: &str = "CopyRejected";
+    /// The object cannot be read as an AmiCopy (a CRD without validation, a
+    /// status written by another tool); it is left alone until it changes.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
 }
 
 /// Destination states the operator adds to EC2's own image states.
