@@ -241,11 +241,12 @@ impl Tracker {
         }
     }
 
-    /// A source image read within the drift interval.
+    /// A source image read within the last two drift periods.
     pub fn source(&self, region: &str, id: &str) -> Option<Option<ImageInfo>> {
         let st = self.state();
         let (info, at) = st.sources.get(&(region.to_owned(), id.to_owned()))?;
-        let fresh = at.elapsed() < self.config.drift_interval
+        // Drift rounds refresh remembered sources; two periods of slack.
+        let fresh = at.elapsed() < self.config.drift_interval * 2
             && info.as_ref().is_some_and(|i| i.state != state::PENDING);
         fresh.then(|| info.clone())
     }
@@ -381,10 +382,37 @@ impl Tracker {
                 }
             }
         }
+        if full && let Err(e) = self.refresh_sources(ec2).await {
+            first_error.get_or_insert(e);
+        }
         for (region, (in_flight, queued)) in self.load() {
             metrics.set_copy_load(&region, in_flight, queued);
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Re-reads every remembered source image in batches, so that settled
+    /// objects never describe their source themselves.
+    async fn refresh_sources<E: Ec2>(&self, ec2: &E) -> Result<(), Ec2Error> {
+        let mut by_region: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (region, id) in self.state().sources.keys() {
+            by_region
+                .entry(region.clone())
+                .or_default()
+                .push(id.clone());
+        }
+        for (region, ids) in by_region {
+            for chunk in ids.chunks(MAX_IDS_PER_CALL) {
+                let found = ec2.describe_images_by_ids(&region, chunk).await?;
+                let mut st = self.state();
+                let now = Instant::now();
+                for id in chunk {
+                    let info = found.iter().find(|i| &i.id == id).cloned();
+                    st.sources.insert((region.clone(), id.clone()), (info, now));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn apply(&self, region: &str, asked: &[String], found: Vec<ImageInfo>, metrics: &Metrics) {
@@ -669,6 +697,37 @@ mod tests {
         t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
         assert_eq!(drain(&mut rx), vec!["a", "c"]);
         assert!(t.admit(&obj("c"), "eu-west-1", "us-east-1").is_ok());
+    }
+
+    #[tokio::test]
+    async fn drift_rounds_refresh_remembered_sources_in_batches() {
+        let (t, _rx) = tracker(10, 10);
+        let ec2 = FakeEc2::default();
+        for i in 0..150 {
+            let id = format!("ami-{i:017x}");
+            ec2.put("us-east-1", image(&id, "available"));
+            t.remember_source("us-east-1", &id, Some(image(&id, "available")));
+        }
+        t.remember_source(
+            "us-east-1",
+            "ami-0000000000000dead",
+            Some(image("ami-0000000000000dead", "available")),
+        );
+        t.refresh(&ec2, &Metrics::default(), true).await.unwrap();
+        assert_eq!(
+            ec2.calls.lock().unwrap().len(),
+            2,
+            "151 sources in two calls"
+        );
+        assert_eq!(
+            t.source("us-east-1", "ami-00000000000000000"),
+            Some(Some(image("ami-00000000000000000", "available")))
+        );
+        assert_eq!(
+            t.source("us-east-1", "ami-0000000000000dead"),
+            None,
+            "a vanished source is asked for again"
+        );
     }
 
     #[tokio::test]

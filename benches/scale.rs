@@ -1,0 +1,402 @@
+//! Scale benchmark: N AmiCopies × 3 destinations against the test bed's real
+//! kube-apiserver and the EC2 simulator, with the operator as a separate
+//! process (the binary under test). Prints one table row per (tracking mode,
+//! N). Run it with `hack/bench.sh`, which starts the test bed.
+//!
+//! Per scenario: the simulator keeps copies pending until told otherwise and
+//! allows any number in flight (the operator's own limits are raised too), so
+//! what is measured is the operator's own throughput and tracking cost:
+//! - `issue`: from the first object applied until every CopyImage was
+//!   answered by the simulator;
+//! - EC2 calls by operation, counted by the simulator, per object;
+//!   DescribeImages calls per tracking interval per region while all copies
+//!   are pending; and, once all are available (steady state), calls per drift
+//!   period (`--resync-interval`, four tracking intervals here);
+//! - `ready`: from the simulator turning every copy available until every
+//!   object is Ready, in seconds and in tracking intervals;
+//! - the operator's peak RSS (VmHWM) and CPU seconds.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use ami_copy_operator::AmiCopy;
+use ec2_sim::{Identity, SeedImage, SimConfig, Simulator};
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+const REGIONS: [&str; 3] = ["eu-west-1", "ap-southeast-2", "us-west-2"];
+const ACCESS_KEY: &str = "AKIDAMICOPYBENCH0001";
+const SECRET_KEY: &str = "amicopy-bench-secret";
+
+struct Args {
+    sizes: Vec<usize>,
+    modes: Vec<String>,
+    naive_max: usize,
+    interval: Duration,
+    operator: String,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        sizes: vec![100, 1000, 10000],
+        modes: vec!["batched".into(), "per-object".into()],
+        naive_max: 1000,
+        interval: Duration::from_secs(5),
+        operator: std::env::var("AMICOPY_OPERATOR_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ami-copy-operator").into()),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--sizes" => {
+                a.sizes = value()
+                    .split(',')
+                    .map(|s| s.parse().expect("a number"))
+                    .collect()
+            }
+            "--modes" => a.modes = value().split(',').map(String::from).collect(),
+            "--naive-max" => a.naive_max = value().parse().expect("a number"),
+            "--interval-secs" => {
+                a.interval = Duration::from_secs(value().parse().expect("a number"))
+            }
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+#[derive(Default)]
+struct Row {
+    mode: String,
+    n: usize,
+    apply_s: f64,
+    issue_s: Option<f64>,
+    ready_s: Option<f64>,
+    calls: BTreeMap<String, u64>,
+    describe_pending_per_interval: f64,
+    describe_steady_per_resync: f64,
+    steady_calls_per_object: f64,
+    rss_mib: f64,
+    cpu_s: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let kube = kube().await;
+    println!(
+        "| tracking | N×3 | apply s | all CopyImage issued s | Ready after copies available s (intervals) | EC2 calls per object | DescribeImages / interval / region, all pending | DescribeImages / drift period / region, steady | steady-state EC2 calls per object per drift period | peak RSS MiB | CPU s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for &n in &args.sizes {
+        for mode in &args.modes {
+            if mode == "per-object" && n > args.naive_max {
+                println!(
+                    "| {mode} | {n} | skipped (above --naive-max {}) |||||||||",
+                    args.naive_max
+                );
+                continue;
+            }
+            let row = scenario(&kube, &args, mode, n).await;
+            print_row(&row, args.interval);
+        }
+    }
+}
+
+fn print_row(r: &Row, interval: Duration) {
+    let opt = |v: Option<f64>| v.map_or("not reached".to_string(), |v| format!("{v:.1}"));
+    let total: u64 = r.calls.values().sum();
+    let per_op: Vec<String> = r
+        .calls
+        .iter()
+        .map(|(op, c)| format!("{op} {:.2}", *c as f64 / r.n as f64))
+        .collect();
+    let intervals = r
+        .ready_s
+        .map_or("-".into(), |s| format!("{:.2}", s / interval.as_secs_f64()));
+    println!(
+        "| {} | {} | {:.1} | {} | {} ({}) | {:.2} ({}) | {:.2} | {:.2} | {:.4} | {:.1} | {:.1} |",
+        r.mode,
+        r.n,
+        r.apply_s,
+        opt(r.issue_s),
+        opt(r.ready_s),
+        intervals,
+        total as f64 / r.n as f64,
+        per_op.join(", "),
+        r.describe_pending_per_interval,
+        r.describe_steady_per_resync,
+        r.steady_calls_per_object,
+        r.rss_mib,
+        r.cpu_s,
+    );
+}
+
+async fn kube() -> Client {
+    let path =
+        std::env::var("AMICOPY_KUBECONFIG").expect("AMICOPY_KUBECONFIG: run through hack/bench.sh");
+    let kc = Kubeconfig::read_from(path).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.read_timeout = Some(Duration::from_secs(120));
+    Client::try_from(config).unwrap()
+}
+
+fn sim_config() -> SimConfig {
+    let mut config = SimConfig {
+        // Pending until the benchmark turns them available.
+        copy_duration: Duration::from_secs(24 * 3600),
+        concurrent_copy_limit: usize::MAX / 2,
+        seed: Some(7),
+        ..SimConfig::default()
+    };
+    config.identities.insert(
+        ACCESS_KEY.into(),
+        Identity {
+            account: "123456789012".into(),
+            secret_access_key: Some(SECRET_KEY.into()),
+        },
+    );
+    config
+}
+
+fn spawn_operator(args: &Args, mode: &str, ns: &str, endpoint: &str, metrics_port: u16) -> Child {
+    let kubeconfig = std::env::var("AMICOPY_KUBECONFIG").unwrap();
+    let interval = format!("{}s", args.interval.as_secs());
+    let resync = format!("{}s", resync(args).as_secs());
+    Command::new(&args.operator)
+        .args([
+            "run",
+            "--namespace",
+            ns,
+            "--ec2-endpoint-url",
+            endpoint,
+            "--tracking",
+            mode,
+        ])
+        .args(["--poll-interval", &interval, "--resync-interval", &resync])
+        .args([
+            "--copy-limit-per-region",
+            "1000000",
+            "--copy-limit-per-source-region",
+            "1000000",
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .env("KUBECONFIG", kubeconfig)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the operator")
+}
+
+/// Drift checks (settled objects) run every four tracking intervals here, so
+/// that their cost shows within a short run.
+fn resync(args: &Args) -> Duration {
+    args.interval * 4
+}
+
+/// (peak RSS in MiB, CPU seconds) of a live process.
+fn usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    (hwm_kib / 1024.0, ticks / 100.0)
+}
+
+fn counts(sim: &Simulator) -> BTreeMap<(String, String), u64> {
+    let mut m = BTreeMap::new();
+    for c in sim.calls() {
+        *m.entry((c.action, c.region)).or_default() += c.count;
+    }
+    m
+}
+
+fn describe_per_region(
+    before: &BTreeMap<(String, String), u64>,
+    after: &BTreeMap<(String, String), u64>,
+) -> f64 {
+    let per: Vec<u64> = REGIONS
+        .iter()
+        .map(|r| {
+            let k = ("DescribeImages".to_string(), r.to_string());
+            after.get(&k).copied().unwrap_or(0) - before.get(&k).copied().unwrap_or(0)
+        })
+        .collect();
+    per.iter().sum::<u64>() as f64 / REGIONS.len() as f64
+}
+
+async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
+    let sim = Simulator::start(sim_config())
+        .await
+        .expect("start the simulator");
+    let source = sim.seed_image(SeedImage {
+        region: "us-east-1".into(),
+        name: format!("bench-{mode}-{n}"),
+        ..SeedImage::default()
+    });
+    let namespaces: Api<Namespace> = Api::all(kube.clone());
+    let mut ns_obj = Namespace::default();
+    ns_obj.metadata.generate_name = Some(format!("bench-{mode}-{n}-"));
+    let ns = namespaces
+        .create(&PostParams::default(), &ns_obj)
+        .await
+        .unwrap()
+        .name_any();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut operator = spawn_operator(args, mode, &ns, &sim.endpoint(), metrics_port);
+    let pid = operator.id().expect("operator pid");
+    let api: Api<AmiCopy> = Api::namespaced(kube.clone(), &ns);
+
+    // A reflector counts Ready objects without listing them again and again.
+    let (reader, writer) = reflector::store();
+    let watch = watcher(api.clone(), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .for_each(|_| futures::future::ready(()));
+    let watch = tokio::spawn(watch);
+    let ready_count = || {
+        reader
+            .state()
+            .iter()
+            .filter(|o| {
+                o.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == o.metadata.generation
+                        && s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .count()
+    };
+
+    let start = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let source = source.clone();
+            async move {
+                let obj: AmiCopy = serde_json::from_value(json!({
+                    "apiVersion": "amicopy.dev/v1alpha1", "kind": "AmiCopy",
+                    "metadata": {"name": format!("copy-{i:05}")},
+                    "spec": {"source": {"region": "us-east-1", "imageId": source},
+                             "destinations": REGIONS.iter().map(|r| json!({"region": r})).collect::<Vec<_>>(),
+                             "name": format!("bench-{i:05}")},
+                }))
+                .unwrap();
+                api.create(&PostParams::default(), &obj).await.map(drop)
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("create the AmiCopies");
+    let apply_s = start.elapsed().as_secs_f64();
+
+    let deadline = Duration::from_secs(60 + n as u64 / 5);
+    let copies = |sim: &Simulator| {
+        sim.calls()
+            .iter()
+            .filter(|c| c.action == "CopyImage" && c.outcome == "ok")
+            .map(|c| c.count)
+            .sum::<u64>()
+    };
+    let mut issue_s = None;
+    while start.elapsed() < deadline {
+        if copies(&sim) >= (3 * n) as u64 {
+            issue_s = Some(start.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Tracking cost while every copy is pending.
+    let window = args.interval * 3;
+    let before = counts(&sim);
+    tokio::time::sleep(window).await;
+    let describe_pending_per_interval = describe_per_region(&before, &counts(&sim)) / 3.0;
+
+    sim.finish_copies();
+    let finished = Instant::now();
+    let mut ready_s = None;
+    while finished.elapsed() < deadline {
+        if ready_count() >= n {
+            ready_s = Some(finished.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Steady state: everything available; two drift periods.
+    tokio::time::sleep(args.interval).await;
+    let before = counts(&sim);
+    tokio::time::sleep(resync(args) * 2).await;
+    let after = counts(&sim);
+    let describe_steady_per_resync = describe_per_region(&before, &after) / 2.0;
+    let steady_total: u64 = after
+        .iter()
+        .map(|(k, v)| v - before.get(k).copied().unwrap_or(0))
+        .sum();
+    let (rss_mib, cpu_s) = usage(pid);
+
+    let mut calls = BTreeMap::new();
+    for ((action, _), c) in counts(&sim) {
+        if !matches!(
+            action.as_str(),
+            "RegisterImage" | "CreateVolume" | "CreateSnapshot"
+        ) {
+            *calls.entry(action).or_default() += c;
+        }
+    }
+    let _ = operator.start_kill();
+    let _ = operator.wait().await;
+    watch.abort();
+    Row {
+        mode: mode.into(),
+        n,
+        apply_s,
+        issue_s,
+        ready_s,
+        calls,
+        describe_pending_per_interval,
+        describe_steady_per_resync,
+        steady_calls_per_object: steady_total as f64 / n as f64 / 2.0,
+        rss_mib,
+        cpu_s,
+    }
+}

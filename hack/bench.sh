@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Scale benchmark (results in docs/benchmarks.md): builds the operator in
+# release mode, starts a real kube-apiserver + etcd, and runs benches/scale.rs,
+# which starts the EC2 simulator and the operator binary and prints a table.
+#
+#   hack/bench.sh [--sizes 100,1000,10000] [--modes batched,per-object]
+#                 [--naive-max 1000] [--interval-secs 5]
+#
+# The release build takes about 20 minutes on 2 cores the first time; it goes
+# to its own target directory so that it never blocks the test build.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export CARGO_TARGET_DIR="${AMICOPY_BENCH_TARGET_DIR:-${AMICOPY_CACHE:-$HOME/.cache/ami-copy-operator}/target-release}"
+
+hack/testbed/build.sh etcd kube-apiserver
+cargo build --release --locked -p ami-copy-operator --bin ami-copy-operator
+cargo bench --locked --bench scale --no-run
+
+state="$(mktemp -d -t amicopy-bench.XXXXXX)"
+cleanup() {
+  hack/testbed/down.sh "$state" || true
+  rm -rf "$state"
+}
+trap cleanup EXIT
+# shellcheck disable=SC1090
+source "$(hack/testbed/up.sh --no-moto "$state")"
+kubectl apply --server-side -f crds/ >/dev/null
+kubectl wait --for condition=Established crd/amicopies.amicopy.dev --timeout 60s >/dev/null
+
+echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; hack/bench.sh $*"
+AMICOPY_OPERATOR_BIN="$CARGO_TARGET_DIR/release/ami-copy-operator" \
+  cargo bench --locked --bench scale -- "$@"
