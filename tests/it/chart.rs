@@ -236,6 +236,9 @@ fn default_render_is_a_hardened_single_replica_cluster_wide_operator() {
             "--metrics-addr=0.0.0.0:8080",
             "--poll-interval=15s",
             "--resync-interval=10m",
+            "--tracking=batched",
+            "--copy-limit-per-region=50",
+            "--copy-limit-per-source-region=25",
             "--log-format=text"
         ]
     );
@@ -374,6 +377,18 @@ fn other_values_render_as_documented() {
     assert_eq!(c["ports"][0]["containerPort"], 9090);
     assert!(args(&everything).contains(&"--metrics-addr=0.0.0.0:9090".into()));
     assert!(args(&everything).contains(&"--poll-interval=5s".into()));
+    let tuned = args(&render(
+        "amicopy",
+        "ops",
+        &json!({"tracking": "per-object", "copyLimits": {"perRegion": 20, "perSourceRegion": 10}}),
+    ));
+    for flag in [
+        "--tracking=per-object",
+        "--copy-limit-per-region=20",
+        "--copy-limit-per-source-region=10",
+    ] {
+        assert!(tuned.contains(&flag.to_owned()), "{flag} in {tuned:?}");
+    }
     assert_eq!(
         env_value(&everything, "AWS_STS_REGIONAL_ENDPOINTS").unwrap()["value"],
         "regional"
@@ -396,6 +411,11 @@ fn schema_refuses_bad_values() {
         ),
         (json!({"pollInterval": "fast"}), "/pollInterval"),
         (json!({"resyncInterval": 600}), "/resyncInterval"),
+        (json!({"tracking": "sometimes"}), "/tracking"),
+        (
+            json!({"copyLimits": {"perRegion": 0, "perSourceRegion": 25}}),
+            "/copyLimits/perRegion",
+        ),
         (json!({"metrics": {"port": 70000}}), "/metrics/port"),
         (json!({"watchNamespace": "Team_A"}), "/watchNamespace"),
         (json!({"aws": {"region": "Ireland"}}), "/aws/region"),
