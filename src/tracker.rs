@@ -181,19 +181,7 @@ impl Tracker {
         source_region: &str,
     ) {
         let mut st = self.state();
-        let entry = st
-            .images
-            .entry((region.to_owned(), info.id.clone()))
-            .or_insert_with(|| Entry {
-                info: None,
-                seen: true,
-                since: Instant::now(),
-                source_region: source_region.to_owned(),
-                watchers: HashSet::new(),
-            });
-        entry.info = Some(info);
-        entry.seen = true;
-        entry.watchers.insert(watcher.clone());
+        upsert(&mut st, watcher, region, info, source_region, true);
     }
 
     /// Tracks a copy CopyImage just started (EC2 may not list it yet) and
@@ -207,20 +195,7 @@ impl Tracker {
     ) {
         let mut st = self.state();
         unreserve(&mut st, region, source_region);
-        let entry = st
-            .images
-            .entry((region.to_owned(), info.id.clone()))
-            .or_insert_with(|| Entry {
-                info: None,
-                seen: false,
-                since: Instant::now(),
-                source_region: source_region.to_owned(),
-                watchers: HashSet::new(),
-            });
-        if entry.info.is_none() {
-            entry.info = Some(info);
-        }
-        entry.watchers.insert(watcher.clone());
+        upsert(&mut st, watcher, region, info, source_region, false);
     }
 
     pub fn untrack(&self, region: &str, id: &str) {
@@ -496,6 +471,34 @@ fn in_flight(st: &State, pick: impl Fn(&str, &Entry) -> bool) -> usize {
         .iter()
         .filter(|((region, _), e)| e.pending() && pick(region, e))
         .count()
+}
+
+/// Adds `watcher` to the image's entry. `listed`: EC2 reported `info`, which
+/// replaces what was known; otherwise `info` is a placeholder for a copy just
+/// started and never overwrites what EC2 said.
+fn upsert(
+    st: &mut State,
+    watcher: &ObjectRef<AmiCopy>,
+    region: &str,
+    info: ImageInfo,
+    source_region: &str,
+    listed: bool,
+) {
+    let entry = st
+        .images
+        .entry((region.to_owned(), info.id.clone()))
+        .or_insert_with(|| Entry {
+            info: None,
+            seen: false,
+            since: Instant::now(),
+            source_region: source_region.to_owned(),
+            watchers: HashSet::new(),
+        });
+    if listed || entry.info.is_none() {
+        entry.info = Some(info);
+    }
+    entry.seen |= listed;
+    entry.watchers.insert(watcher.clone());
 }
 
 fn unreserve(st: &mut State, dest: &str, source_region: &str) {
