@@ -29,6 +29,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 const REGIONS: [&str; 3] = ["eu-west-1", "ap-southeast-2", "us-west-2"];
@@ -41,6 +42,7 @@ struct Args {
     naive_max: usize,
     interval: Duration,
     operator: String,
+    moto_sizes: Vec<usize>,
 }
 
 fn args() -> Args {
@@ -49,6 +51,7 @@ fn args() -> Args {
         modes: vec!["batched".into(), "per-object".into()],
         naive_max: 1000,
         interval: Duration::from_secs(5),
+        moto_sizes: Vec::new(),
         operator: std::env::var("AMICOPY_OPERATOR_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ami-copy-operator").into()),
     };
@@ -64,6 +67,12 @@ fn args() -> Args {
             }
             "--modes" => a.modes = value().split(',').map(String::from).collect(),
             "--naive-max" => a.naive_max = value().parse().expect("a number"),
+            "--moto-sizes" => {
+                a.moto_sizes = value()
+                    .split(',')
+                    .map(|s| s.parse().expect("a number"))
+                    .collect()
+            }
             "--interval-secs" => {
                 a.interval = Duration::from_secs(value().parse().expect("a number"))
             }
@@ -108,6 +117,18 @@ async fn main() {
             }
             let row = scenario(&kube, &args, mode, n).await;
             print_row(&row, args.interval);
+        }
+    }
+    if !args.moto_sizes.is_empty() {
+        let endpoint =
+            std::env::var("AMICOPY_MOTO_ENDPOINT").expect("AMICOPY_MOTO_ENDPOINT for --moto-sizes");
+        println!();
+        println!(
+            "| peer | N×3 | apply s | apply → all Ready s | Ready | EC2 calls per object (operator's count) | peak RSS MiB | CPU s |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for &n in &args.moto_sizes {
+            moto_scenario(&kube, &args, &endpoint, n).await;
         }
     }
 }
@@ -256,42 +277,53 @@ fn describe_per_region(
     per.iter().sum::<u64>() as f64 / REGIONS.len() as f64
 }
 
-async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
-    let sim = Simulator::start(sim_config())
-        .await
-        .expect("start the simulator");
-    let source = sim.seed_image(SeedImage {
-        region: "us-east-1".into(),
-        name: format!("bench-{mode}-{n}"),
-        ..SeedImage::default()
-    });
-    let namespaces: Api<Namespace> = Api::all(kube.clone());
-    let mut ns_obj = Namespace::default();
-    ns_obj.metadata.generate_name = Some(format!("bench-{mode}-{n}-"));
-    let ns = namespaces
-        .create(&PostParams::default(), &ns_obj)
-        .await
-        .unwrap()
-        .name_any();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut operator = spawn_operator(args, mode, &ns, &sim.endpoint(), metrics_port);
-    let pid = operator.id().expect("operator pid");
-    let api: Api<AmiCopy> = Api::namespaced(kube.clone(), &ns);
+/// A namespace, the operator process watching it, and a reflector that counts
+/// Ready objects without listing them again and again.
+struct Run {
+    api: Api<AmiCopy>,
+    operator: Child,
+    pid: u32,
+    metrics_port: u16,
+    reader: reflector::Store<AmiCopy>,
+    watch: tokio::task::JoinHandle<()>,
+}
 
-    // A reflector counts Ready objects without listing them again and again.
-    let (reader, writer) = reflector::store();
-    let watch = watcher(api.clone(), watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(writer)
-        .touched_objects()
-        .for_each(|_| futures::future::ready(()));
-    let watch = tokio::spawn(watch);
-    let ready_count = || {
-        reader
+impl Run {
+    async fn start(kube: &Client, args: &Args, mode: &str, n: usize, endpoint: &str) -> Self {
+        let namespaces: Api<Namespace> = Api::all(kube.clone());
+        let mut ns_obj = Namespace::default();
+        ns_obj.metadata.generate_name = Some(format!("bench-{mode}-{n}-"));
+        let ns = namespaces
+            .create(&PostParams::default(), &ns_obj)
+            .await
+            .unwrap()
+            .name_any();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let operator = spawn_operator(args, mode, &ns, endpoint, metrics_port);
+        let pid = operator.id().expect("operator pid");
+        let api: Api<AmiCopy> = Api::namespaced(kube.clone(), &ns);
+        let (reader, writer) = reflector::store();
+        let watch = watcher(api.clone(), watcher::Config::default().any_semantic())
+            .default_backoff()
+            .reflect(writer)
+            .touched_objects()
+            .for_each(|_| futures::future::ready(()));
+        Self {
+            api,
+            operator,
+            pid,
+            metrics_port,
+            reader,
+            watch: tokio::spawn(watch),
+        }
+    }
+
+    fn ready(&self) -> usize {
+        self.reader
             .state()
             .iter()
             .filter(|o| {
@@ -303,14 +335,26 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
                 })
             })
             .count()
-    };
+    }
 
-    let start = Instant::now();
-    stream::iter(0..n)
-        .map(|i| {
-            let api = api.clone();
-            let source = source.clone();
-            async move {
+    /// Seconds until `n` objects are Ready, or `None` past `deadline`.
+    async fn until_ready(&self, n: usize, deadline: Duration) -> Option<f64> {
+        let since = Instant::now();
+        while since.elapsed() < deadline {
+            if self.ready() >= n {
+                return Some(since.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// Applies `n` AmiCopies of `source`, 32 at a time; returns the seconds taken.
+    async fn apply(&self, source: &str, n: usize) -> f64 {
+        let start = Instant::now();
+        stream::iter(0..n)
+            .map(|i| {
+                let api = self.api.clone();
                 let obj: AmiCopy = serde_json::from_value(json!({
                     "apiVersion": "amicopy.dev/v1alpha1", "kind": "AmiCopy",
                     "metadata": {"name": format!("copy-{i:05}")},
@@ -319,16 +363,71 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
                              "name": format!("bench-{i:05}")},
                 }))
                 .unwrap();
-                api.create(&PostParams::default(), &obj).await.map(drop)
-            }
-        })
-        .buffer_unordered(32)
-        .try_collect::<Vec<_>>()
-        .await
-        .expect("create the AmiCopies");
-    let apply_s = start.elapsed().as_secs_f64();
+                async move { api.create(&PostParams::default(), &obj).await.map(drop) }
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<_>>()
+            .await
+            .expect("create the AmiCopies");
+        start.elapsed().as_secs_f64()
+    }
 
-    let deadline = Duration::from_secs(60 + n as u64 / 5);
+    /// EC2 calls by operation as the operator counts them (its /metrics).
+    async fn operator_calls(&self) -> BTreeMap<String, u64> {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .await
+            .expect("metrics");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.unwrap();
+        let mut calls = BTreeMap::new();
+        for line in body
+            .lines()
+            .filter(|l| l.starts_with("amicopy_ec2_calls_total{"))
+        {
+            let op = line
+                .split("operation=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?");
+            let n: u64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            *calls.entry(op.to_owned()).or_default() += n;
+        }
+        calls
+    }
+
+    async fn stop(mut self) -> (f64, f64) {
+        let usage = usage(self.pid);
+        let _ = self.operator.start_kill();
+        let _ = self.operator.wait().await;
+        self.watch.abort();
+        usage
+    }
+}
+
+fn deadline(n: usize) -> Duration {
+    Duration::from_secs(60 + n as u64 / 5)
+}
+
+async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
+    let sim = Simulator::start(sim_config())
+        .await
+        .expect("start the simulator");
+    let source = sim.seed_image(SeedImage {
+        region: "us-east-1".into(),
+        name: format!("bench-{mode}-{n}"),
+        ..SeedImage::default()
+    });
+    let run = Run::start(kube, args, mode, n, &sim.endpoint()).await;
+    let start = Instant::now();
+    let apply_s = run.apply(&source, n).await;
+
     let copies = |sim: &Simulator| {
         sim.calls()
             .iter()
@@ -337,7 +436,7 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
             .sum::<u64>()
     };
     let mut issue_s = None;
-    while start.elapsed() < deadline {
+    while start.elapsed() < deadline(n) {
         if copies(&sim) >= (3 * n) as u64 {
             issue_s = Some(start.elapsed().as_secs_f64());
             break;
@@ -352,15 +451,7 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
     let describe_pending_per_interval = describe_per_region(&before, &counts(&sim)) / 3.0;
 
     sim.finish_copies();
-    let finished = Instant::now();
-    let mut ready_s = None;
-    while finished.elapsed() < deadline {
-        if ready_count() >= n {
-            ready_s = Some(finished.elapsed().as_secs_f64());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ready_s = run.until_ready(n, deadline(n)).await;
 
     // Steady state: everything available; two drift periods.
     tokio::time::sleep(args.interval).await;
@@ -372,7 +463,6 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         .iter()
         .map(|(k, v)| v - before.get(k).copied().unwrap_or(0))
         .sum();
-    let (rss_mib, cpu_s) = usage(pid);
 
     let mut calls = BTreeMap::new();
     for ((action, _), c) in counts(&sim) {
@@ -383,9 +473,7 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
             *calls.entry(action).or_default() += c;
         }
     }
-    let _ = operator.start_kill();
-    let _ = operator.wait().await;
-    watch.abort();
+    let (rss_mib, cpu_s) = run.stop().await;
     Row {
         mode: mode.into(),
         n,
@@ -399,4 +487,75 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         rss_mib,
         cpu_s,
     }
+}
+
+/// The same objects against moto: copies are available at once there, so
+/// only apply → all Ready, the calls (counted by the operator: moto keeps no
+/// count) and the operator's footprint are measured.
+async fn moto_scenario(kube: &Client, args: &Args, endpoint: &str, n: usize) {
+    let source = seed_moto(endpoint).await;
+    let run = Run::start(kube, args, "batched", n, endpoint).await;
+    let start = Instant::now();
+    let apply_s = run.apply(&source, n).await;
+    let ready_s = run.until_ready(n, deadline(n)).await;
+    let total = start.elapsed().as_secs_f64();
+    let calls = run.operator_calls().await;
+    let ready = run.ready();
+    let (rss_mib, cpu_s) = run.stop().await;
+    let per_op: Vec<String> = calls
+        .iter()
+        .map(|(op, c)| format!("{op} {:.2}", *c as f64 / n as f64))
+        .collect();
+    println!(
+        "| moto | {n} | {apply_s:.1} | {} | {ready}/{n} | {} | {rss_mib:.1} | {cpu_s:.1} |",
+        ready_s.map_or(
+            format!("not within {:.0} s", deadline(n).as_secs_f64()),
+            |_| format!("{total:.1}")
+        ),
+        per_op.join(", "),
+    );
+}
+
+/// A source image in moto, registered the way a person would.
+async fn seed_moto(endpoint: &str) -> String {
+    let conf = aws_sdk_ec2::config::Builder::new()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            ACCESS_KEY, SECRET_KEY, None, None, "bench",
+        ))
+        .build();
+    let ec2 = aws_sdk_ec2::Client::from_conf(conf);
+    let vol = ec2
+        .create_volume()
+        .availability_zone("us-east-1a")
+        .size(8)
+        .send()
+        .await
+        .expect("CreateVolume");
+    let snap = ec2
+        .create_snapshot()
+        .volume_id(vol.volume_id().unwrap())
+        .send()
+        .await
+        .expect("CreateSnapshot");
+    let mapping = aws_sdk_ec2::types::BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(
+            aws_sdk_ec2::types::EbsBlockDevice::builder()
+                .snapshot_id(snap.snapshot_id().unwrap())
+                .build(),
+        )
+        .build();
+    let name = format!("bench-moto-{}", std::process::id());
+    let img = ec2
+        .register_image()
+        .name(name)
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(mapping)
+        .send()
+        .await
+        .expect("RegisterImage");
+    img.image_id().unwrap().to_owned()
 }

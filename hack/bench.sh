@@ -4,7 +4,7 @@
 # which starts the EC2 simulator and the operator binary and prints a table.
 #
 #   hack/bench.sh [--sizes 100,1000,10000] [--modes batched,per-object]
-#                 [--naive-max 1000] [--interval-secs 5]
+#                 [--naive-max 1000] [--interval-secs 5] [--moto-sizes 100,1000]
 #
 # The release build takes about 20 minutes on 2 cores the first time; it goes
 # to its own target directory so that it never blocks the test build.
@@ -13,7 +13,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export CARGO_TARGET_DIR="${AMICOPY_BENCH_TARGET_DIR:-${AMICOPY_CACHE:-$HOME/.cache/ami-copy-operator}/target-release}"
 
-hack/testbed/build.sh etcd kube-apiserver
+hack/testbed/build.sh etcd kube-apiserver moto
 cargo build --release --locked -p ami-copy-operator --bin ami-copy-operator
 cargo bench --locked --bench scale --no-run
 
@@ -24,7 +24,7 @@ cleanup() {
 }
 trap cleanup EXIT
 # shellcheck disable=SC1090
-source "$(hack/testbed/up.sh --no-moto "$state")"
+source "$(hack/testbed/up.sh "$state")"
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established crd/amicopies.amicopy.dev --timeout 60s >/dev/null
 
