@@ -8,4 +8,5 @@ mod conformance;
 mod ec2peer;
 mod leader;
 mod operator;
+mod reliability;
 mod testbed;
