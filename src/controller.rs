@@ -13,7 +13,7 @@ use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use rand::Rng;
 use serde_json::json;
@@ -29,6 +29,8 @@ use crate::metrics::Metrics;
 use crate::plan::{self, Action, Meta, Note, Observed};
 use crate::status::{self, reason, state};
 use crate::tracker::{Known, Tracker, TrackerConfig};
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Field manager of the status written by server-side apply.
 pub const FIELD_MANAGER: &str = "ami-copy-operator";
@@ -157,7 +159,19 @@ pub async fn run<E: Ec2>(
         let next = ctx.wake.lock().await.as_mut()?.recv().await?;
         Some((next, ctx))
     });
-    let controller = Controller::new_with(api, watcher::Config::default().any_semantic(), ar)
+    // The cache holds every object; managedFields and kubectl's copy of the
+    // last applied manifest are dropped from it, as the operator reads neither.
+    let writer = reflector::store::Writer::new(ar.clone());
+    let reader = writer.as_reader();
+    let objects = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|o| {
+            o.managed_fields_mut().clear();
+            o.annotations_mut().remove(LAST_APPLIED);
+        })
+        .reflect(writer)
+        .touched_objects();
+    let controller = Controller::for_stream_with(objects, reader, ar)
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .reconcile_on(woken.map(ObjectRef::erase))
         .run(reconcile_raw, error_policy, ctx.clone())
