@@ -347,14 +347,6 @@ fn meta(obj: &AmiCopy) -> Result<Meta> {
     })
 }
 
-/// Errors worth retrying stop the reconcile; refusals become status.
-fn retryable(e: Ec2Error) -> Result<Ec2Error> {
-    match e.kind {
-        ErrorKind::Throttled | ErrorKind::Transient => Err(e.into()),
-        _ => Ok(e),
-    }
-}
-
 /// What EC2 holds for this object: from the tracker's cache when it knows
 /// every target the status names, else by asking EC2 (and tracking what it
 /// says).
@@ -369,17 +361,30 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
             source: Some(source),
             owned,
             recorded,
+            unreachable: BTreeMap::new(),
         });
     }
+    // A region EC2 cannot be asked about is reported on its destination; the
+    // others go on.
     let regions = plan::regions_of_interest(spec, previous);
-    let owned: BTreeMap<String, Vec<ImageInfo>> =
-        future::try_join_all(regions.into_iter().map(|r| async move {
-            let images = ec2.owned_images(&r, &m.uid).await?;
-            Ok::<_, Ec2Error>((r, images))
-        }))
-        .await?
-        .into_iter()
-        .collect();
+    let mut owned: BTreeMap<String, Vec<ImageInfo>> = BTreeMap::new();
+    let mut unreachable = BTreeMap::new();
+    for (region, res) in future::join_all(regions.into_iter().map(|r| async move {
+        let res = ec2.owned_images(&r, &m.uid).await;
+        (r, res)
+    }))
+    .await
+    {
+        match res {
+            Ok(images) => {
+                owned.insert(region, images);
+            }
+            Err(e) => {
+                warn!(%region, error = %e, "cannot list this object's images in the region");
+                unreachable.insert(region, e);
+            }
+        }
+    }
     let recorded = future::try_join_all(plan::recorded_to_check(previous, &owned).into_iter().map(
         |(r, id)| async move {
             let img = ec2.describe_image(&r, &id).await?;
@@ -401,6 +406,7 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
         source: Some(source),
         owned,
         recorded,
+        unreachable,
     })
 }
 
@@ -422,7 +428,10 @@ async fn observe_source<E: Ec2>(
             }
             Ok(Ok(img))
         }
-        Err(e) => Ok(Err(retryable(e)?)),
+        Err(e) => {
+            warn!(%region, error = %e, "cannot read the source image");
+            Ok(Err(e))
+        }
     }
 }
 
@@ -500,7 +509,8 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     for note in &plan.notes {
         ctx.publish(obj, note).await;
     }
-    if let Some(e) = deferred {
+    // EC2 faults still back off, after the status says what is going on.
+    if let Some(e) = deferred.or_else(|| observed.transient_error().cloned().map(Error::from)) {
         return Err(e);
     }
     // With the tracker, pending copies wake their object when they change;
@@ -737,7 +747,16 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
     let ec2 = &ctx.ec2;
     let tags = plan::desired_tags(&obj.spec, &m, &obj.spec.source.image_id);
     for region in plan::regions_of_interest(&obj.spec, obj.status.as_ref()) {
-        for image in ec2.owned_images(&region, &m.uid).await? {
+        let images = match ec2.owned_images(&region, &m.uid).await {
+            // A region that does not exist for this account holds nothing of
+            // ours unless the status says a copy was made there.
+            Err(e) if status::region_refused(&e) && !copied_to(obj, &region) => {
+                warn!(%region, error = %e, "region refused; nothing was copied there, nothing to clean up");
+                continue;
+            }
+            res => res?,
+        };
+        for image in images {
             // Claim this image's untagged snapshots first, so the sweep below
             // finds them even on peers that ignore TagSpecifications.
             let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
@@ -768,6 +787,16 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
     }
     info!("all target images deregistered and snapshots deleted");
     Ok(Requeue::await_change())
+}
+
+/// Whether the status records a copy made in `region`.
+fn copied_to(obj: &AmiCopy, region: &str) -> bool {
+    obj.status.as_ref().is_some_and(|s| {
+        s.destinations
+            .iter()
+            .chain(&s.retiring)
+            .any(|t| t.region == region && t.image_id.is_some())
+    })
 }
 
 /// Writes status by server-side apply, unless nothing changed.

@@ -125,6 +125,11 @@ impl Ec2Error {
     pub fn is_not_found(&self) -> bool {
         self.kind == ErrorKind::NotFound
     }
+
+    /// Throttling, 5xx, timeouts: worth retrying soon.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.kind, ErrorKind::Throttled | ErrorKind::Transient)
+    }
 }
 
 /// Maps an EC2 error code to how it is handled.

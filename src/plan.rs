@@ -33,6 +33,23 @@ pub struct Observed {
     /// Images named in the last status but absent from `owned`, looked up by
     /// ID: `None` when EC2 no longer has them.
     pub recorded: BTreeMap<String, Option<ImageInfo>>,
+    /// Regions EC2 could not be asked about, and why: nothing is copied or
+    /// retired there this time.
+    pub unreachable: BTreeMap<String, Ec2Error>,
+}
+
+impl Observed {
+    /// The first error worth retrying soon (throttling, 5xx, timeouts).
+    pub fn transient_error(&self) -> Option<&Ec2Error> {
+        let source = match &self.source {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        };
+        source
+            .into_iter()
+            .chain(self.unreachable.values())
+            .find(|e| e.is_transient())
+    }
 }
 
 /// One side effect for the reconciler to perform.
@@ -261,6 +278,17 @@ pub fn plan(
             ));
             None
         }
+        Some(Err(e)) if e.is_transient() => None,
+        Some(Err(e)) if status::region_refused(e) => {
+            global = Some((
+                reason::REGION_UNAVAILABLE,
+                format!(
+                    "EC2 in the source region {} refused the operator (EC2 {}: {}): check spec.source.region and that the region is enabled for this account",
+                    spec.source.region, e.code, e.message
+                ),
+            ));
+            None
+        }
         Some(Err(e)) => {
             global = Some(status::copy_error(e));
             None
@@ -270,6 +298,10 @@ pub fn plan(
 
     for dest in &spec.destinations {
         let region = dest.region.as_str();
+        if let Some(e) = observed.unreachable.get(region) {
+            destinations.push(status::region_problem(region, source_id, e));
+            continue;
+        }
         let owned = observed
             .owned
             .get(region)
@@ -372,9 +404,14 @@ pub fn plan(
         }
 
         let Some(src) = source else {
-            let (why, msg) = global
-                .clone()
-                .unwrap_or((reason::WAITING, "reading the source image".into()));
+            let waiting = match &observed.source {
+                Some(Err(e)) => format!(
+                    "EC2 in {} did not answer about the source ({}); retrying",
+                    spec.source.region, e.code
+                ),
+                _ => "reading the source image".into(),
+            };
+            let (why, msg) = global.clone().unwrap_or((reason::WAITING, waiting));
             let st = if global.is_some() {
                 state::ERROR
             } else {

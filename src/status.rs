@@ -32,6 +32,7 @@ pub mod reason {
     pub const SNAPSHOT_NOT_SHARED: &str = "SnapshotNotShared";
     pub const COPY_QUOTA: &str = "CopyQuotaReached";
     pub const COPY_REJECTED: &str = "CopyRejected";
+    pub const REGION_UNAVAILABLE: &str = "RegionUnavailable";
     /// The object cannot be read as an AmiCopy (a CRD without validation, a
     /// status written by another tool); it is left alone until it changes.
     pub const INVALID_SPEC: &str = "InvalidSpec";
@@ -95,6 +96,41 @@ pub fn copy_error(err: &Ec2Error) -> (&'static str, String) {
         reason,
         format!("{advice} (EC2 {}: {})", err.code, err.message),
     )
+}
+
+/// EC2's answer for a region that does not exist for this account (unknown
+/// to the endpoint, or an opt-in region not enabled).
+pub fn region_refused(e: &Ec2Error) -> bool {
+    matches!(e.code.as_str(), "AuthFailure" | "OptInRequired")
+}
+
+/// A destination whose region EC2 could not be asked about: waiting when
+/// the error is worth retrying, else an error that names what to check.
+pub fn region_problem(region: &str, source_image_id: &str, e: &Ec2Error) -> TargetStatus {
+    let (st, why, message) = if e.is_transient() {
+        (
+            state::WAITING,
+            reason::WAITING,
+            format!("EC2 in {region} did not answer ({}); retrying", e.code),
+        )
+    } else {
+        (
+            state::ERROR,
+            reason::REGION_UNAVAILABLE,
+            format!(
+                "EC2 in {region} refused the operator (EC2 {}: {}): check the region's name, that it is enabled for this account (opt-in regions), and the operator's permissions there",
+                e.code, e.message
+            ),
+        )
+    };
+    TargetStatus {
+        region: region.to_owned(),
+        state: st.to_owned(),
+        source_image_id: Some(source_image_id.to_owned()),
+        reason: Some(why.to_owned()),
+        message,
+        ..TargetStatus::default()
+    }
 }
 
 /// A copy that is on its way: started, queued for a slot, or waiting to start.

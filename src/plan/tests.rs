@@ -91,6 +91,7 @@ fn observed(source: Option<ImageInfo>, owned: &[(&str, Vec<ImageInfo>)]) -> Obse
             .map(|(r, imgs)| (r.to_string(), imgs.clone()))
             .collect(),
         recorded: BTreeMap::new(),
+        unreachable: BTreeMap::new(),
     }
 }
 
@@ -693,4 +694,92 @@ fn unchanged_conditions_keep_their_transition_time() {
     let later = Time(Timestamp::from_second(1_800_000_600).unwrap());
     let again = plan(&s, &meta(1), Some(&first.status), &obs, &later);
     assert_eq!(again.status.conditions, first.status.conditions);
+}
+
+#[test]
+fn a_region_ec2_cannot_be_asked_about_is_reported_on_its_destination_only() {
+    let s = spec(SRC, &["eu-west-1", "zz-nowhere-1", "ap-south-1"]);
+    let mut obs = observed(
+        Some(source_image(false)),
+        &[("eu-west-1", vec![]), ("ap-south-1", vec![])],
+    );
+    obs.unreachable.insert(
+        "zz-nowhere-1".into(),
+        Ec2Error::new("AuthFailure", "region not enabled"),
+    );
+    obs.unreachable.insert(
+        "ap-south-1".into(),
+        Ec2Error::new("Unavailable", "try later"),
+    );
+    let p = run(&s, None, &obs);
+    let copied: Vec<&str> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Copy { region, .. } => Some(region.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(copied, vec!["eu-west-1"]);
+    let by_region = |r: &str| {
+        p.status
+            .destinations
+            .iter()
+            .find(|d| d.region == r)
+            .unwrap()
+            .clone()
+    };
+    let refused = by_region("zz-nowhere-1");
+    assert_eq!(
+        (refused.state.as_str(), refused.reason.as_deref()),
+        ("error", Some("RegionUnavailable"))
+    );
+    assert!(
+        refused.message.contains("enabled for this account"),
+        "{}",
+        refused.message
+    );
+    let busy = by_region("ap-south-1");
+    assert_eq!(busy.state, "waiting");
+    assert_eq!(cond(&p, DEGRADED), ("True", "RegionUnavailable"));
+    assert_eq!(
+        obs.transient_error().map(|e| e.code.as_str()),
+        Some("Unavailable")
+    );
+}
+
+#[test]
+fn a_source_ec2_did_not_answer_about_waits_without_degrading() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let obs = Observed {
+        source: Some(Err(Ec2Error::new("RequestLimitExceeded", "slow down"))),
+        ..Observed::default()
+    };
+    let p = run(&s, None, &obs);
+    assert!(copies(&p).is_empty());
+    assert_eq!(p.status.destinations[0].state, "waiting");
+    assert!(
+        p.status.destinations[0]
+            .message
+            .contains("RequestLimitExceeded")
+    );
+    assert_eq!(cond(&p, DEGRADED).0, "False");
+    assert!(obs.transient_error().is_some());
+}
+
+#[test]
+fn a_source_region_ec2_refuses_is_named_as_such() {
+    let mut s = spec(SRC, &["eu-west-1"]);
+    s.source.region = "xx-fake-1".into();
+    let obs = Observed {
+        source: Some(Err(Ec2Error::new("AuthFailure", "unknown region"))),
+        ..Observed::default()
+    };
+    let p = run(&s, None, &obs);
+    assert_eq!(cond(&p, DEGRADED), ("True", "RegionUnavailable"));
+    assert!(
+        p.status.destinations[0].message.contains("xx-fake-1"),
+        "{}",
+        p.status.destinations[0].message
+    );
 }

@@ -412,6 +412,31 @@ async fn accepted_bad_input_is_reported_quietly_and_leaves_nothing() {
             on(&failed_source, one("eu-west-1")),
             "SourceNotAvailable",
         ),
+        (
+            "unknown-source-region",
+            json!({"source": {"region": "xx-fake-1", "imageId": plain}, "destinations": one("eu-west-1")}),
+            "RegionUnavailable",
+        ),
+        (
+            "unknown-destination-region",
+            on(
+                &plain,
+                json!([{"region": "eu-west-1"}, {"region": "zz-nowhere-1"}]),
+            ),
+            "RegionUnavailable",
+        ),
+        (
+            "a-hundred-unknown-regions",
+            on(
+                &plain,
+                json!(
+                    (0..100)
+                        .map(|i| json!({"region": format!("zz-nowhere-{i}")}))
+                        .collect::<Vec<_>>()
+                ),
+            ),
+            "RegionUnavailable",
+        ),
         ("same-region", on(&plain, one("us-east-1")), "Ready"),
         (
             "unicode-tags",
