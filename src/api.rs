@@ -20,6 +20,8 @@ pub const OWNER_TAG: &str = "amicopy.dev/owner";
 pub const UID_TAG: &str = "amicopy.dev/uid";
 /// Tag recording the source image a target was copied from.
 pub const SOURCE_TAG: &str = "amicopy.dev/source-image";
+/// Annotation listing source AMI IDs whose copies are kept whatever `retain` says.
+pub const PINNED_ANNOTATION: &str = "amicopy.dev/pinned-sources";
 /// Tags under this prefix are reserved for the operator.
 pub const RESERVED_TAG_PREFIX: &str = "amicopy.dev/";
 
@@ -42,7 +44,7 @@ pub const MAX_NAME_BASE: usize = 106;
     category = "aws",
     namespaced,
     status = "AmiCopyStatus",
-    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.source.imageId"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","description":"The source AMI the current copies are made from","jsonPath":".status.sourceImageId"}"#,
     printcolumn = r#"{"name":"Available","type":"string","description":"Destinations whose current copy is available, out of all destinations","jsonPath":".status.available"}"#,
     printcolumn = r#"{"name":"Status","type":"string","description":"Reason of the Ready condition","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -50,7 +52,9 @@ pub const MAX_NAME_BASE: usize = 106;
 #[x_kube(
     validation = Rule::new("self.destinations.all(d, !has(d.kmsKeyId) || (has(d.encrypted) ? d.encrypted : (has(self.encrypted) && self.encrypted)))")
         .message("kmsKeyId needs encryption: set encrypted: true on that destination or spec.encrypted: true")
-        .field_path(".destinations")
+        .field_path(".destinations"),
+    validation = Rule::new("!(has(self.deprecateAfter) && has(self.deprecationTime))")
+        .message("give deprecateAfter or deprecationTime, not both")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AmiCopySpec {
@@ -109,11 +113,88 @@ pub struct AmiCopySpec {
     /// them in place and stops managing them.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// How many generations of copies to keep per destination: 1 (default)
+    /// keeps only the copy of the current source; 3 also keeps the copies of
+    /// the two previous sources. Older ones are retired once the newest copy
+    /// is available. A generation whose source AMI is listed in the
+    /// annotation `amicopy.dev/pinned-sources` (comma-separated) is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
+    pub retain: Option<u32>,
+
+    /// Who may launch the copies (EC2 launch permissions), applied to every
+    /// copy once it is available; removing an entry removes the permission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharing: Option<Sharing>,
+
+    /// Deprecate each copy this long after EC2 created it (EC2's
+    /// EnableImageDeprecation), e.g. `2160h` or `90d`. Not with
+    /// `deprecationTime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(m|h|d|w))+$')").message("deprecateAfter is a duration such as 720h, 90d or 12w"))]
+    pub deprecate_after: Option<String>,
+
+    /// Deprecate every copy at this time (RFC 3339, e.g.
+    /// `2027-06-30T00:00:00Z`). Not with `deprecateAfter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\\\\.[0-9]+)?)?(Z|[+-][0-9]{2}:[0-9]{2})$')").message("deprecationTime is an RFC 3339 time such as 2027-06-30T00:00:00Z"))]
+    pub deprecation_time: Option<String>,
+
+    /// Time-based copy: the minutes EC2 may take to complete each copy
+    /// (EC2's SnapshotCopyCompletionDurationMinutes), 15 to 2880 in steps
+    /// of 15. Unset: a standard copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 15, max = 2880))]
+    #[x_kube(validation = Rule::new("self % 15 == 0").message("snapshotCopyCompletionDurationMinutes must be a multiple of 15"))]
+    pub snapshot_copy_completion_duration_minutes: Option<i64>,
 }
 
-/// Where the source AMI lives.
+/// Launch permissions for the copies.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Sharing {
+    /// AWS account IDs (12 digits) that may launch the copies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(max = 12)))]
+    #[x_kube(validation = Rule::new("self.all(a, a.matches('^[0-9]{12}$'))").message("accounts must be 12-digit AWS account IDs"))]
+    pub accounts: Vec<String>,
+
+    /// AWS Organizations ARNs, e.g.
+    /// `arn:aws:organizations::111122223333:organization/o-abcde12345`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20), inner(length(max = 128)))]
+    #[x_kube(validation = Rule::new("self.all(a, a.matches('^arn:aws[a-z-]*:organizations::[0-9]{12}:organization/o-[a-z0-9]{10,32}$'))").message("organizationArns must look like arn:aws:organizations::111122223333:organization/o-abcde12345"))]
+    pub organization_arns: Vec<String>,
+
+    /// Organizational unit ARNs, e.g.
+    /// `arn:aws:organizations::111122223333:ou/o-abcde12345/ou-ab12-cdef3456`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20), inner(length(max = 160)))]
+    #[x_kube(validation = Rule::new("self.all(a, a.matches('^arn:aws[a-z-]*:organizations::[0-9]{12}:ou/o-[a-z0-9]{10,32}/ou-[a-z0-9]{4,32}-[a-z0-9]{8,32}$'))").message("organizationalUnitArns must look like arn:aws:organizations::111122223333:ou/o-abcde12345/ou-ab12-cdef3456"))]
+    pub organizational_unit_arns: Vec<String>,
+
+    /// Make the copies public. Refused (Degraded `PublicSharingNotAllowed`)
+    /// unless the operator runs with `--allow-public-images`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<bool>,
+
+    /// Also let `accounts` create volumes from the copies' snapshots
+    /// (createVolumePermission), which they need to copy the AMI themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<bool>,
+}
+
+/// Where the source AMI lives: a fixed image, or the most recent image that
+/// matches a selector.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.imageId) != has(self.selector)")
+        .message("give exactly one of source.imageId or source.selector")
+)]
 pub struct Source {
     /// AWS region of the source AMI, e.g. `us-east-1`.
     #[schemars(length(max = 32))]
@@ -121,9 +202,55 @@ pub struct Source {
     pub region: String,
 
     /// ID of the source AMI: `ami-` followed by 8 or 17 lowercase hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 21))]
     #[x_kube(validation = Rule::new("self.matches('^ami-([0-9a-f]{8}|[0-9a-f]{17})$')").message("imageId must be ami- followed by 8 or 17 lowercase hex digits, e.g. ami-0123456789abcdef0"))]
-    pub image_id: String,
+    pub image_id: Option<String>,
+
+    /// Follow the most recent available AMI in `region` that matches. The
+    /// operator resolves it again every `--source-refresh-interval`; a newer
+    /// match is copied to every destination like a changed `imageId`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<SourceSelector>,
+}
+
+/// Which AMIs a source selector matches.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.name) || has(self.tags)")
+        .message("a selector needs a name pattern or tags")
+)]
+pub struct SourceSelector {
+    /// Owners of the AMIs: account IDs, `self` or `amazon` (default: `self`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10), inner(length(max = 16)))]
+    #[x_kube(validation = Rule::new("self.all(o, o.matches('^([0-9]{12}|self|amazon|aws-marketplace)$'))").message("owners are 12-digit account IDs, self, amazon or aws-marketplace"))]
+    pub owners: Vec<String>,
+
+    /// AMI name pattern; `*` and `?` are wildcards, e.g. `golden-base-*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub name: Option<String>,
+
+    /// Tags the AMI must carry (all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 10))]
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+impl Source {
+    /// The source image the current copies are made from: the fixed one, or
+    /// the one the selector resolved to.
+    pub fn effective_image_id<'a>(&'a self, status: Option<&'a AmiCopyStatus>) -> Option<&'a str> {
+        match &self.image_id {
+            Some(id) => Some(id),
+            None => status?
+                .resolved_source
+                .as_ref()
+                .map(|r| r.image_id.as_str()),
+        }
+    }
 }
 
 /// One destination region and its encryption settings.
@@ -178,6 +305,10 @@ pub struct AmiCopyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_image_id: Option<String>,
 
+    /// What `spec.source.selector` resolved to, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_source: Option<ResolvedSource>,
+
     /// Destinations whose current copy is available, out of all, e.g. `2/3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available: Option<String>,
@@ -191,9 +322,31 @@ pub struct AmiCopyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retiring: Vec<TargetStatus>,
 
+    /// Older copies kept by `spec.retain` or pinned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generations: Vec<TargetStatus>,
+
+    /// Keys of `spec.tags` last applied to the copies; a key removed from
+    /// `spec.tags` is removed from the copies, other tags are never touched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tag_keys: Vec<String>,
+
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The image a source selector matched.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedSource {
+    /// The most recent matching AMI.
+    pub image_id: String,
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// When the selector was resolved (RFC 3339).
+    pub resolved_at: String,
 }
 
 /// One target AMI.
@@ -232,6 +385,15 @@ pub struct TargetStatus {
     /// EC2's state reason or the operator's explanation.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+
+    /// Launch permissions applied: `account:<id>`, `organization:<arn>`,
+    /// `ou:<arn>`, `public`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<String>,
+
+    /// When EC2 deprecates this copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecation_time: Option<String>,
 
     /// How many times a copy to this region was started for this source after
     /// its target went missing; part of the copy's idempotency token.

@@ -21,9 +21,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, instrument, warn};
 
 use crate::api::{
-    AmiCopy, AmiCopySpec, AmiCopyStatus, DeletionPolicy, FINALIZER, OWNER_TAG, SOURCE_TAG, UID_TAG,
+    AmiCopy, AmiCopySpec, AmiCopyStatus, DeletionPolicy, FINALIZER, OWNER_TAG, PINNED_ANNOTATION,
+    ResolvedSource, SOURCE_TAG, TargetStatus, UID_TAG,
 };
-use crate::ec2::{Ec2, Ec2Error, ErrorKind, ImageInfo};
+use crate::ec2::{Ec2, Ec2Error, ErrorKind, ImageInfo, ImageQuery, Permission};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::plan::{self, Action, Meta, Note, Observed};
@@ -52,6 +53,10 @@ pub struct Config {
     pub dest_copy_limit: usize,
     /// Copies in flight from one source region (batched tracking).
     pub source_copy_limit: usize,
+    /// How often a `source.selector` is resolved again.
+    pub source_refresh_interval: Duration,
+    /// Whether `sharing.public` may make images public.
+    pub allow_public_images: bool,
 }
 
 impl Default for Config {
@@ -65,6 +70,8 @@ impl Default for Config {
             batched: true,
             dest_copy_limit: tracker.dest_limit,
             source_copy_limit: tracker.source_limit,
+            source_refresh_interval: Duration::from_secs(600),
+            allow_public_images: false,
         }
     }
 }
@@ -336,8 +343,20 @@ pub fn backoff(config: &Config, n: u32, jitter: f64) -> Duration {
     exp.min(config.max_backoff).mul_f64(jitter)
 }
 
-fn meta(obj: &AmiCopy) -> Result<Meta> {
+fn meta(obj: &AmiCopy, config: &Config) -> Result<Meta> {
+    let pinned = obj
+        .annotations()
+        .get(PINNED_ANNOTATION)
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Meta {
+        pinned,
+        allow_public: config.allow_public_images,
         namespace: obj
             .namespace()
             .ok_or(Error::MissingField("metadata.namespace"))?,
@@ -355,13 +374,26 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
     let previous = obj.status.as_ref();
     let ec2 = &ctx.ec2;
     let tracker = ctx.tracker.as_ref();
-    let source = observe_source(obj, ec2, tracker).await?;
-    if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, t)) {
+    let resolved = match &spec.source.selector {
+        Some(_) if spec.source.image_id.is_none() => resolve_source(obj, m, ctx).await?,
+        _ => None,
+    };
+    let source_id = spec
+        .source
+        .image_id
+        .as_deref()
+        .or(resolved.as_ref().map(|r| r.image_id.as_str()));
+    let source = match source_id {
+        Some(id) => observe_source(&spec.source.region, id, ec2, tracker).await,
+        None => Ok(None),
+    };
+    if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, source_id?, t)) {
         return Ok(Observed {
             source: Some(source),
             owned,
             recorded,
             unreachable: BTreeMap::new(),
+            resolved,
         });
     }
     // A region EC2 cannot be asked about is reported on its destination; the
@@ -407,30 +439,73 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
         owned,
         recorded,
         unreachable,
+        resolved,
     })
+}
+
+/// The most recent available image matching `spec.source.selector`: the one
+/// the last status recorded while that is fresh, else asked of EC2.
+async fn resolve_source<E: Ec2>(
+    obj: &AmiCopy,
+    m: &Meta,
+    ctx: &Context<E>,
+) -> Result<Option<ResolvedSource>> {
+    let Some(selector) = &obj.spec.source.selector else {
+        return Ok(None);
+    };
+    let now = Timestamp::now();
+    let last = obj
+        .status
+        .as_ref()
+        .filter(|s| s.observed_generation == m.generation)
+        .and_then(|s| s.resolved_source.clone());
+    if let Some(last) = last {
+        let fresh = last.resolved_at.parse::<Timestamp>().is_ok_and(|at| {
+            now.duration_since(at).unsigned_abs() < ctx.config.source_refresh_interval
+        });
+        if fresh {
+            return Ok(Some(last));
+        }
+    }
+    let query = ImageQuery {
+        owners: selector.owners.clone(),
+        name: selector.name.clone(),
+        tags: selector.tags.clone().unwrap_or_default(),
+    };
+    let images = ctx.ec2.find_images(&obj.spec.source.region, &query).await?;
+    // Newest first; EC2's creation dates sort as text.
+    let newest = images
+        .into_iter()
+        .filter(|i| i.state == state::AVAILABLE)
+        .max_by(|a, b| a.creation_date.cmp(&b.creation_date).then(a.id.cmp(&b.id)));
+    Ok(newest.map(|img| ResolvedSource {
+        image_id: img.id,
+        name: img.name,
+        resolved_at: now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    }))
 }
 
 /// The source image; EC2's refusals (not found, access denied) become part
 /// of the observation, transient errors end the reconcile.
 async fn observe_source<E: Ec2>(
-    obj: &AmiCopy,
+    region: &str,
+    id: &str,
     ec2: &E,
     tracker: Option<&Tracker>,
-) -> Result<std::result::Result<Option<ImageInfo>, Ec2Error>> {
-    let (region, id) = (&obj.spec.source.region, &obj.spec.source.image_id);
+) -> std::result::Result<Option<ImageInfo>, Ec2Error> {
     if let Some(hit) = tracker.and_then(|t| t.source(region, id)) {
-        return Ok(Ok(hit));
+        return Ok(hit);
     }
     match ec2.describe_image(region, id).await {
         Ok(img) => {
             if let Some(t) = tracker {
                 t.remember_source(region, id, img.clone());
             }
-            Ok(Ok(img))
+            Ok(img)
         }
         Err(e) => {
             warn!(%region, error = %e, "cannot read the source image");
-            Ok(Err(e))
+            Err(e)
         }
     }
 }
@@ -442,10 +517,10 @@ type Targets = (
 
 /// The targets as the tracker knows them, if it knows every one the status
 /// names and the spec has not changed since that status.
-fn from_cache(obj: &AmiCopy, m: &Meta, tracker: &Tracker) -> Option<Targets> {
+fn from_cache(obj: &AmiCopy, m: &Meta, source_id: &str, tracker: &Tracker) -> Option<Targets> {
     let prev = obj.status.as_ref()?;
     if prev.observed_generation != m.generation
-        || prev.source_image_id.as_deref() != Some(obj.spec.source.image_id.as_str())
+        || prev.source_image_id.as_deref() != Some(source_id)
     {
         return None;
     }
@@ -465,7 +540,12 @@ fn from_cache(obj: &AmiCopy, m: &Meta, tracker: &Tracker) -> Option<Targets> {
             .map(|r| (r, Vec::new()))
             .collect();
     let mut recorded = BTreeMap::new();
-    for t in prev.destinations.iter().chain(&prev.retiring) {
+    for t in prev
+        .destinations
+        .iter()
+        .chain(&prev.retiring)
+        .chain(&prev.generations)
+    {
         let Some(id) = &t.image_id else { continue };
         match tracker.lookup(&t.region, id) {
             Known::Unknown => return None,
@@ -485,7 +565,7 @@ fn object_ref(m: &Meta) -> ObjectRef<AmiCopy> {
 }
 
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
-    let m = meta(obj)?;
+    let m = meta(obj, &ctx.config)?;
     let observed = observe(obj, &m, ctx).await?;
     let now = Time(Timestamp::now());
     let mut plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);
@@ -521,11 +601,16 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
         .iter()
         .any(|d| d.state == state::WAITING || d.state == state::QUEUED);
     let poll = plan.busy && (ctx.tracker.is_none() || unstarted);
-    Ok(Requeue::requeue(if poll {
+    let mut next = if poll {
         ctx.config.poll_interval
     } else {
         ctx.config.resync_interval
-    }))
+    };
+    // A selector is resolved again on its own schedule.
+    if obj.spec.source.image_id.is_none() {
+        next = next.min(ctx.config.source_refresh_interval);
+    }
+    Ok(Requeue::requeue(next))
 }
 
 async fn act<E: Ec2>(
@@ -618,8 +703,66 @@ async fn act<E: Ec2>(
         Action::TagImage {
             region,
             image_id,
+            resource_ids,
             tags,
-        } => ec2.create_tags(&region, &[image_id], &tags).await?,
+        } => {
+            info!(%region, image = %image_id, "updating the tags of a target and its snapshots");
+            ec2.create_tags(&region, &resource_ids, &tags).await?
+        }
+        Action::Untag {
+            region,
+            resource_ids,
+            keys,
+        } => ec2.delete_tags(&region, &resource_ids, &keys).await?,
+        Action::Share {
+            region,
+            image_id,
+            snapshot_ids,
+            add,
+            remove,
+            want,
+        } => {
+            let (launch_add, volume_add) = split_permissions(&add);
+            let (launch_remove, volume_remove) = split_permissions(&remove);
+            if !launch_add.is_empty() || !launch_remove.is_empty() {
+                ec2.set_launch_permissions(&region, &image_id, &launch_add, &launch_remove)
+                    .await?;
+            }
+            if !volume_add.is_empty() || !volume_remove.is_empty() {
+                for snap in &snapshot_ids {
+                    ec2.set_snapshot_permissions(&region, snap, &volume_add, &volume_remove)
+                        .await?;
+                }
+            }
+            info!(%region, image = %image_id, added = ?add, removed = ?remove, "launch permissions updated");
+            if let Some(t) = entry_for(plan, &image_id) {
+                t.shared_with = want;
+            }
+            plan.notes.push(Note {
+                warning: false,
+                reason: "Shared",
+                region: region.to_string(),
+                message: format!(
+                    "{image_id} in {region}: permissions added {add:?}, removed {remove:?}"
+                ),
+            });
+        }
+        Action::Deprecate {
+            region,
+            image_id,
+            at,
+        } => {
+            ec2.deprecate_image(&region, &image_id, &at).await?;
+            if let Some(t) = entry_for(plan, &image_id) {
+                t.deprecation_time = Some(at.clone());
+            }
+            plan.notes.push(Note {
+                warning: false,
+                reason: "Deprecated",
+                region: region.to_string(),
+                message: format!("{image_id} in {region} is deprecated from {at}"),
+            });
+        }
         Action::ClaimSnapshots {
             region,
             image_id,
@@ -654,6 +797,29 @@ async fn act<E: Ec2>(
         }
     }
     Ok(())
+}
+
+/// The status entry of a current or kept copy.
+fn entry_for<'a>(plan: &'a mut plan::Plan, image_id: &str) -> Option<&'a mut TargetStatus> {
+    plan.status
+        .destinations
+        .iter_mut()
+        .chain(plan.status.generations.iter_mut())
+        .find(|t| t.image_id.as_deref() == Some(image_id))
+}
+
+/// Status permission keys split into launch permissions and the accounts
+/// given createVolumePermission on the snapshots.
+fn split_permissions(keys: &[String]) -> (Vec<Permission>, Vec<String>) {
+    let mut launch = Vec::new();
+    let mut volume = Vec::new();
+    for k in keys {
+        match k.strip_prefix(plan::VOLUME_PREFIX) {
+            Some(account) => volume.push(account.to_owned()),
+            None => launch.extend(Permission::from_key(k)),
+        }
+    }
+    (launch, volume)
 }
 
 /// A retired or released target leaves the tracker and the status.
@@ -727,7 +893,7 @@ async fn retire<E: Ec2>(ec2: &E, uid: &str, region: &str, image: &ImageInfo) -> 
 /// owned snapshot in every region of interest; the finalizer goes only when
 /// that succeeded. With `Retain`, leave everything.
 async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
-    let m = meta(obj)?;
+    let m = meta(obj, &ctx.config)?;
     if let Some(t) = &ctx.tracker {
         t.forget(&object_ref(&m));
     }
@@ -745,7 +911,12 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
         return Ok(Requeue::await_change());
     }
     let ec2 = &ctx.ec2;
-    let tags = plan::desired_tags(&obj.spec, &m, &obj.spec.source.image_id);
+    let source = obj
+        .spec
+        .source
+        .effective_image_id(obj.status.as_ref())
+        .unwrap_or_default();
+    let tags = plan::desired_tags(&obj.spec, &m, source);
     for region in plan::regions_of_interest(&obj.spec, obj.status.as_ref()) {
         let images = match ec2.owned_images(&region, &m.uid).await {
             // A region that does not exist for this account holds nothing of

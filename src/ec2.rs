@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::types::{Filter, Image, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::{
+    CreateVolumePermission, CreateVolumePermissionModifications, Filter, Image, LaunchPermission,
+    LaunchPermissionModifications, PermissionGroup, ResourceType, SnapshotAttributeName, Tag,
+    TagSpecification,
+};
 use aws_sdk_ec2::{Client, config::Region};
 
 use crate::api::UID_TAG;
@@ -36,6 +40,10 @@ pub struct ImageInfo {
     pub tags: BTreeMap<String, String>,
     /// Marketplace product codes: such images cannot be copied across accounts.
     pub product_codes: Vec<String>,
+    /// When EC2 created the image (RFC 3339).
+    pub creation_date: Option<String>,
+    /// When EC2 deprecates the image (RFC 3339), if set.
+    pub deprecation_time: Option<String>,
 }
 
 impl ImageInfo {
@@ -75,6 +83,46 @@ pub struct SnapshotInfo {
     pub tags: BTreeMap<String, String>,
 }
 
+/// A launch permission on an image.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    Account(String),
+    Organization(String),
+    OrganizationalUnit(String),
+    Public,
+}
+
+impl Permission {
+    /// How status lists it: `account:<id>`, `organization:<arn>`, `ou:<arn>`, `public`.
+    pub fn key(&self) -> String {
+        match self {
+            Permission::Account(id) => format!("account:{id}"),
+            Permission::Organization(arn) => format!("organization:{arn}"),
+            Permission::OrganizationalUnit(arn) => format!("ou:{arn}"),
+            Permission::Public => "public".into(),
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        let (kind, value) = key.split_once(':').unwrap_or((key, ""));
+        match kind {
+            "account" => Some(Permission::Account(value.into())),
+            "organization" => Some(Permission::Organization(value.into())),
+            "ou" => Some(Permission::OrganizationalUnit(value.into())),
+            "public" => Some(Permission::Public),
+            _ => None,
+        }
+    }
+}
+
+/// Which images a source selector asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageQuery {
+    pub owners: Vec<String>,
+    pub name: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
 /// Everything `CopyImage` is called with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CopyRequest {
@@ -88,6 +136,8 @@ pub struct CopyRequest {
     pub client_token: String,
     /// Tags for the new image and its snapshots (ownership tags included).
     pub tags: BTreeMap<String, String>,
+    /// Time-based copy: minutes EC2 may take.
+    pub completion_minutes: Option<i64>,
 }
 
 /// How an EC2 error should be handled.
@@ -221,6 +271,39 @@ pub trait Ec2: Send + Sync + 'static {
         region: &str,
         snapshot_id: &str,
     ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Adds and removes launch permissions (ModifyImageAttribute).
+    fn set_launch_permissions(
+        &self,
+        region: &str,
+        image_id: &str,
+        add: &[Permission],
+        remove: &[Permission],
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Adds and removes createVolumePermission for accounts on a snapshot.
+    fn set_snapshot_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Deprecates an image at `at` (RFC 3339).
+    fn deprecate_image(
+        &self,
+        region: &str,
+        image_id: &str,
+        at: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Available images matching `query` (all pages).
+    fn find_images(
+        &self,
+        region: &str,
+        query: &ImageQuery,
+    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
 }
 
 /// Every EC2 operation [`AwsEc2`] calls: exactly the `ec2:` actions of the
@@ -233,6 +316,9 @@ pub const OPERATIONS: &[&str] = &[
     "DeregisterImage",
     "DescribeImages",
     "DescribeSnapshots",
+    "EnableImageDeprecation",
+    "ModifyImageAttribute",
+    "ModifySnapshotAttribute",
 ];
 
 /// aws-sdk-ec2 behind the [`Ec2`] seam, with one client per region built
@@ -402,6 +488,8 @@ fn image_info(img: &Image) -> ImageInfo {
             .iter()
             .filter_map(|p| p.product_code_id().map(str::to_owned))
             .collect(),
+        creation_date: img.creation_date().map(str::to_owned),
+        deprecation_time: img.deprecation_time().map(str::to_owned),
     }
 }
 
@@ -485,6 +573,7 @@ impl Ec2 for AwsEc2 {
             .set_kms_key_id(req.kms_key_id.clone())
             .copy_image_tags(req.copy_image_tags)
             .client_token(&req.client_token)
+            .set_snapshot_copy_completion_duration_minutes(req.completion_minutes)
             .tag_specifications(spec(ResourceType::Image))
             .tag_specifications(spec(ResourceType::Snapshot))
             .send();
@@ -594,6 +683,125 @@ impl Ec2 for AwsEc2 {
         match self.call("DeleteSnapshot", region, req).await {
             Err(e) if !e.is_not_found() => Err(e),
             _ => Ok(()),
+        }
+    }
+
+    async fn set_launch_permissions(
+        &self,
+        region: &str,
+        image_id: &str,
+        add: &[Permission],
+        remove: &[Permission],
+    ) -> Result<(), Ec2Error> {
+        let perm = |p: &Permission| {
+            let b = LaunchPermission::builder();
+            match p {
+                Permission::Account(id) => b.user_id(id),
+                Permission::Organization(arn) => b.organization_arn(arn),
+                Permission::OrganizationalUnit(arn) => b.organizational_unit_arn(arn),
+                Permission::Public => b.group(PermissionGroup::All),
+            }
+            .build()
+        };
+        let change = LaunchPermissionModifications::builder()
+            .set_add((!add.is_empty()).then(|| add.iter().map(perm).collect()))
+            .set_remove((!remove.is_empty()).then(|| remove.iter().map(perm).collect()))
+            .build();
+        let req = self
+            .client(region)
+            .modify_image_attribute()
+            .image_id(image_id)
+            .launch_permission(change)
+            .send();
+        self.call("ModifyImageAttribute", region, req)
+            .await
+            .map(drop)
+    }
+
+    async fn set_snapshot_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<(), Ec2Error> {
+        let perm = |id: &String| CreateVolumePermission::builder().user_id(id).build();
+        let change = CreateVolumePermissionModifications::builder()
+            .set_add((!add.is_empty()).then(|| add.iter().map(perm).collect()))
+            .set_remove((!remove.is_empty()).then(|| remove.iter().map(perm).collect()))
+            .build();
+        let req = self
+            .client(region)
+            .modify_snapshot_attribute()
+            .snapshot_id(snapshot_id)
+            .attribute(SnapshotAttributeName::CreateVolumePermission)
+            .create_volume_permission(change)
+            .send();
+        self.call("ModifySnapshotAttribute", region, req)
+            .await
+            .map(drop)
+    }
+
+    async fn deprecate_image(
+        &self,
+        region: &str,
+        image_id: &str,
+        at: &str,
+    ) -> Result<(), Ec2Error> {
+        let at = aws_sdk_ec2::primitives::DateTime::from_str(
+            at,
+            aws_sdk_ec2::primitives::DateTimeFormat::DateTime,
+        )
+        .map_err(|e| {
+            Ec2Error::new(
+                "InvalidParameterValue",
+                format!("deprecation time {at}: {e}"),
+            )
+        })?;
+        let req = self
+            .client(region)
+            .enable_image_deprecation()
+            .image_id(image_id)
+            .deprecate_at(at)
+            .send();
+        self.call("EnableImageDeprecation", region, req)
+            .await
+            .map(drop)
+    }
+
+    async fn find_images(
+        &self,
+        region: &str,
+        query: &ImageQuery,
+    ) -> Result<Vec<ImageInfo>, Ec2Error> {
+        let client = self.client(region);
+        let owners = if query.owners.is_empty() {
+            vec!["self".to_owned()]
+        } else {
+            query.owners.clone()
+        };
+        let mut filters = vec![Filter::builder().name("state").values("available").build()];
+        if let Some(name) = &query.name {
+            filters.push(Filter::builder().name("name").values(name).build());
+        }
+        for (k, v) in &query.tags {
+            filters.push(Filter::builder().name(format!("tag:{k}")).values(v).build());
+        }
+        let mut images = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = client
+                .describe_images()
+                .set_owners(Some(owners.clone()))
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take())
+                .send();
+            let out = self.call("DescribeImages", region, req).await?;
+            images.extend(out.images().iter().map(image_info));
+            match out.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                _ => return Ok(images),
+            }
         }
     }
 }

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the AmiCopy CustomResourceDefinition as YAML.
     Crd,
 }
@@ -68,6 +68,12 @@ struct RunArgs {
         default_value_t = 25
     )]
     copy_limit_per_source_region: usize,
+    /// How often a `source.selector` is resolved again.
+    #[arg(long, env = "AMICOPY_SOURCE_REFRESH_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    source_refresh_interval: Duration,
+    /// Let `sharing.public: true` make copies public (refused otherwise).
+    #[arg(long, env = "AMICOPY_ALLOW_PUBLIC_IMAGES")]
+    allow_public_images: bool,
     /// Log format.
     #[arg(long, env = "AMICOPY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -105,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", ami_copy_operator::crd_yaml());
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
     }
 }
 
@@ -128,6 +134,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         batched: args.tracking == Tracking::Batched,
         dest_copy_limit: args.copy_limit_per_region,
         source_copy_limit: args.copy_limit_per_source_region,
+        source_refresh_interval: args.source_refresh_interval,
+        allow_public_images: args.allow_public_images,
         ..Config::default()
     };
     let ctx = Arc::new(Context::new(client.clone(), ec2, metrics.clone(), config));

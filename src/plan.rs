@@ -6,11 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use sha2::{Digest, Sha256};
 
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
 use crate::api::{
-    AmiCopySpec, AmiCopyStatus, DeletionPolicy, Destination, MAX_NAME_BASE, OWNER_TAG, SOURCE_TAG,
-    TargetStatus, UID_TAG,
+    AmiCopySpec, AmiCopyStatus, DeletionPolicy, Destination, MAX_NAME_BASE, OWNER_TAG,
+    ResolvedSource, SOURCE_TAG, TargetStatus, UID_TAG,
 };
-use crate::ec2::{CopyRequest, Ec2Error, ImageInfo};
+use crate::ec2::{CopyRequest, Ec2Error, ImageInfo, Permission};
 use crate::status::{self, reason, state};
 
 /// Identity of the object being reconciled.
@@ -20,6 +22,11 @@ pub struct Meta {
     pub name: String,
     pub uid: String,
     pub generation: Option<i64>,
+    /// Source AMI IDs whose copies are kept whatever `retain` says (the
+    /// `amicopy.dev/pinned-sources` annotation).
+    pub pinned: BTreeSet<String>,
+    /// The operator allows `sharing.public` (`--allow-public-images`).
+    pub allow_public: bool,
 }
 
 /// What EC2 reported for one reconcile.
@@ -36,6 +43,9 @@ pub struct Observed {
     /// Regions EC2 could not be asked about, and why: nothing is copied or
     /// retired there this time.
     pub unreachable: BTreeMap<String, Ec2Error>,
+    /// What `spec.source.selector` resolved to (`None` with a selector: no
+    /// image matches). Without a selector, `spec.source.imageId` is the source.
+    pub resolved: Option<ResolvedSource>,
 }
 
 impl Observed {
@@ -61,11 +71,34 @@ pub enum Action {
         region: String,
         request: CopyRequest,
     },
-    /// Make sure an owned image carries these tags.
+    /// Make sure an owned image (and its snapshots) carry these tags.
     TagImage {
         region: String,
         image_id: String,
+        resource_ids: Vec<String>,
         tags: BTreeMap<String, String>,
+    },
+    /// Remove tag keys that `spec.tags` no longer lists.
+    Untag {
+        region: String,
+        resource_ids: Vec<String>,
+        keys: Vec<String>,
+    },
+    /// Bring an available copy's launch permissions (and its snapshots'
+    /// createVolumePermission) to `want`, from what status says was applied.
+    Share {
+        region: String,
+        image_id: String,
+        snapshot_ids: Vec<String>,
+        add: Vec<String>,
+        remove: Vec<String>,
+        want: Vec<String>,
+    },
+    /// Deprecate an available copy at `at` (RFC 3339).
+    Deprecate {
+        region: String,
+        image_id: String,
+        at: String,
     },
     /// Tag the snapshots of an owned, available image that lack the
     /// ownership tags (peers that ignore TagSpecifications on copy).
@@ -201,6 +234,8 @@ fn target_status(
         } else {
             String::new()
         },
+        deprecation_time: img.deprecation_time.clone(),
+        shared_with: Vec::new(),
         attempt,
     }
 }
@@ -246,6 +281,155 @@ fn precondition(
     None
 }
 
+/// Launch permissions `spec.sharing` asks for, as status lists them, and
+/// whether public sharing was asked for but is not allowed.
+fn wanted_permissions(spec: &AmiCopySpec, meta: &Meta) -> (BTreeSet<String>, bool) {
+    let Some(sharing) = &spec.sharing else {
+        return (BTreeSet::new(), false);
+    };
+    let mut want: BTreeSet<String> = sharing
+        .accounts
+        .iter()
+        .map(|a| Permission::Account(a.clone()))
+        .chain(
+            sharing
+                .organization_arns
+                .iter()
+                .map(|a| Permission::Organization(a.clone())),
+        )
+        .chain(
+            sharing
+                .organizational_unit_arns
+                .iter()
+                .map(|a| Permission::OrganizationalUnit(a.clone())),
+        )
+        .map(|p| p.key())
+        .collect();
+    if sharing.snapshots == Some(true) {
+        want.extend(
+            sharing
+                .accounts
+                .iter()
+                .map(|a| format!("{VOLUME_PREFIX}{a}")),
+        );
+    }
+    let public = sharing.public == Some(true);
+    if public && meta.allow_public {
+        want.insert(Permission::Public.key());
+    }
+    (want, public && !meta.allow_public)
+}
+
+/// Status entries for createVolumePermission on a copy's snapshots.
+pub const VOLUME_PREFIX: &str = "volume:";
+
+/// When a copy created at `created` should be deprecated, if the spec asks.
+fn wanted_deprecation(spec: &AmiCopySpec, created: Option<&str>, now: &Time) -> Option<Timestamp> {
+    let at = match (&spec.deprecation_time, &spec.deprecate_after) {
+        (Some(at), _) => at.parse::<Timestamp>().ok()?,
+        (None, Some(after)) => {
+            let after = SignedDuration::try_from(humantime::parse_duration(after).ok()?).ok()?;
+            created?
+                .parse::<Timestamp>()
+                .ok()?
+                .checked_add(after)
+                .ok()?
+        }
+        (None, None) => return None,
+    };
+    // EC2 refuses a time in the past; deprecate at once instead.
+    let soon = now.0.checked_add(SignedDuration::from_mins(1)).ok()?;
+    Some(at.max(soon))
+}
+
+/// The same minute (EC2 keeps deprecation times to the minute).
+fn same_minute(a: &str, b: Timestamp) -> bool {
+    a.parse::<Timestamp>()
+        .is_ok_and(|a| a.as_second() / 60 == b.as_second() / 60)
+}
+
+/// Keeps an owned copy in line with the spec: its tags (and its snapshots'),
+/// and once available its launch permissions and deprecation.
+#[allow(clippy::too_many_arguments)]
+fn upkeep(
+    spec: &AmiCopySpec,
+    meta: &Meta,
+    region: &str,
+    img: &ImageInfo,
+    source_snapshots: &BTreeSet<&str>,
+    removed_tags: &[String],
+    now: &Time,
+    ts: &mut TargetStatus,
+    actions: &mut Vec<Action>,
+) {
+    let from = img.tags.get(SOURCE_TAG).cloned().unwrap_or_default();
+    let tags = desired_tags(spec, meta, &from);
+    let mut resource_ids = vec![img.id.clone()];
+    resource_ids.extend(
+        img.snapshots
+            .iter()
+            .map(|s| s.id.clone())
+            .filter(|id| !source_snapshots.contains(id.as_str())),
+    );
+    if tags.iter().any(|(k, v)| img.tags.get(k) != Some(v)) {
+        actions.push(Action::TagImage {
+            region: region.into(),
+            image_id: img.id.clone(),
+            resource_ids: resource_ids.clone(),
+            tags,
+        });
+    }
+    let stale: Vec<String> = removed_tags
+        .iter()
+        .filter(|k| img.tags.contains_key(*k))
+        .cloned()
+        .collect();
+    if !stale.is_empty() {
+        actions.push(Action::Untag {
+            region: region.into(),
+            resource_ids: resource_ids.clone(),
+            keys: stale,
+        });
+    }
+    if img.state != state::AVAILABLE {
+        return;
+    }
+    let (want, _) = wanted_permissions(spec, meta);
+    let have: BTreeSet<String> = ts.shared_with.iter().cloned().collect();
+    if want != have {
+        actions.push(Action::Share {
+            region: region.into(),
+            image_id: img.id.clone(),
+            snapshot_ids: resource_ids[1..].to_vec(),
+            add: want.difference(&have).cloned().collect(),
+            remove: have.difference(&want).cloned().collect(),
+            want: want.into_iter().collect(),
+        });
+    }
+    ts.deprecation_time = img.deprecation_time.clone();
+    if let Some(at) = wanted_deprecation(spec, img.creation_date.as_deref(), now)
+        && !img
+            .deprecation_time
+            .as_deref()
+            .is_some_and(|d| same_minute(d, at))
+    {
+        actions.push(Action::Deprecate {
+            region: region.into(),
+            image_id: img.id.clone(),
+            at: at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        });
+    }
+}
+
+/// The last status entry for an image, wherever it was listed.
+fn last_entry<'a>(prev: &'a AmiCopyStatus, id: &str) -> Option<&'a TargetStatus> {
+    prev.destinations
+        .iter()
+        .chain(&prev.generations)
+        .chain(&prev.retiring)
+        .find(|t| t.image_id.as_deref() == Some(id))
+}
+
 /// Decides what to do next. `now` stamps changed conditions.
 pub fn plan(
     spec: &AmiCopySpec,
@@ -255,7 +439,11 @@ pub fn plan(
     now: &Time,
 ) -> Plan {
     let prev = previous.cloned().unwrap_or_default();
-    let source_id = spec.source.image_id.as_str();
+    let source_id = match (&spec.source.image_id, &observed.resolved) {
+        (Some(id), _) => id.as_str(),
+        (None, Some(r)) => r.image_id.as_str(),
+        (None, None) => "",
+    };
     let tags = desired_tags(spec, meta, source_id);
     let mut actions = Vec::new();
     let mut notes = Vec::new();
@@ -265,8 +453,25 @@ pub fn plan(
     let mut current_ids = BTreeSet::new();
     let same_generation = prev.observed_generation == meta.generation
         && prev.source_image_id.as_deref() == Some(source_id);
+    let tag_keys: Vec<String> = spec.tags.keys().cloned().collect();
+    let removed_tags: Vec<String> = prev
+        .tag_keys
+        .iter()
+        .filter(|k| !spec.tags.contains_key(*k))
+        .cloned()
+        .collect();
 
     let source = match &observed.source {
+        _ if source_id.is_empty() => {
+            global = Some((
+                reason::SOURCE_NOT_FOUND,
+                format!(
+                    "no available AMI in {} matches spec.source.selector: check its owners, name pattern and tags",
+                    spec.source.region
+                ),
+            ));
+            None
+        }
         Some(Ok(Some(img))) => Some(img),
         Some(Ok(None)) => {
             global = Some((
@@ -295,6 +500,15 @@ pub fn plan(
         }
         None => None,
     };
+    let source_snaps: BTreeSet<&str> = source
+        .map(|s| s.snapshots.iter().map(|x| x.id.as_str()).collect())
+        .unwrap_or_default();
+    if wanted_permissions(spec, meta).1 && global.is_none() {
+        global = Some((
+            reason::PUBLIC_NOT_ALLOWED,
+            "sharing.public is set, but the operator does not make images public unless started with --allow-public-images; the other permissions are applied".into(),
+        ));
+    }
 
     for dest in &spec.destinations {
         let region = dest.region.as_str();
@@ -318,7 +532,10 @@ pub fn plan(
         // one the status names, then available over pending over failed.
         let mut candidates: Vec<&ImageInfo> = owned
             .iter()
-            .filter(|i| i.tags.get(SOURCE_TAG).map(String::as_str) == Some(source_id))
+            .filter(|i| {
+                !source_id.is_empty()
+                    && i.tags.get(SOURCE_TAG).map(String::as_str) == Some(source_id)
+            })
             .collect();
         let rank = |i: &ImageInfo| match i.state.as_str() {
             state::AVAILABLE => 0,
@@ -336,7 +553,10 @@ pub fn plan(
 
         if let Some(img) = current {
             current_ids.insert(img.id.clone());
-            let ts = target_status(region, img, source_id, attempt);
+            let mut ts = target_status(region, img, source_id, attempt);
+            if let Some(l) = last_entry(&prev, &img.id) {
+                ts.shared_with = l.shared_with.clone();
+            }
             let was = last.map(|d| d.state.as_str());
             if img.state == state::AVAILABLE && was != Some(state::AVAILABLE) {
                 notes.push(Note {
@@ -345,9 +565,6 @@ pub fn plan(
                     region: region.to_string(),
                     message: format!("{} is available in {region}", img.id),
                 });
-                let source_snaps: BTreeSet<&str> = source
-                    .map(|s| s.snapshots.iter().map(|x| x.id.as_str()).collect())
-                    .unwrap_or_default();
                 let snapshot_ids: Vec<String> = img
                     .snapshots
                     .iter()
@@ -371,13 +588,17 @@ pub fn plan(
                     message: format!("{} in {region}: {}", img.id, ts.message),
                 });
             }
-            if tags.iter().any(|(k, v)| img.tags.get(k) != Some(v)) {
-                actions.push(Action::TagImage {
-                    region: region.into(),
-                    image_id: img.id.clone(),
-                    tags: tags.clone(),
-                });
-            }
+            upkeep(
+                spec,
+                meta,
+                region,
+                img,
+                &source_snaps,
+                &removed_tags,
+                now,
+                &mut ts,
+                &mut actions,
+            );
             destinations.push(ts);
             continue;
         }
@@ -386,7 +607,8 @@ pub fn plan(
             match observed.recorded.get(id) {
                 Some(Some(foreign)) if !foreign.owned_by(&meta.uid) => notes.push(Note {
                     warning: true,
-                    reason: "ForeignImageIgnored", region: region.to_string(),
+                    reason: "ForeignImageIgnored",
+                    region: region.to_string(),
                     message: format!("status named {id} in {region}, which this object does not own; it is left untouched"),
                 }),
                 // Gone (deregistered out of band): copy again under a new
@@ -395,7 +617,8 @@ pub fn plan(
                     attempt += 1;
                     notes.push(Note {
                         warning: true,
-                        reason: "TargetMissing", region: region.to_string(),
+                        reason: "TargetMissing",
+                        region: region.to_string(),
                         message: format!("{id} in {region} no longer exists; copying again"),
                     });
                 }
@@ -485,6 +708,7 @@ pub fn plan(
                 attempt,
             ),
             tags: tags.clone(),
+            completion_minutes: spec.snapshot_copy_completion_duration_minutes,
         };
         actions.push(Action::Copy {
             index: destinations.len(),
@@ -500,20 +724,53 @@ pub fn plan(
         });
     }
 
-    // Everything else this object owns is retired: duplicates at once, older
-    // generations once the current copy in their region is available, and
-    // everything in regions no longer listed.
+    // Everything else this object owns: duplicates are retired at once,
+    // everything in regions no longer listed too; older generations stay
+    // until the current copy in their region is available, then the newest
+    // `retain - 1` (and pinned ones) are kept and the rest retired.
     let mut retiring = Vec::new();
+    let mut generations = Vec::new();
+    let keep_older = spec.retain.unwrap_or(1).saturating_sub(1) as usize;
     for (region, images) in &observed.owned {
         let current_available = destinations
             .iter()
             .any(|d| &d.region == region && d.state == state::AVAILABLE);
         let listed = spec.destinations.iter().any(|d| &d.region == region);
-        for img in images.iter().filter(|i| !current_ids.contains(&i.id)) {
+        let mut older: Vec<&ImageInfo> = images
+            .iter()
+            .filter(|i| !current_ids.contains(&i.id))
+            .collect();
+        // Newest first (EC2's creation dates sort as text).
+        older.sort_by(|a, b| b.creation_date.cmp(&a.creation_date).then(a.id.cmp(&b.id)));
+        let mut kept = 0;
+        for img in older {
             let from = img.tags.get(SOURCE_TAG).cloned().unwrap_or_default();
-            let duplicate = from == source_id;
+            let duplicate = !source_id.is_empty() && from == source_id;
             let mut ts = target_status(region, img, &from, 0);
-            if duplicate || !listed || current_available {
+            if let Some(l) = last_entry(&prev, &img.id) {
+                ts.shared_with = l.shared_with.clone();
+            }
+            let pinned = meta.pinned.contains(&from);
+            if listed && !duplicate && current_available && (pinned || kept < keep_older) {
+                kept += usize::from(!pinned);
+                ts.message = if pinned {
+                    format!("kept: its source {from} is pinned")
+                } else {
+                    "kept by spec.retain".into()
+                };
+                upkeep(
+                    spec,
+                    meta,
+                    region,
+                    img,
+                    &source_snaps,
+                    &removed_tags,
+                    now,
+                    &mut ts,
+                    &mut actions,
+                );
+                generations.push(ts);
+            } else if duplicate || !listed || current_available {
                 ts.message = if duplicate {
                     "duplicate copy of the current source".into()
                 } else if !listed {
@@ -532,19 +789,23 @@ pub fn plan(
                     },
                 };
                 actions.push(action);
+                retiring.push(ts);
             } else {
                 ts.message = "kept until the copy of the current source is available".into();
+                retiring.push(ts);
             }
-            retiring.push(ts);
         }
     }
 
     let status = AmiCopyStatus {
         observed_generation: meta.generation,
-        source_image_id: Some(source_id.into()),
+        source_image_id: (!source_id.is_empty()).then(|| source_id.into()),
+        resolved_source: observed.resolved.clone(),
         available: None,
         destinations,
         retiring,
+        generations,
+        tag_keys,
         conditions: Vec::new(),
     };
     let mut plan = Plan {
@@ -570,6 +831,7 @@ pub fn regions_of_interest(
             p.destinations
                 .iter()
                 .chain(&p.retiring)
+                .chain(&p.generations)
                 .map(|d| d.region.clone()),
         );
     }

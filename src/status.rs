@@ -33,6 +33,7 @@ pub mod reason {
     pub const COPY_QUOTA: &str = "CopyQuotaReached";
     pub const COPY_REJECTED: &str = "CopyRejected";
     pub const REGION_UNAVAILABLE: &str = "RegionUnavailable";
+    pub const PUBLIC_NOT_ALLOWED: &str = "PublicSharingNotAllowed";
     /// The object cannot be read as an AmiCopy (a CRD without validation, a
     /// status written by another tool); it is left alone until it changes.
     pub const INVALID_SPEC: &str = "InvalidSpec";

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::api::UID_TAG;
-use crate::ec2::{CopyRequest, Ec2, Ec2Error, ImageInfo, SnapshotInfo};
+use crate::ec2::{CopyRequest, Ec2, Ec2Error, ImageInfo, ImageQuery, Permission, SnapshotInfo};
 
 /// An in-memory EC2 account: images and snapshots per region, and a log
 /// of the mutating calls made.
@@ -138,5 +138,55 @@ impl Ec2 for FakeEc2 {
             Some(_) => Ok(()),
             None => Err(not_found("InvalidSnapshot")),
         }
+    }
+    async fn set_launch_permissions(
+        &self,
+        region: &str,
+        image_id: &str,
+        add: &[Permission],
+        remove: &[Permission],
+    ) -> Result<(), Ec2Error> {
+        self.log(format!(
+            "ModifyImageAttribute {region} {image_id} +{add:?} -{remove:?}"
+        ));
+        Ok(())
+    }
+    async fn set_snapshot_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<(), Ec2Error> {
+        self.log(format!(
+            "ModifySnapshotAttribute {region} {snapshot_id} +{add:?} -{remove:?}"
+        ));
+        Ok(())
+    }
+    async fn deprecate_image(
+        &self,
+        region: &str,
+        image_id: &str,
+        at: &str,
+    ) -> Result<(), Ec2Error> {
+        self.log(format!("EnableImageDeprecation {region} {image_id} {at}"));
+        Ok(())
+    }
+    async fn find_images(
+        &self,
+        region: &str,
+        query: &ImageQuery,
+    ) -> Result<Vec<ImageInfo>, Ec2Error> {
+        let images = self.images.lock().unwrap();
+        let prefix = query.name.as_deref().map(|n| n.trim_end_matches('*'));
+        Ok(images
+            .iter()
+            .filter(|((r, _), i)| r == region && i.state == "available")
+            .filter(|(_, i)| {
+                prefix.is_none_or(|p| i.name.as_deref().is_some_and(|n| n.starts_with(p)))
+            })
+            .filter(|(_, i)| query.tags.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
+            .map(|(_, i)| i.clone())
+            .collect())
     }
 }

@@ -1,7 +1,7 @@
 //! Table-style tests of the planner: an in-memory picture of EC2 in, actions
 //! and status out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -25,6 +25,8 @@ fn meta(generation: i64) -> Meta {
         name: "golden".into(),
         uid: UID.into(),
         generation: Some(generation),
+        pinned: BTreeSet::new(),
+        allow_public: false,
     }
 }
 
@@ -40,7 +42,8 @@ fn spec(source: &str, regions: &[&str]) -> AmiCopySpec {
     AmiCopySpec {
         source: Source {
             region: "us-east-1".into(),
-            image_id: source.into(),
+            image_id: Some(source.into()),
+            selector: None,
         },
         destinations: regions.iter().map(|r| dest(r)).collect(),
         name: None,
@@ -49,6 +52,11 @@ fn spec(source: &str, regions: &[&str]) -> AmiCopySpec {
         copy_image_tags: None,
         tags: BTreeMap::from([("team".into(), "platform".into())]),
         deletion_policy: DeletionPolicy::Delete,
+        retain: None,
+        sharing: None,
+        deprecate_after: None,
+        deprecation_time: None,
+        snapshot_copy_completion_duration_minutes: None,
     }
 }
 
@@ -92,6 +100,7 @@ fn observed(source: Option<ImageInfo>, owned: &[(&str, Vec<ImageInfo>)]) -> Obse
             .collect(),
         recorded: BTreeMap::new(),
         unreachable: BTreeMap::new(),
+        resolved: None,
     }
 }
 
