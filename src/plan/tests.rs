@@ -792,3 +792,285 @@ fn a_source_region_ec2_refuses_is_named_as_such() {
         p.status.destinations[0].message
     );
 }
+
+fn available_target_created(id: &str, source: &str, created: &str) -> ImageInfo {
+    ImageInfo {
+        creation_date: Some(created.into()),
+        ..target(id, source, "available")
+    }
+}
+
+fn shares(p: &Plan) -> Vec<(Vec<String>, Vec<String>)> {
+    p.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Share { add, remove, .. } => Some((add.clone(), remove.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn sharing_is_applied_once_and_removals_follow_the_spec() {
+    let mut s = spec(SRC, &["eu-west-1"]);
+    s.sharing = Some(crate::api::Sharing {
+        accounts: vec!["111122223333".into()],
+        organization_arns: vec![
+            "arn:aws:organizations::111122223333:organization/o-abcde12345".into(),
+        ],
+        organizational_unit_arns: vec![],
+        public: None,
+        snapshots: Some(true),
+    });
+    let obs = observed(
+        Some(source_image(false)),
+        &[(
+            "eu-west-1",
+            vec![target("ami-00000000000000001", SRC, "available")],
+        )],
+    );
+    let first = run(&s, None, &obs);
+    assert_eq!(
+        shares(&first),
+        vec![(
+            vec![
+                "account:111122223333".to_string(),
+                "organization:arn:aws:organizations::111122223333:organization/o-abcde12345"
+                    .to_string(),
+                "volume:111122223333".to_string(),
+            ],
+            vec![]
+        )]
+    );
+    // Once the executor recorded what it applied, nothing more to do.
+    let mut applied = first.status.clone();
+    applied.destinations[0].shared_with = shares(&first)[0].0.clone();
+    let again = run(&s, Some(&applied), &obs);
+    assert!(shares(&again).is_empty(), "{:?}", again.actions);
+    assert_eq!(
+        again.status.destinations[0].shared_with,
+        applied.destinations[0].shared_with
+    );
+
+    // An account removed from the spec is removed from the copy and its snapshots.
+    s.sharing.as_mut().unwrap().accounts.clear();
+    let removed = run(&s, Some(&applied), &obs);
+    assert_eq!(
+        shares(&removed),
+        vec![(
+            vec![],
+            vec![
+                "account:111122223333".to_string(),
+                "volume:111122223333".to_string()
+            ]
+        )]
+    );
+
+    // A pending copy is not shared yet.
+    let pending = observed(
+        Some(source_image(false)),
+        &[(
+            "eu-west-1",
+            vec![target("ami-00000000000000001", SRC, "pending")],
+        )],
+    );
+    assert!(shares(&run(&s, None, &pending)).is_empty());
+}
+
+#[test]
+fn public_sharing_needs_the_operator_flag() {
+    let mut s = spec(SRC, &["eu-west-1"]);
+    s.sharing = Some(crate::api::Sharing {
+        public: Some(true),
+        ..Default::default()
+    });
+    let obs = observed(
+        Some(source_image(false)),
+        &[(
+            "eu-west-1",
+            vec![target("ami-00000000000000001", SRC, "available")],
+        )],
+    );
+    let refused = run(&s, None, &obs);
+    assert!(shares(&refused).is_empty());
+    assert_eq!(
+        cond(&refused, DEGRADED),
+        ("True", "PublicSharingNotAllowed")
+    );
+    let mut allowed = meta(1);
+    allowed.allow_public = true;
+    let p = plan(&s, &allowed, None, &obs, &now());
+    assert_eq!(shares(&p), vec![(vec!["public".to_string()], vec![])]);
+    assert_eq!(cond(&p, DEGRADED).0, "False");
+}
+
+fn deprecations(p: &Plan) -> Vec<String> {
+    p.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deprecate { at, .. } => Some(at.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn deprecation_follows_creation_time_or_a_fixed_time() {
+    let mut s = spec(SRC, &["eu-west-1"]);
+    s.deprecate_after = Some("30d".into());
+    let img = available_target_created("ami-00000000000000001", SRC, "2027-01-01T00:00:00.000Z");
+    let obs = observed(
+        Some(source_image(false)),
+        &[("eu-west-1", vec![img.clone()])],
+    );
+    assert_eq!(
+        deprecations(&run(&s, None, &obs)),
+        vec!["2027-01-31T00:00:00Z".to_string()]
+    );
+
+    // Already deprecated at that minute: nothing to do.
+    let done = ImageInfo {
+        deprecation_time: Some("2027-01-31T00:00:00.000Z".into()),
+        ..img.clone()
+    };
+    let p = run(
+        &s,
+        None,
+        &observed(Some(source_image(false)), &[("eu-west-1", vec![done])]),
+    );
+    assert!(deprecations(&p).is_empty());
+    assert_eq!(
+        p.status.destinations[0].deprecation_time.as_deref(),
+        Some("2027-01-31T00:00:00.000Z")
+    );
+
+    // A fixed time in the past deprecates at once (EC2 refuses past times).
+    s.deprecate_after = None;
+    s.deprecation_time = Some("2020-01-01T00:00:00Z".into());
+    let at = deprecations(&run(&s, None, &obs));
+    assert_eq!(at.len(), 1);
+    assert!(at[0].as_str() > "2027", "clamped to just after now: {at:?}");
+}
+
+#[test]
+fn retain_keeps_the_newest_older_generations_and_pinned_ones() {
+    let mut s = spec(SRC, &["eu-west-1"]);
+    s.retain = Some(2);
+    let current =
+        available_target_created("ami-00000000000000003", SRC, "2027-03-01T00:00:00.000Z");
+    let older = available_target_created(
+        "ami-00000000000000002",
+        "ami-0000000000000bbbb",
+        "2027-02-01T00:00:00.000Z",
+    );
+    let oldest = available_target_created(
+        "ami-00000000000000001",
+        "ami-0000000000000aaaa",
+        "2027-01-01T00:00:00.000Z",
+    );
+    let obs = observed(
+        Some(source_image(false)),
+        &[(
+            "eu-west-1",
+            vec![oldest.clone(), current.clone(), older.clone()],
+        )],
+    );
+    let p = run(&s, None, &obs);
+    let kept: Vec<_> = p
+        .status
+        .generations
+        .iter()
+        .filter_map(|g| g.image_id.clone())
+        .collect();
+    assert_eq!(kept, vec!["ami-00000000000000002".to_string()]);
+    assert_eq!(retired(&p), vec!["ami-00000000000000001"]);
+
+    let mut pinning = meta(1);
+    pinning.pinned.insert("ami-0000000000000aaaa".into());
+    let p = plan(&s, &pinning, None, &obs, &now());
+    assert!(retired(&p).is_empty());
+    assert_eq!(p.status.generations.len(), 2);
+
+    // While the newest copy is pending, nothing old goes.
+    let pending = ImageInfo {
+        state: "pending".into(),
+        ..current
+    };
+    let p = run(
+        &s,
+        None,
+        &observed(
+            Some(source_image(false)),
+            &[("eu-west-1", vec![oldest, pending, older])],
+        ),
+    );
+    assert!(retired(&p).is_empty());
+}
+
+#[test]
+fn a_tag_key_dropped_from_the_spec_is_removed_and_others_left_alone() {
+    let mut s = spec(SRC, &["eu-west-1"]);
+    let mut img = target("ami-00000000000000001", SRC, "available");
+    img.tags.insert("env".into(), "prod".into());
+    img.tags.insert("cost-center".into(), "42".into());
+    let prev = AmiCopyStatus {
+        tag_keys: vec!["env".into(), "team".into()],
+        ..AmiCopyStatus::default()
+    };
+    s.tags.remove("env");
+    let p = run(
+        &s,
+        Some(&prev),
+        &observed(Some(source_image(false)), &[("eu-west-1", vec![img])]),
+    );
+    let untag: Vec<_> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Untag {
+                resource_ids, keys, ..
+            } => Some((resource_ids.clone(), keys.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        untag,
+        vec![(
+            vec![
+                "ami-00000000000000001".to_string(),
+                "snap-ami-00000000000000001".to_string()
+            ],
+            vec!["env".to_string()]
+        )],
+        "cost-center was never the operator's"
+    );
+    assert_eq!(p.status.tag_keys, vec!["team".to_string()]);
+}
+
+#[test]
+fn a_selector_copies_what_it_resolved_to() {
+    let mut s = spec(SRC, &["eu-west-1"]);
+    s.source.image_id = None;
+    s.source.selector = Some(crate::api::SourceSelector {
+        name: Some("golden-*".into()),
+        ..Default::default()
+    });
+    s.snapshot_copy_completion_duration_minutes = Some(60);
+    let mut obs = observed(Some(source_image(false)), &[]);
+    obs.resolved = Some(ResolvedSource {
+        image_id: SRC.into(),
+        name: Some("golden-base".into()),
+        resolved_at: "2027-01-01T00:00:00Z".into(),
+    });
+    let p = run(&s, None, &obs);
+    assert_eq!(copies(&p)[0].source_image_id, SRC);
+    assert_eq!(copies(&p)[0].completion_minutes, Some(60));
+    assert_eq!(p.status.resolved_source, obs.resolved);
+    assert_eq!(p.status.source_image_id.as_deref(), Some(SRC));
+
+    obs.resolved = None;
+    let p = run(&s, None, &obs);
+    assert!(copies(&p).is_empty());
+    assert_eq!(cond(&p, DEGRADED), ("True", "SourceNotFound"));
+    assert!(p.status.destinations[0].message.contains("selector"));
+}
