@@ -7,6 +7,7 @@ mod chart;
 mod conformance;
 mod ec2peer;
 mod leader;
+mod lifecycle;
 mod operator;
 mod reliability;
 mod testbed;

@@ -41,15 +41,15 @@ impl Peer {
         }
     }
 
-    fn control(&self) -> &ec2_sim::Control {
+    pub(crate) fn control(&self) -> &ec2_sim::Control {
         self.env.sim()
     }
 
-    fn ec2(&self, region: &str) -> Ec2Client {
+    pub(crate) fn ec2(&self, region: &str) -> Ec2Client {
         self.env.client(region)
     }
 
-    async fn seed_source(&self, name: &str) -> String {
+    pub(crate) async fn seed_source(&self, name: &str) -> String {
         ec2peer::seed_image(
             &self.ec2(SOURCE_REGION),
             SOURCE_REGION,
@@ -61,7 +61,7 @@ impl Peer {
     }
 
     /// Images in `region` carrying `amicopy.dev/uid=<uid>`.
-    async fn owned(&self, region: &str, uid: &str) -> Vec<Image> {
+    pub(crate) async fn owned(&self, region: &str, uid: &str) -> Vec<Image> {
         self.ec2(region)
             .describe_images()
             .owners("self")
@@ -78,7 +78,7 @@ impl Peer {
             .to_vec()
     }
 
-    async fn owned_ids(&self, region: &str, uid: &str) -> Vec<String> {
+    pub(crate) async fn owned_ids(&self, region: &str, uid: &str) -> Vec<String> {
         let images = self.owned(region, uid).await;
         images
             .iter()
@@ -86,11 +86,11 @@ impl Peer {
             .collect()
     }
 
-    async fn image(&self, region: &str, id: &str) -> Option<Image> {
+    pub(crate) async fn image(&self, region: &str, id: &str) -> Option<Image> {
         ec2peer::describe_image(&self.ec2(region), id).await
     }
 
-    async fn snapshot_exists(&self, region: &str, id: &str) -> bool {
+    pub(crate) async fn snapshot_exists(&self, region: &str, id: &str) -> bool {
         let out = self
             .ec2(region)
             .describe_snapshots()
@@ -102,14 +102,14 @@ impl Peer {
     }
 }
 
-fn snapshot_ids(img: &Image) -> Vec<String> {
+pub(crate) fn snapshot_ids(img: &Image) -> Vec<String> {
     img.block_device_mappings()
         .iter()
         .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_owned))
         .collect()
 }
 
-fn tags(img: &Image) -> BTreeMap<String, String> {
+pub(crate) fn tags(img: &Image) -> BTreeMap<String, String> {
     img.tags()
         .iter()
         .map(|t| {
@@ -121,7 +121,7 @@ fn tags(img: &Image) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn create(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) -> AmiCopy {
+pub(crate) async fn create(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) -> AmiCopy {
     let obj: AmiCopy = serde_json::from_value(json!({
         "apiVersion": "amicopy.dev/v1alpha1",
         "kind": "AmiCopy",
@@ -135,7 +135,7 @@ async fn create(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) -> AmiC
 }
 
 /// Patches the spec the way `kubectl apply` would (another field manager).
-async fn patch_spec(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) {
+pub(crate) async fn patch_spec(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) {
     api.patch(
         name,
         &PatchParams::default(),
@@ -145,7 +145,7 @@ async fn patch_spec(api: &Api<AmiCopy>, name: &str, spec: serde_json::Value) {
     .expect("patch the spec");
 }
 
-fn target_of(obj: &AmiCopy, region: &str) -> Option<String> {
+pub(crate) fn target_of(obj: &AmiCopy, region: &str) -> Option<String> {
     obj.status
         .as_ref()?
         .destinations
@@ -162,7 +162,7 @@ pub(crate) struct Setup {
     pub(crate) operator: Operator,
 }
 
-async fn setup(peer: Peer, prefix: &str) -> Setup {
+pub(crate) async fn setup(peer: Peer, prefix: &str) -> Setup {
     let kube = testbed::kube().await;
     let ns = testbed::namespace(&kube, prefix).await;
     let operator = Operator::start(&kube, &ns, peer.env.endpoint()).await;

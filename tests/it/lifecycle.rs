@@ -1,0 +1,362 @@
+//! Beyond one copy, against the EC2 simulator (moto models neither
+//! deprecation nor snapshot permissions on copies, nor time-based copies):
+//! a source followed by selector, generations kept by `retain` and pins,
+//! launch and snapshot sharing, deprecation, time-based copies, and tags kept
+//! in step with the spec. Assertions read what the simulator holds.
+
+use std::time::Duration;
+
+use ami_copy_operator::AmiCopy;
+use ec2_sim::{Permission, SeedImage};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use crate::ec2peer::{self, PeerEnv};
+use crate::operator::{Peer, create, patch_spec, target_of};
+use crate::testbed::{self, Operator, condition, is_ready, wait_for};
+
+const SOURCE_REGION: &str = "us-east-1";
+const ACCOUNT: &str = "111122223333";
+const ORG: &str = "arn:aws:organizations::111122223333:organization/o-abcde12345";
+
+async fn sim(copy: Duration) -> Peer {
+    let mut config = ec2peer::sim_config();
+    config.copy_duration = copy;
+    Peer {
+        env: PeerEnv::with_sim(config).await,
+    }
+}
+
+async fn operator(peer: &Peer, prefix: &str) -> (Api<AmiCopy>, Operator) {
+    let kube = testbed::kube().await;
+    let ns = testbed::namespace(&kube, prefix).await;
+    let op = Operator::start_with(&kube, &ns, peer.env.endpoint(), |c| {
+        c.source_refresh_interval = Duration::from_secs(1);
+    })
+    .await;
+    (Api::namespaced(kube, &ns), op)
+}
+
+/// Sharing with an account (launch and snapshots) and an organization,
+/// deprecation 30 days after creation, and a 60-minute time-based copy; then
+/// the account is removed from `sharing` and loses both permissions.
+#[tokio::test]
+async fn sim_sharing_deprecation_and_time_based_copies() {
+    let peer = sim(Duration::from_millis(300)).await;
+    let (api, op) = operator(&peer, "sharing").await;
+    let source = peer.seed_source("shared").await;
+    create(
+        &api,
+        "shared",
+        json!({"source": {"region": SOURCE_REGION, "imageId": source},
+               "destinations": [{"region": "eu-west-1"}],
+               "sharing": {"accounts": [ACCOUNT], "organizationArns": [ORG], "snapshots": true},
+               "deprecateAfter": "30d",
+               "snapshotCopyCompletionDurationMinutes": 60}),
+    )
+    .await;
+    let shared = wait_for(&api, "shared", "shared and deprecated", |o| {
+        is_ready(o)
+            && o.status.as_ref().is_some_and(|s| {
+                let d = &s.destinations[0];
+                d.shared_with.len() == 3 && d.deprecation_time.is_some()
+            })
+    })
+    .await;
+    let id = target_of(&shared, "eu-west-1").unwrap();
+    let control = peer.control();
+    let img = control.image(&id).unwrap();
+    assert!(
+        img.launch_permissions
+            .contains(&Permission::UserId(ACCOUNT.into())),
+        "{:?}",
+        img.launch_permissions
+    );
+    assert!(
+        img.launch_permissions
+            .contains(&Permission::OrganizationArn(ORG.into()))
+    );
+    assert!(!img.is_public());
+    let deprecation = img.deprecation_time.expect("deprecated");
+    let days = (deprecation - img.creation_date).whole_days();
+    assert!(
+        (29..=30).contains(&days),
+        "deprecated {days} days after creation"
+    );
+    for snap in img.snapshot_ids() {
+        let snap = control.snapshot(snap).unwrap();
+        assert!(
+            snap.create_volume_permissions
+                .contains(&Permission::UserId(ACCOUNT.into()))
+        );
+        assert_eq!(
+            snap.completion_duration_minutes,
+            Some(60),
+            "time-based copy"
+        );
+    }
+
+    patch_spec(
+        &api,
+        "shared",
+        json!({"sharing": {"accounts": [], "organizationArns": [ORG], "snapshots": true}}),
+    )
+    .await;
+    wait_for(&api, "shared", "the account's permission removed", |o| {
+        o.status
+            .as_ref()
+            .is_some_and(|s| s.destinations[0].shared_with.len() == 1)
+    })
+    .await;
+    let img = control.image(&id).unwrap();
+    assert_eq!(
+        img.launch_permissions,
+        vec![Permission::OrganizationArn(ORG.into())]
+    );
+    for snap in img.snapshot_ids() {
+        assert!(
+            control
+                .snapshot(snap)
+                .unwrap()
+                .create_volume_permissions
+                .is_empty()
+        );
+    }
+    op.stop().await;
+}
+
+/// `sharing.public` is refused without `--allow-public-images`; the other
+/// permissions are still applied.
+#[tokio::test]
+async fn sim_public_sharing_is_refused_by_default() {
+    let peer = sim(Duration::from_millis(300)).await;
+    let (api, op) = operator(&peer, "public").await;
+    let source = peer.seed_source("public").await;
+    create(
+        &api,
+        "public",
+        json!({"source": {"region": SOURCE_REGION, "imageId": source},
+               "destinations": [{"region": "eu-west-1"}],
+               "sharing": {"public": true, "accounts": [ACCOUNT]}}),
+    )
+    .await;
+    let obj = wait_for(&api, "public", "Degraded PublicSharingNotAllowed", |o| {
+        condition(o, "Degraded") == Some(("True".into(), "PublicSharingNotAllowed".into()))
+            && o.status
+                .as_ref()
+                .is_some_and(|s| s.destinations[0].shared_with.len() == 1)
+    })
+    .await;
+    let img = peer
+        .control()
+        .image(&target_of(&obj, "eu-west-1").unwrap())
+        .unwrap();
+    assert!(!img.is_public());
+    assert_eq!(
+        img.launch_permissions,
+        vec![Permission::UserId(ACCOUNT.into())]
+    );
+    op.stop().await;
+}
+
+/// A selector follows the newest matching AMI: a newer build appears, is
+/// copied, and the old copy is retired once the new one is available.
+#[tokio::test]
+async fn sim_selector_follows_the_newest_matching_image() {
+    let peer = sim(Duration::from_millis(300)).await;
+    let (api, op) = operator(&peer, "selector").await;
+    let control = peer.control();
+    let family = format!("golden-{}", api.namespace().unwrap_or_default());
+    let seed = |name: String| SeedImage {
+        tags: [("family".to_string(), family.clone())]
+            .into_iter()
+            .collect(),
+        ..SeedImage::new(SOURCE_REGION, name)
+    };
+    let first = control.seed_image(seed(format!("{family}-2026.11.01")));
+    control.advance(Duration::from_secs(3600));
+    let _other_family =
+        control.seed_image(SeedImage::new(SOURCE_REGION, format!("{family}-unrelated")));
+    let obj = create(
+        &api,
+        "follow",
+        json!({"source": {"region": SOURCE_REGION,
+                          "selector": {"name": format!("{family}-2026*"), "tags": {"family": family}}},
+               "destinations": [{"region": "eu-west-1"}]}),
+    )
+    .await;
+    let uid = obj.uid().unwrap();
+    let v1 = wait_for(&api, "follow", "the first build copied", |o| {
+        is_ready(o)
+            && o.status
+                .as_ref()
+                .is_some_and(|s| s.source_image_id.as_deref() == Some(first.as_str()))
+    })
+    .await;
+    let resolved = v1
+        .status
+        .as_ref()
+        .unwrap()
+        .resolved_source
+        .clone()
+        .expect("resolvedSource");
+    assert_eq!(resolved.image_id, first);
+    let old_copy = target_of(&v1, "eu-west-1").unwrap();
+
+    control.advance(Duration::from_secs(3600));
+    let second = control.seed_image(seed(format!("{family}-2026.11.08")));
+    let v2 = wait_for(
+        &api,
+        "follow",
+        "the newer build copied, the old copy retired",
+        |o| {
+            is_ready(o)
+                && o.status.as_ref().is_some_and(|s| {
+                    s.source_image_id.as_deref() == Some(second.as_str()) && s.retiring.is_empty()
+                })
+        },
+    )
+    .await;
+    assert_ne!(target_of(&v2, "eu-west-1").unwrap(), old_copy);
+    assert_eq!(
+        peer.owned_ids("eu-west-1", &uid).await,
+        vec![target_of(&v2, "eu-west-1").unwrap()]
+    );
+    op.stop().await;
+}
+
+/// `retain: 2` keeps the previous generation; a pinned older source keeps its
+/// copy too; everything older is retired.
+#[tokio::test]
+async fn sim_retain_and_pin_keep_older_generations() {
+    let peer = sim(Duration::from_millis(300)).await;
+    let (api, op) = operator(&peer, "retain").await;
+    let mut sources = Vec::new();
+    for i in 1..=4 {
+        sources.push(peer.seed_source(&format!("gen{i}")).await);
+    }
+    let obj = create(
+        &api,
+        "gens",
+        json!({"source": {"region": SOURCE_REGION, "imageId": sources[0]},
+               "destinations": [{"region": "eu-west-1"}], "retain": 2}),
+    )
+    .await;
+    let uid = obj.uid().unwrap();
+    let mut copies = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        if i > 0 {
+            // Each copy is created later than the one before.
+            peer.control().advance(Duration::from_secs(3600));
+            patch_spec(
+                &api,
+                "gens",
+                json!({"source": {"region": SOURCE_REGION, "imageId": source}}),
+            )
+            .await;
+        }
+        if i == 1 {
+            // Pin the first generation.
+            api.patch(
+                "gens",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"amicopy.dev/pinned-sources": sources[0]}}})),
+            )
+            .await
+            .unwrap();
+        }
+        let ready = wait_for(&api, "gens", "the generation copied", |o| {
+            is_ready(o)
+                && o.status.as_ref().is_some_and(|s| {
+                    s.source_image_id.as_deref() == Some(source.as_str()) && s.retiring.is_empty()
+                })
+        })
+        .await;
+        copies.push(target_of(&ready, "eu-west-1").unwrap());
+    }
+    let last = wait_for(&api, "gens", "two older generations kept", |o| {
+        o.status.as_ref().is_some_and(|s| s.generations.len() == 2)
+    })
+    .await;
+    let mut kept: Vec<String> = last
+        .status
+        .unwrap()
+        .generations
+        .iter()
+        .filter_map(|g| g.image_id.clone())
+        .collect();
+    kept.sort();
+    let mut want = vec![copies[0].clone(), copies[2].clone()];
+    want.sort();
+    assert_eq!(
+        kept, want,
+        "the pinned first and the previous (third) generation"
+    );
+    let mut owned = peer.owned_ids("eu-west-1", &uid).await;
+    owned.sort();
+    let mut expected = vec![copies[0].clone(), copies[2].clone(), copies[3].clone()];
+    expected.sort();
+    assert_eq!(owned, expected, "the second generation was retired");
+    assert!(peer.control().image(&copies[1]).is_none());
+    op.stop().await;
+}
+
+/// Tags follow `spec.tags` on images and snapshots: changed, added and
+/// removed keys; a tag someone else put on the copy stays.
+#[tokio::test]
+async fn sim_tags_follow_the_spec_without_touching_foreign_tags() {
+    let peer = sim(Duration::from_millis(300)).await;
+    let (api, op) = operator(&peer, "tags").await;
+    let source = peer.seed_source("tags").await;
+    create(
+        &api,
+        "tagged",
+        json!({"source": {"region": SOURCE_REGION, "imageId": source},
+               "destinations": [{"region": "eu-west-1"}], "tags": {"team": "platform", "env": "prod"}}),
+    )
+    .await;
+    let ready = wait_for(&api, "tagged", "Ready=True", is_ready).await;
+    let id = target_of(&ready, "eu-west-1").unwrap();
+    let ec2 = peer.ec2("eu-west-1");
+    ec2.create_tags()
+        .resources(&id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("cost-center")
+                .value("42")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    patch_spec(
+        &api,
+        "tagged",
+        json!({"tags": {"team": "security", "env": null, "tier": "gold"}}),
+    )
+    .await;
+    let control = peer.control();
+    wait_for(&api, "tagged", "tags in step", |o| {
+        let img = control.image(&id).unwrap();
+        o.status
+            .as_ref()
+            .is_some_and(|s| s.tag_keys == ["team", "tier"])
+            && img.tags.get("team").map(String::as_str) == Some("security")
+            && img.tags.get("tier").map(String::as_str) == Some("gold")
+            && !img.tags.contains_key("env")
+    })
+    .await;
+    let img = control.image(&id).unwrap();
+    assert_eq!(
+        img.tags.get("cost-center").map(String::as_str),
+        Some("42"),
+        "a foreign tag stays"
+    );
+    for snap in img.snapshot_ids() {
+        let tags = &control.snapshot(snap).unwrap().tags;
+        assert_eq!(tags.get("team").map(String::as_str), Some("security"));
+        assert!(!tags.contains_key("env"));
+    }
+    op.stop().await;
+}
