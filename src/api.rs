@@ -258,7 +258,9 @@ impl Source {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("!has(self.kmsKeyId) || !self.kmsKeyId.startsWith('arn:') || self.kmsKeyId.contains(':kms:' + self.region + ':')")
-        .message("kmsKeyId is a KMS key ARN of another region: KMS keys are regional, use a key in the destination's region")
+        .message("kmsKeyId is a KMS key ARN of another region: KMS keys are regional, use a key in the destination's region"),
+    validation = Rule::new("!has(self.externalId) || has(self.roleArn)")
+        .message("externalId goes with roleArn")
 )]
 pub struct Destination {
     /// AWS region to copy into, e.g. `eu-west-1`.
@@ -279,6 +281,21 @@ pub struct Destination {
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:(key|alias)/.+|alias/.+|[0-9a-f-]{36}|mrk-[0-9a-f]{32})$')").message("kmsKeyId must be a KMS key ID, key ARN, alias/NAME or alias ARN"))]
     pub kms_key_id: Option<String>,
+    /// IAM role to assume for this destination, so that the copy is made in
+    /// the role's account (cross-account copies). The source AMI and its
+    /// snapshots must be shared with that account, and any KMS key of the
+    /// source with it too. The copy is tracked, tagged and cleaned up there
+    /// like any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]+$')").message("roleArn must be an IAM role ARN such as arn:aws:iam::444455556666:role/ami-copier"))]
+    pub role_arn: Option<String>,
+
+    /// External ID the role's trust policy asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 1224))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9+=,.@:/_-]+$')").message("externalId may contain letters, digits and + = , . @ : / _ -"))]
+    pub external_id: Option<String>,
 }
 
 /// What happens to target AMIs this operator no longer needs.
@@ -385,6 +402,10 @@ pub struct TargetStatus {
     /// EC2's state reason or the operator's explanation.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+
+    /// Role the copy was made through (cross-account destinations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
 
     /// Launch permissions applied: `account:<id>`, `organization:<arn>`,
     /// `ou:<arn>`, `public`.

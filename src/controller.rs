@@ -24,7 +24,7 @@ use crate::api::{
     AmiCopy, AmiCopySpec, AmiCopyStatus, DeletionPolicy, FINALIZER, OWNER_TAG, PINNED_ANNOTATION,
     ResolvedSource, SOURCE_TAG, TargetStatus, UID_TAG,
 };
-use crate::ec2::{Ec2, Ec2Error, ErrorKind, ImageInfo, ImageQuery, Permission};
+use crate::ec2::{self, Ec2, Ec2Error, ErrorKind, ImageInfo, ImageQuery, Permission};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::plan::{self, Action, Meta, Note, Observed};
@@ -387,7 +387,10 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
         Some(id) => observe_source(&spec.source.region, id, ec2, tracker).await,
         None => Ok(None),
     };
-    if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, source_id?, t)) {
+    let scopes = scopes(obj);
+    if let Some((owned, recorded)) =
+        tracker.and_then(|t| from_cache(obj, m, source_id?, &scopes, t))
+    {
         return Ok(Observed {
             source: Some(source),
             owned,
@@ -398,11 +401,12 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
     }
     // A region EC2 cannot be asked about is reported on its destination; the
     // others go on.
+    let scopes = &scopes;
     let regions = plan::regions_of_interest(spec, previous);
     let mut owned: BTreeMap<String, Vec<ImageInfo>> = BTreeMap::new();
     let mut unreachable = BTreeMap::new();
     for (region, res) in future::join_all(regions.into_iter().map(|r| async move {
-        let res = ec2.owned_images(&r, &m.uid).await;
+        let res = ec2.owned_images(&at(scopes, &r), &m.uid).await;
         (r, res)
     }))
     .await
@@ -419,7 +423,7 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
     }
     let recorded = future::try_join_all(plan::recorded_to_check(previous, &owned).into_iter().map(
         |(r, id)| async move {
-            let img = ec2.describe_image(&r, &id).await?;
+            let img = ec2.describe_image(&at(scopes, &r), &id).await?;
             Ok::<_, Ec2Error>((id, img))
         },
     ))
@@ -430,7 +434,7 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
         let key = object_ref(m);
         for (region, images) in &owned {
             for img in images {
-                t.track(&key, region, img.clone(), &spec.source.region);
+                t.track(&key, &at(scopes, region), img.clone(), &spec.source.region);
             }
         }
     }
@@ -517,7 +521,13 @@ type Targets = (
 
 /// The targets as the tracker knows them, if it knows every one the status
 /// names and the spec has not changed since that status.
-fn from_cache(obj: &AmiCopy, m: &Meta, source_id: &str, tracker: &Tracker) -> Option<Targets> {
+fn from_cache(
+    obj: &AmiCopy,
+    m: &Meta,
+    source_id: &str,
+    scopes: &BTreeMap<String, String>,
+    tracker: &Tracker,
+) -> Option<Targets> {
     let prev = obj.status.as_ref()?;
     if prev.observed_generation != m.generation
         || prev.source_image_id.as_deref() != Some(source_id)
@@ -547,7 +557,7 @@ fn from_cache(obj: &AmiCopy, m: &Meta, source_id: &str, tracker: &Tracker) -> Op
         .chain(&prev.generations)
     {
         let Some(id) = &t.image_id else { continue };
-        match tracker.lookup(&t.region, id) {
+        match tracker.lookup(&at(scopes, &t.region), id) {
             Known::Unknown => return None,
             Known::Image(Some(info)) if info.owned_by(&m.uid) => {
                 owned.entry(t.region.clone()).or_default().push(info)
@@ -560,19 +570,51 @@ fn from_cache(obj: &AmiCopy, m: &Meta, source_id: &str, tracker: &Tracker) -> Op
     Some((owned, recorded))
 }
 
+/// Where EC2 calls for each region go: the destination's role (another
+/// account), or for a region no longer listed, the role its copies were made
+/// through; this account otherwise.
+fn scopes(obj: &AmiCopy) -> BTreeMap<String, String> {
+    let mut scopes = BTreeMap::new();
+    if let Some(st) = &obj.status {
+        for t in st
+            .destinations
+            .iter()
+            .chain(&st.retiring)
+            .chain(&st.generations)
+        {
+            if let Some(role) = &t.role_arn {
+                scopes.insert(t.region.clone(), ec2::scope(&t.region, Some(role), None));
+            }
+        }
+    }
+    for d in &obj.spec.destinations {
+        let scope = ec2::scope(&d.region, d.role_arn.as_deref(), d.external_id.as_deref());
+        scopes.insert(d.region.clone(), scope);
+    }
+    scopes
+}
+
+fn at(scopes: &BTreeMap<String, String>, region: &str) -> String {
+    scopes
+        .get(region)
+        .cloned()
+        .unwrap_or_else(|| region.to_owned())
+}
+
 fn object_ref(m: &Meta) -> ObjectRef<AmiCopy> {
     ObjectRef::new(&m.name).within(&m.namespace)
 }
 
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
     let m = meta(obj, &ctx.config)?;
+    let scopes = scopes(obj);
     let observed = observe(obj, &m, ctx).await?;
     let now = Time(Timestamp::now());
     let mut plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);
     let mut deferred: Option<Error> = None;
 
     for action in std::mem::take(&mut plan.actions) {
-        let res = act(&m, ctx, &mut plan, action).await;
+        let res = act(&m, ctx, &scopes, &mut plan, action).await;
         if let Err(e) = res {
             warn!(error = %e, "action failed; retrying later");
             deferred.get_or_insert(e);
@@ -616,10 +658,15 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
 async fn act<E: Ec2>(
     m: &Meta,
     ctx: &Context<E>,
+    scopes: &BTreeMap<String, String>,
     plan: &mut plan::Plan,
     action: Action,
 ) -> Result<()> {
     let ec2 = &ctx.ec2;
+    // EC2 calls go to the region's scope (its account); status and messages
+    // name the region.
+    let at = at(scopes, action.region());
+    let at = at.as_str();
     match action {
         Action::Copy {
             index,
@@ -630,14 +677,14 @@ async fn act<E: Ec2>(
             let src_region = request.source_region.as_str();
             let entry = &mut plan.status.destinations[index];
             if let Some(t) = &ctx.tracker
-                && let Err(queued) = t.admit(&key, &region, src_region)
+                && let Err(queued) = t.admit(&key, at, src_region)
             {
                 entry.state = state::QUEUED.into();
                 entry.reason = Some(reason::COPY_QUEUED.into());
                 entry.message = queued.message;
                 return Ok(());
             }
-            match ec2.copy_image(&region, &request).await {
+            match ec2.copy_image(at, &request).await {
                 Ok(id) => {
                     info!(%region, image = %id, "copy started");
                     ctx.metrics.copy_started(&region);
@@ -649,7 +696,7 @@ async fn act<E: Ec2>(
                             tags: request.tags.clone(),
                             ..ImageInfo::default()
                         };
-                        t.track_new(&key, &region, placeholder, src_region);
+                        t.track_new(&key, at, placeholder, src_region);
                     }
                     plan.notes.push(Note {
                         warning: false,
@@ -659,12 +706,12 @@ async fn act<E: Ec2>(
                     });
                     // Some EC2 peers ignore TagSpecifications; the image ID
                     // just returned is certainly ours, so tag it explicitly.
-                    ec2.create_tags(&region, std::slice::from_ref(&id), &request.tags)
+                    ec2.create_tags(at, std::slice::from_ref(&id), &request.tags)
                         .await?;
                 }
                 Err(e) => {
                     if let Some(t) = &ctx.tracker {
-                        t.release(&region, src_region);
+                        t.release(at, src_region);
                     }
                     match e.kind {
                         ErrorKind::Throttled if e.code == "ResourceLimitExceeded" => {
@@ -674,7 +721,7 @@ async fn act<E: Ec2>(
                                 "EC2's copy quota in {region} is reached; the operator slows down and retries"
                             );
                             match &ctx.tracker {
-                                Some(t) => t.lower_limit(&region),
+                                Some(t) => t.lower_limit(at),
                                 None => return Err(e.into()),
                             }
                         }
@@ -707,13 +754,11 @@ async fn act<E: Ec2>(
             tags,
         } => {
             info!(%region, image = %image_id, "updating the tags of a target and its snapshots");
-            ec2.create_tags(&region, &resource_ids, &tags).await?
+            ec2.create_tags(at, &resource_ids, &tags).await?
         }
         Action::Untag {
-            region,
-            resource_ids,
-            keys,
-        } => ec2.delete_tags(&region, &resource_ids, &keys).await?,
+            resource_ids, keys, ..
+        } => ec2.delete_tags(at, &resource_ids, &keys).await?,
         Action::Share {
             region,
             image_id,
@@ -725,12 +770,12 @@ async fn act<E: Ec2>(
             let (launch_add, volume_add) = split_permissions(&add);
             let (launch_remove, volume_remove) = split_permissions(&remove);
             if !launch_add.is_empty() || !launch_remove.is_empty() {
-                ec2.set_launch_permissions(&region, &image_id, &launch_add, &launch_remove)
+                ec2.set_launch_permissions(at, &image_id, &launch_add, &launch_remove)
                     .await?;
             }
             if !volume_add.is_empty() || !volume_remove.is_empty() {
                 for snap in &snapshot_ids {
-                    ec2.set_snapshot_permissions(&region, snap, &volume_add, &volume_remove)
+                    ec2.set_snapshot_permissions(at, snap, &volume_add, &volume_remove)
                         .await?;
                 }
             }
@@ -750,28 +795,28 @@ async fn act<E: Ec2>(
         Action::Deprecate {
             region,
             image_id,
-            at,
+            at: when,
         } => {
-            ec2.deprecate_image(&region, &image_id, &at).await?;
-            if let Some(t) = entry_for(plan, &image_id) {
-                t.deprecation_time = Some(at.clone());
-            }
+            ec2.deprecate_image(at, &image_id, &when).await?;
             plan.notes.push(Note {
                 warning: false,
                 reason: "Deprecated",
                 region: region.to_string(),
-                message: format!("{image_id} in {region} is deprecated from {at}"),
+                message: format!("{image_id} in {region} is deprecated from {when}"),
             });
+            if let Some(t) = entry_for(plan, &image_id) {
+                t.deprecation_time = Some(when);
+            }
         }
         Action::ClaimSnapshots {
-            region,
             image_id,
             snapshot_ids,
             tags,
-        } => claim_snapshots(ec2, &region, &image_id, &snapshot_ids, &tags).await?,
+            ..
+        } => claim_snapshots(ec2, at, &image_id, &snapshot_ids, &tags).await?,
         Action::Retire { region, image } => {
-            retire(ec2, &m.uid, &region, &image).await?;
-            forget_target(ctx, plan, &region, &image.id);
+            retire(ec2, &m.uid, at, &image).await?;
+            forget_target(ctx, plan, &region, at, &image.id);
             plan.notes.push(Note {
                 warning: false,
                 reason: "Deregistered",
@@ -784,10 +829,10 @@ async fn act<E: Ec2>(
         }
         Action::Release { region, image } => {
             let mut ids = vec![image.id.clone()];
-            ids.extend(owned_snapshot_ids(ec2, &m.uid, &region, &image).await?);
+            ids.extend(owned_snapshot_ids(ec2, &m.uid, at, &image).await?);
             let keys = [UID_TAG, OWNER_TAG, SOURCE_TAG].map(String::from);
-            ec2.delete_tags(&region, &ids, &keys).await?;
-            forget_target(ctx, plan, &region, &image.id);
+            ec2.delete_tags(at, &ids, &keys).await?;
+            forget_target(ctx, plan, &region, at, &image.id);
             plan.notes.push(Note {
                 warning: false,
                 reason: "Retained",
@@ -823,9 +868,9 @@ fn split_permissions(keys: &[String]) -> (Vec<Permission>, Vec<String>) {
 }
 
 /// A retired or released target leaves the tracker and the status.
-fn forget_target<E>(ctx: &Context<E>, plan: &mut plan::Plan, region: &str, id: &str) {
+fn forget_target<E>(ctx: &Context<E>, plan: &mut plan::Plan, region: &str, at: &str, id: &str) {
     if let Some(t) = &ctx.tracker {
-        t.untrack(region, id);
+        t.untrack(at, id);
     }
     plan.status
         .retiring
@@ -917,8 +962,11 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
         .effective_image_id(obj.status.as_ref())
         .unwrap_or_default();
     let tags = plan::desired_tags(&obj.spec, &m, source);
+    let scopes = scopes(obj);
     for region in plan::regions_of_interest(&obj.spec, obj.status.as_ref()) {
-        let images = match ec2.owned_images(&region, &m.uid).await {
+        let at = at(&scopes, &region);
+        let at = at.as_str();
+        let images = match ec2.owned_images(at, &m.uid).await {
             // A region that does not exist for this account holds nothing of
             // ours unless the status says a copy was made there.
             Err(e) if status::region_refused(&e) && !copied_to(obj, &region) => {
@@ -931,8 +979,8 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
             // Claim this image's untagged snapshots first, so the sweep below
             // finds them even on peers that ignore TagSpecifications.
             let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-            claim_snapshots(ec2, &region, &image.id, &ids, &tags).await?;
-            ec2.deregister_image(&region, &image.id).await?;
+            claim_snapshots(ec2, at, &image.id, &ids, &tags).await?;
+            ec2.deregister_image(at, &image.id).await?;
             ctx.publish(
                 obj,
                 &Note {
@@ -944,10 +992,10 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
             )
             .await;
         }
-        for snap in ec2.owned_snapshots(&region, &m.uid).await? {
-            ec2.delete_snapshot(&region, &snap.id).await?;
+        for snap in ec2.owned_snapshots(at, &m.uid).await? {
+            ec2.delete_snapshot(at, &snap.id).await?;
         }
-        let left = ec2.owned_images(&region, &m.uid).await?;
+        let left = ec2.owned_images(at, &m.uid).await?;
         if !left.is_empty() {
             let ids: Vec<&str> = left.iter().map(|i| i.id.as_str()).collect();
             return Err(Error::CleanupPending {

@@ -83,6 +83,22 @@ pub struct SnapshotInfo {
     pub tags: BTreeMap<String, String>,
 }
 
+/// Where EC2 calls go: a region of this account, or a region of another
+/// account through an IAM role. Encoded in the `region` argument of the
+/// [`Ec2`] methods as `region`, or `region roleArn [externalId]`.
+pub fn scope(region: &str, role_arn: Option<&str>, external_id: Option<&str>) -> String {
+    match (role_arn, external_id) {
+        (None, _) => region.to_owned(),
+        (Some(role), None) => format!("{region} {role}"),
+        (Some(role), Some(id)) => format!("{region} {role} {id}"),
+    }
+}
+
+/// The region of a scope.
+pub fn scope_region(scope: &str) -> &str {
+    scope.split(' ').next().unwrap_or(scope)
+}
+
 /// A launch permission on an image.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Permission {
@@ -327,6 +343,7 @@ pub const OPERATIONS: &[&str] = &[
 pub struct AwsEc2 {
     base: aws_config::SdkConfig,
     endpoint_url: Option<String>,
+    sts_endpoint_url: Option<String>,
     clients: Arc<RwLock<HashMap<String, Client>>>,
     metrics: Arc<Metrics>,
 }
@@ -340,6 +357,7 @@ impl AwsEc2 {
         Self {
             base,
             endpoint_url,
+            sts_endpoint_url: None,
             clients: Arc::default(),
             metrics,
         }
@@ -359,12 +377,36 @@ impl AwsEc2 {
         Self::new(base, endpoint_url, metrics)
     }
 
-    fn client(&self, region: &str) -> Client {
-        if let Some(c) = self.clients.read().expect("client cache lock").get(region) {
+    /// STS endpoint for assumed roles (local peers); AWS's otherwise.
+    pub fn with_sts_endpoint(mut self, url: Option<String>) -> Self {
+        self.sts_endpoint_url = url;
+        self
+    }
+
+    /// The client of a scope (see [`scope`]), cached: for a role, its
+    /// credentials come from STS AssumeRole and are refreshed before they
+    /// expire.
+    async fn client(&self, scope: &str) -> Client {
+        if let Some(c) = self.clients.read().expect("client cache lock").get(scope) {
             return c.clone();
         }
-        let mut conf =
-            aws_sdk_ec2::config::Builder::from(&self.base).region(Region::new(region.to_owned()));
+        let mut parts = scope.split(' ');
+        let region = Region::new(parts.next().unwrap_or_default().to_owned());
+        let mut conf = aws_sdk_ec2::config::Builder::from(&self.base).region(region.clone());
+        if let Some(role) = parts.next() {
+            let mut sts = self.base.clone().into_builder();
+            if let Some(url) = &self.sts_endpoint_url {
+                sts = sts.endpoint_url(url);
+            }
+            let mut assume = aws_config::sts::AssumeRoleProvider::builder(role)
+                .session_name("ami-copy-operator")
+                .region(region)
+                .configure(&sts.build());
+            if let Some(id) = parts.next() {
+                assume = assume.external_id(id);
+            }
+            conf = conf.credentials_provider(assume.build().await);
+        }
         if let Some(url) = &self.endpoint_url {
             conf = conf.endpoint_url(url);
         }
@@ -372,7 +414,7 @@ impl AwsEc2 {
         self.clients
             .write()
             .expect("client cache lock")
-            .entry(region.to_owned())
+            .entry(scope.to_owned())
             .or_insert(client)
             .clone()
     }
@@ -394,7 +436,8 @@ impl AwsEc2 {
                 ErrorKind::Rejected => "rejected",
             },
         };
-        self.metrics.ec2_call(op, region, outcome, start.elapsed());
+        self.metrics
+            .ec2_call(op, scope_region(region), outcome, start.elapsed());
         res
     }
 }
@@ -501,6 +544,7 @@ impl Ec2 for AwsEc2 {
     ) -> Result<Option<ImageInfo>, Ec2Error> {
         let req = self
             .client(region)
+            .await
             .describe_images()
             .image_ids(image_id)
             .send();
@@ -529,13 +573,18 @@ impl Ec2 for AwsEc2 {
             .name("image-id")
             .set_values(Some(image_ids.to_vec()))
             .build();
-        let req = self.client(region).describe_images().filters(filter).send();
+        let req = self
+            .client(region)
+            .await
+            .describe_images()
+            .filters(filter)
+            .send();
         let out = self.call("DescribeImages", region, req).await?;
         Ok(out.images().iter().map(image_info).collect())
     }
 
     async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
-        let client = self.client(region);
+        let client = self.client(region).await;
         let mut images = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -564,6 +613,7 @@ impl Ec2 for AwsEc2 {
         };
         let call = self
             .client(region)
+            .await
             .copy_image()
             .source_region(&req.source_region)
             .source_image_id(&req.source_image_id)
@@ -591,6 +641,7 @@ impl Ec2 for AwsEc2 {
     ) -> Result<(), Ec2Error> {
         let req = self
             .client(region)
+            .await
             .create_tags()
             .set_resources(Some(resource_ids.to_vec()))
             .set_tags(Some(to_tags(tags)))
@@ -607,6 +658,7 @@ impl Ec2 for AwsEc2 {
         let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
         let req = self
             .client(region)
+            .await
             .delete_tags()
             .set_resources(Some(resource_ids.to_vec()))
             .set_tags(Some(tags))
@@ -617,6 +669,7 @@ impl Ec2 for AwsEc2 {
     async fn deregister_image(&self, region: &str, image_id: &str) -> Result<(), Ec2Error> {
         let req = self
             .client(region)
+            .await
             .deregister_image()
             .image_id(image_id)
             .send();
@@ -642,6 +695,7 @@ impl Ec2 for AwsEc2 {
             .build();
         let req = self
             .client(region)
+            .await
             .describe_snapshots()
             .owner_ids("self")
             .filters(filter)
@@ -655,7 +709,7 @@ impl Ec2 for AwsEc2 {
         region: &str,
         uid: &str,
     ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
-        let client = self.client(region);
+        let client = self.client(region).await;
         let mut snaps = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -677,6 +731,7 @@ impl Ec2 for AwsEc2 {
     async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), Ec2Error> {
         let req = self
             .client(region)
+            .await
             .delete_snapshot()
             .snapshot_id(snapshot_id)
             .send();
@@ -709,6 +764,7 @@ impl Ec2 for AwsEc2 {
             .build();
         let req = self
             .client(region)
+            .await
             .modify_image_attribute()
             .image_id(image_id)
             .launch_permission(change)
@@ -732,6 +788,7 @@ impl Ec2 for AwsEc2 {
             .build();
         let req = self
             .client(region)
+            .await
             .modify_snapshot_attribute()
             .snapshot_id(snapshot_id)
             .attribute(SnapshotAttributeName::CreateVolumePermission)
@@ -760,6 +817,7 @@ impl Ec2 for AwsEc2 {
         })?;
         let req = self
             .client(region)
+            .await
             .enable_image_deprecation()
             .image_id(image_id)
             .deprecate_at(at)
@@ -774,7 +832,7 @@ impl Ec2 for AwsEc2 {
         region: &str,
         query: &ImageQuery,
     ) -> Result<Vec<ImageInfo>, Ec2Error> {
-        let client = self.client(region);
+        let client = self.client(region).await;
         let owners = if query.owners.is_empty() {
             vec!["self".to_owned()]
         } else {

@@ -44,6 +44,10 @@ struct RunArgs {
     /// AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_EC2 work too.
     #[arg(long, env = "AMICOPY_EC2_ENDPOINT_URL")]
     ec2_endpoint_url: Option<String>,
+    /// STS endpoint URL for the roles of cross-account destinations (local
+    /// peers); AWS_ENDPOINT_URL_STS works too.
+    #[arg(long, env = "AMICOPY_STS_ENDPOINT_URL")]
+    sts_endpoint_url: Option<String>,
     /// Address of /metrics, /livez and /readyz.
     #[arg(long, env = "AMICOPY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -127,7 +131,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
-    let ec2 = AwsEc2::from_env(args.ec2_endpoint_url, metrics.clone()).await;
+    let ec2 = AwsEc2::from_env(args.ec2_endpoint_url, metrics.clone())
+        .await
+        .with_sts_endpoint(args.sts_endpoint_url);
     let config = Config {
         poll_interval: args.poll_interval,
         resync_interval: args.resync_interval,

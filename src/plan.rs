@@ -136,6 +136,22 @@ pub struct Plan {
     pub global: Option<(&'static str, String)>,
 }
 
+impl Action {
+    /// The region the action is about.
+    pub fn region(&self) -> &str {
+        match self {
+            Action::Copy { region, .. }
+            | Action::TagImage { region, .. }
+            | Action::Untag { region, .. }
+            | Action::Share { region, .. }
+            | Action::Deprecate { region, .. }
+            | Action::ClaimSnapshots { region, .. }
+            | Action::Retire { region, .. }
+            | Action::Release { region, .. } => region,
+        }
+    }
+}
+
 impl Plan {
     /// Fills in `available` and the conditions from the destination states;
     /// called again after the actions changed them.
@@ -236,6 +252,7 @@ fn target_status(
         },
         deprecation_time: img.deprecation_time.clone(),
         shared_with: Vec::new(),
+        role_arn: None,
         attempt,
     }
 }
@@ -797,6 +814,22 @@ pub fn plan(
         }
     }
 
+    // Which account each entry lives in: the destination's role, or for a
+    // region no longer listed, the role the copy was made through.
+    for t in destinations
+        .iter_mut()
+        .chain(&mut retiring)
+        .chain(&mut generations)
+    {
+        t.role_arn = match spec.destinations.iter().find(|d| d.region == t.region) {
+            Some(d) => d.role_arn.clone(),
+            None => t
+                .image_id
+                .as_deref()
+                .and_then(|id| last_entry(&prev, id))
+                .and_then(|l| l.role_arn.clone()),
+        };
+    }
     let status = AmiCopyStatus {
         observed_generation: meta.generation,
         source_image_id: (!source_id.is_empty()).then(|| source_id.into()),

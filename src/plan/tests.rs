@@ -35,6 +35,8 @@ fn dest(region: &str) -> Destination {
         region: region.into(),
         encrypted: None,
         kms_key_id: None,
+        role_arn: None,
+        external_id: None,
     }
 }
 

@@ -360,3 +360,108 @@ async fn sim_tags_follow_the_spec_without_touching_foreign_tags() {
     }
     op.stop().await;
 }
+
+/// A destination with a role: the operator assumes it through STS and the
+/// copy is made, tracked and cleaned up in the role's account; the source is
+/// shared with that account (image and snapshot), as AWS requires. A second
+/// destination without a role copies in the operator's own account.
+#[tokio::test]
+async fn sim_cross_account_destination_through_an_assumed_role() {
+    const OTHER: &str = "222233334444";
+    let role = format!("arn:aws:iam::{OTHER}:role/ami-copier");
+    let mut config = ec2peer::sim_config();
+    config.copy_duration = Duration::from_millis(300);
+    config
+        .roles
+        .insert(role.clone(), Some("amicopy-test".into()));
+    let peer = Peer {
+        env: PeerEnv::with_sim(config).await,
+    };
+    let (api, op) = operator(&peer, "cross-account").await;
+    let source = peer.seed_source("shared-source").await;
+
+    // Share the source and its snapshot with the other account.
+    let ec2 = peer.ec2(SOURCE_REGION);
+    let src = peer.control().image(&source).unwrap();
+    ec2.modify_image_attribute()
+        .image_id(&source)
+        .launch_permission(
+            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                .add(
+                    aws_sdk_ec2::types::LaunchPermission::builder()
+                        .user_id(OTHER)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    for snap in src.snapshot_ids() {
+        ec2.modify_snapshot_attribute()
+            .snapshot_id(snap)
+            .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+            .create_volume_permission(
+                aws_sdk_ec2::types::CreateVolumePermissionModifications::builder()
+                    .add(
+                        aws_sdk_ec2::types::CreateVolumePermission::builder()
+                            .user_id(OTHER)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let obj = create(
+        &api,
+        "across",
+        json!({"source": {"region": SOURCE_REGION, "imageId": source},
+               "destinations": [
+                   {"region": "eu-west-1", "roleArn": role, "externalId": "amicopy-test"},
+                   {"region": "ap-southeast-2"}]}),
+    )
+    .await;
+    let uid = obj.uid().unwrap();
+    let ready = wait_for(&api, "across", "Ready=True", is_ready).await;
+    let control = peer.control();
+    let there = control
+        .image(&target_of(&ready, "eu-west-1").unwrap())
+        .unwrap();
+    assert_eq!(
+        there.owner,
+        OTHER,
+        "copied into the role's account; calls: {:?}",
+        control.calls()
+    );
+    assert_eq!(there.tags.get("amicopy.dev/uid"), Some(&uid));
+    let here = control
+        .image(&target_of(&ready, "ap-southeast-2").unwrap())
+        .unwrap();
+    assert_eq!(here.owner, ec2peer::ACCOUNT);
+    let status = ready.status.unwrap();
+    assert_eq!(
+        status
+            .destinations
+            .iter()
+            .find(|d| d.region == "eu-west-1")
+            .unwrap()
+            .role_arn
+            .as_deref(),
+        Some(role.as_str())
+    );
+
+    testbed::delete(&api, "across").await;
+    testbed::wait_gone(&api, "across").await;
+    assert!(
+        control.image(&there.id).is_none(),
+        "deregistered in the other account"
+    );
+    for snap in there.snapshot_ids() {
+        assert!(control.snapshot(snap).is_none(), "its snapshot deleted");
+    }
+    assert!(control.image(&source).is_some(), "the source stays");
+    op.stop().await;
+}

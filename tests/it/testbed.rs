@@ -77,10 +77,10 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
 }
 
 /// Static dummy credentials and a region, as the operator would get from the
-/// environment; the endpoint is the EC2 peer on loopback.
-pub fn sdk_config() -> aws_config::SdkConfig {
-    aws_config::SdkConfig::builder()
-        .behavior_version(BehaviorVersion::latest())
+/// environment (with the same defaults: time source, sleep, retries); the
+/// endpoint is the EC2 peer on loopback.
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
             crate::ec2peer::ACCESS_KEY_ID,
@@ -89,7 +89,8 @@ pub fn sdk_config() -> aws_config::SdkConfig {
             None,
             "testbed",
         )))
-        .build()
+        .load()
+        .await
 }
 
 /// The operator, running in this process, watching one namespace.
@@ -111,7 +112,13 @@ impl Operator {
         adjust: impl FnOnce(&mut Config),
     ) -> Self {
         let metrics = Arc::new(Metrics::default());
-        let ec2 = AwsEc2::new(sdk_config(), Some(ec2_endpoint.to_owned()), metrics.clone());
+        // The EC2 simulator answers STS AssumeRole too (cross-account tests).
+        let ec2 = AwsEc2::new(
+            sdk_config().await,
+            Some(ec2_endpoint.to_owned()),
+            metrics.clone(),
+        )
+        .with_sts_endpoint(Some(ec2_endpoint.to_owned()));
         let mut config = Config {
             poll_interval: Duration::from_millis(300),
             resync_interval: Duration::from_secs(3),

@@ -80,6 +80,10 @@ pub struct SimConfig {
     pub encryption_by_default: Vec<AccountRegion>,
     /// Seed for ids and random fault triggers; `None` draws one at start.
     pub seed: Option<u64>,
+    /// IAM roles STS AssumeRole may hand out credentials for (by ARN; the
+    /// account is the ARN's), with the external ID each requires, if any.
+    #[serde(default)]
+    pub roles: BTreeMap<String, Option<String>>,
 }
 
 impl Default for SimConfig {
@@ -93,6 +97,7 @@ impl Default for SimConfig {
             regions_without_paravirtual: Vec::new(),
             encryption_by_default: Vec::new(),
             seed: None,
+            roles: BTreeMap::new(),
         }
     }
 }

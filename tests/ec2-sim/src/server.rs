@@ -11,9 +11,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+
 use serde_json::Value;
 
-use crate::config::SimConfig;
+use crate::config::{Identity, SimConfig};
 use crate::control::Control;
 use crate::faults::{FaultRule, Injected};
 use crate::model::{Caller, SeedImage};
@@ -78,7 +79,7 @@ fn authenticate(
     control: &Control,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(Caller, Params), (ApiError, Option<String>)> {
+) -> Result<(Caller, Params, String), (ApiError, Option<String>)> {
     let params = Params::parse(body);
     let auth = Authorization::parse(
         headers
@@ -109,6 +110,7 @@ fn authenticate(
     }
     if let Some(version) = params.get("Version")
         && version != API_VERSION
+        && auth.service == "ec2"
     {
         return Err((
             ApiError::client(
@@ -124,6 +126,7 @@ fn authenticate(
             region: auth.region,
         },
         params,
+        auth.service,
     ))
 }
 
@@ -136,10 +139,19 @@ async fn ec2(State(control): State<Arc<Control>>, headers: HeaderMap, body: Byte
         control.record(&action, region, &error.code);
         xml(error.status, error.to_xml(&request_id))
     };
-    let (caller, params) = match authenticate(&control, &headers, &body) {
+    let (caller, params, service) = match authenticate(&control, &headers, &body) {
         Ok(ok) => ok,
         Err((error, region)) => return fail(error, region.as_deref().unwrap_or("-")),
     };
+    if service == "sts" {
+        return match assume_role(&control, &action, &params, &request_id) {
+            Ok(body) => {
+                control.record(&action, &caller.region, "ok");
+                xml(200, body)
+            }
+            Err(error) => fail(error, &caller.region),
+        };
+    }
     if action == "-" {
         return fail(
             ApiError::client(
@@ -185,6 +197,58 @@ async fn ec2(State(control): State<Arc<Control>>, headers: HeaderMap, body: Byte
         }
         Err(error) => fail(error, &caller.region),
     }
+}
+
+/// STS AssumeRole for the roles the configuration lists: fresh credentials
+/// of the role's account, known to the simulator from then on.
+fn assume_role(
+    control: &Control,
+    action: &str,
+    params: &Params,
+    request_id: &str,
+) -> Result<String, ApiError> {
+    let denied = |why: String| ApiError::with_status(403, "AccessDenied", why);
+    if action != "AssumeRole" {
+        return Err(ApiError::client(
+            "InvalidAction",
+            format!("STS action {action} is not simulated"),
+        ));
+    }
+    let role = params
+        .string("RoleArn")
+        .ok_or_else(|| ApiError::client("MissingParameter", "RoleArn is required"))?;
+    let config = control.config();
+    let Some(external_id) = config.roles.get(&role) else {
+        return Err(denied(format!(
+            "not authorized to perform sts:AssumeRole on resource: {role}"
+        )));
+    };
+    if external_id.is_some() && params.string("ExternalId") != *external_id {
+        return Err(denied(format!(
+            "the external ID does not match the trust policy of {role}"
+        )));
+    }
+    let account = role.split(':').nth(4).unwrap_or_default().to_string();
+    let n = control.images().len() + control.snapshots().len() + config.identities.len();
+    let key = format!("ASIASIM{n:013}");
+    let secret = format!("sim-session-secret-{n}");
+    control.update_config(|c| {
+        c.identities.insert(
+            key.clone(),
+            Identity {
+                account: account.clone(),
+                secret_access_key: Some(secret.clone()),
+            },
+        );
+    });
+    let session = params.string("RoleSessionName").unwrap_or_default();
+    Ok(format!(
+        "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>\
+         <Credentials><AccessKeyId>{key}</AccessKeyId><SecretAccessKey>{secret}</SecretAccessKey>\
+         <SessionToken>sim-session-token-{n}</SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration></Credentials>\
+         <AssumedRoleUser><AssumedRoleId>AROASIM:{session}</AssumedRoleId><Arn>{role}/{session}</Arn></AssumedRoleUser>\
+         </AssumeRoleResult><ResponseMetadata><RequestId>{request_id}</RequestId></ResponseMetadata></AssumeRoleResponse>"
+    ))
 }
 
 type Ctl = State<Arc<Control>>;

@@ -62,7 +62,7 @@ impl Authorization {
                 "Malformed credential scope {credential}"
             )));
         }
-        if service != "ec2" {
+        if service != "ec2" && service != "sts" {
             return Err(incomplete(&format!(
                 "Credential should be scoped to correct service: 'ec2', not '{service}'"
             )));
