@@ -465,3 +465,78 @@ async fn sim_cross_account_destination_through_an_assumed_role() {
     assert!(control.image(&source).is_some(), "the source stays");
     op.stop().await;
 }
+
+/// Against moto (which models DescribeImages filters and launch
+/// permissions): a selector picks the newest matching image and follows a
+/// newer one; the copy is shared with an account.
+#[tokio::test]
+async fn moto_selector_and_sharing() {
+    let peer = Peer {
+        env: PeerEnv::start(ec2peer::Peer::Moto).await,
+    };
+    let (api, op) = operator(&peer, "moto-selector").await;
+    let family = ec2peer::unique("moto-golden");
+    let seed = |n: u32| {
+        let client = peer.ec2(SOURCE_REGION);
+        let name = format!("{family}-{n}");
+        async move {
+            ec2peer::seed_image(&client, SOURCE_REGION, &name, &[])
+                .await
+                .image_id
+        }
+    };
+    let first = seed(1).await;
+    let obj = create(
+        &api,
+        "follow",
+        json!({"source": {"region": SOURCE_REGION, "selector": {"name": format!("{family}-*")}},
+               "destinations": [{"region": "eu-west-1"}],
+               "sharing": {"accounts": [ACCOUNT]}}),
+    )
+    .await;
+    let uid = obj.uid().unwrap();
+    let v1 = wait_for(&api, "follow", "the first image copied and shared", |o| {
+        is_ready(o)
+            && o.status.as_ref().is_some_and(|s| {
+                s.source_image_id.as_deref() == Some(first.as_str())
+                    && s.destinations[0].shared_with.len() == 1
+            })
+    })
+    .await;
+    let copy = target_of(&v1, "eu-west-1").unwrap();
+    let perms = peer
+        .ec2("eu-west-1")
+        .describe_image_attribute()
+        .image_id(&copy)
+        .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+        .send()
+        .await
+        .unwrap();
+    let users: Vec<_> = perms
+        .launch_permissions()
+        .iter()
+        .filter_map(|p| p.user_id())
+        .collect();
+    assert_eq!(users, vec![ACCOUNT], "moto holds the launch permission");
+
+    // moto dates images to the second: the next build is a second newer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = seed(2).await;
+    let v2 = wait_for(
+        &api,
+        "follow",
+        "the newer image copied, the old copy retired",
+        |o| {
+            is_ready(o)
+                && o.status.as_ref().is_some_and(|s| {
+                    s.source_image_id.as_deref() == Some(second.as_str()) && s.retiring.is_empty()
+                })
+        },
+    )
+    .await;
+    assert_eq!(
+        peer.owned_ids("eu-west-1", &uid).await,
+        vec![target_of(&v2, "eu-west-1").unwrap()]
+    );
+    op.stop().await;
+}
