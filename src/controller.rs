@@ -57,6 +57,9 @@ pub struct Config {
     pub source_refresh_interval: Duration,
     /// Whether `sharing.public` may make images public.
     pub allow_public_images: bool,
+    /// Reconciles running at once: bounds memory (each holds its EC2 calls'
+    /// buffers) and the burst of calls to EC2 and the API server.
+    pub concurrency: u16,
 }
 
 impl Default for Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             source_copy_limit: tracker.source_limit,
             source_refresh_interval: Duration::from_secs(600),
             allow_public_images: false,
+            concurrency: 16,
         }
     }
 }
@@ -179,6 +183,9 @@ pub async fn run<E: Ec2>(
         .reflect(writer)
         .touched_objects();
     let controller = Controller::for_stream_with(objects, reader, ar)
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
+        )
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .reconcile_on(woken.map(ObjectRef::erase))
         .run(reconcile_raw, error_policy, ctx.clone())

@@ -78,6 +78,9 @@ struct RunArgs {
     /// Let `sharing.public: true` make copies public (refused otherwise).
     #[arg(long, env = "AMICOPY_ALLOW_PUBLIC_IMAGES")]
     allow_public_images: bool,
+    /// Reconciles running at once.
+    #[arg(long, env = "AMICOPY_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+    max_concurrent_reconciles: u16,
     /// Log format.
     #[arg(long, env = "AMICOPY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -142,6 +145,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         source_copy_limit: args.copy_limit_per_source_region,
         source_refresh_interval: args.source_refresh_interval,
         allow_public_images: args.allow_public_images,
+        concurrency: args.max_concurrent_reconciles,
         ..Config::default()
     };
     let ctx = Arc::new(Context::new(client.clone(), ec2, metrics.clone(), config));
