@@ -652,6 +652,11 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     let poll = plan.busy && (ctx.tracker.is_none() || unstarted);
     let mut next = if poll {
         ctx.config.poll_interval
+    } else if ctx.tracker.is_some() {
+        // The tracker re-checks every target each drift period and wakes the
+        // object on a change; this is only a safety net, so that thousands of
+        // settled objects do not all wake up every period for nothing.
+        ctx.config.resync_interval * 6
     } else {
         ctx.config.resync_interval
     };

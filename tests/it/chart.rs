@@ -239,6 +239,8 @@ fn default_render_is_a_hardened_single_replica_cluster_wide_operator() {
             "--tracking=batched",
             "--copy-limit-per-region=50",
             "--copy-limit-per-source-region=25",
+            "--max-concurrent-reconciles=16",
+            "--source-refresh-interval=10m",
             "--log-format=text"
         ]
     );
@@ -380,12 +382,17 @@ fn other_values_render_as_documented() {
     let tuned = args(&render(
         "amicopy",
         "ops",
-        &json!({"tracking": "per-object", "copyLimits": {"perRegion": 20, "perSourceRegion": 10}}),
+        &json!({"tracking": "per-object", "copyLimits": {"perRegion": 20, "perSourceRegion": 10},
+                "maxConcurrentReconciles": 4, "allowPublicImages": true,
+                "aws": {"stsEndpointUrl": "https://sts.eu-west-1.amazonaws.com"}}),
     ));
     for flag in [
         "--tracking=per-object",
         "--copy-limit-per-region=20",
         "--copy-limit-per-source-region=10",
+        "--max-concurrent-reconciles=4",
+        "--allow-public-images",
+        "--sts-endpoint-url=https://sts.eu-west-1.amazonaws.com",
     ] {
         assert!(tuned.contains(&flag.to_owned()), "{flag} in {tuned:?}");
     }
