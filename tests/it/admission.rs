@@ -86,3 +86,38 @@ async fn invalid_manifests_are_refused_with_a_readable_message() {
         .await;
     assert!(ok.is_ok(), "a valid manifest is accepted: {ok:?}");
 }
+
+/// Every manifest under `examples/` is accepted by the real API server
+/// (server-side dry run), so the documentation cannot drift from the CRD.
+#[tokio::test]
+async fn every_example_is_accepted() {
+    let kube = testbed::kube().await;
+    let ns = testbed::namespace(&kube, "examples").await;
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        kube.clone(),
+        &ns,
+        &kube::api::ApiResource::erase::<AmiCopy>(&()),
+    );
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("examples/") {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let obj: DynamicObject = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let res = api
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &obj,
+            )
+            .await;
+        assert!(res.is_ok(), "{} refused: {res:?}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 5, "only {seen} examples found");
+}
