@@ -18,6 +18,7 @@ use aws_sdk_ec2::types::{
     TagSpecification,
 };
 use aws_sdk_ec2::{Client, config::Region};
+use aws_smithy_async::future::pagination_stream::PaginationStream;
 
 use crate::api::UID_TAG;
 use crate::metrics::Metrics;
@@ -426,7 +427,43 @@ impl AwsEc2 {
         F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     {
         let start = Instant::now();
-        let res = fut.await.map_err(from_sdk);
+        let res = fut.await;
+        self.record(op, region, start, res)
+    }
+
+    /// Every page of a request the SDK paginates, each page counted as one
+    /// call.
+    async fn pages<T, E>(
+        &self,
+        op: &'static str,
+        region: &str,
+        mut pages: PaginationStream<Result<T, SdkError<E, HttpResponse>>>,
+    ) -> Result<Vec<T>, Ec2Error>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let mut out = Vec::new();
+        loop {
+            let start = Instant::now();
+            match pages.next().await {
+                Some(page) => out.push(self.record(op, region, start, page)?),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Counts one call by operation, region and outcome.
+    fn record<T, E>(
+        &self,
+        op: &'static str,
+        region: &str,
+        start: Instant,
+        res: Result<T, SdkError<E, HttpResponse>>,
+    ) -> Result<T, Ec2Error>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let res = res.map_err(from_sdk);
         let outcome = match &res {
             Ok(_) => "ok",
             Err(e) => match e.kind {
@@ -439,6 +476,29 @@ impl AwsEc2 {
         self.metrics
             .ec2_call(op, scope_region(region), outcome, start.elapsed());
         res
+    }
+
+    /// Every image matching `owners` and `filters`, all pages.
+    async fn all_images(
+        &self,
+        region: &str,
+        owners: Vec<String>,
+        filters: Vec<Filter>,
+    ) -> Result<Vec<ImageInfo>, Ec2Error> {
+        let req = self
+            .client(region)
+            .await
+            .describe_images()
+            .set_owners(Some(owners))
+            .set_filters(Some(filters))
+            .into_paginator()
+            .send();
+        let pages = self.pages("DescribeImages", region, req).await?;
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.images())
+            .map(image_info)
+            .collect())
     }
 }
 
@@ -584,23 +644,8 @@ impl Ec2 for AwsEc2 {
     }
 
     async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
-        let client = self.client(region).await;
-        let mut images = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let req = client
-                .describe_images()
-                .owners("self")
-                .filters(tag_filter(uid))
-                .set_next_token(token.take())
-                .send();
-            let out = self.call("DescribeImages", region, req).await?;
-            images.extend(out.images().iter().map(image_info));
-            match out.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(images),
-            }
-        }
+        self.all_images(region, vec!["self".into()], vec![tag_filter(uid)])
+            .await
     }
 
     async fn copy_image(&self, region: &str, req: &CopyRequest) -> Result<String, Ec2Error> {
@@ -709,23 +754,20 @@ impl Ec2 for AwsEc2 {
         region: &str,
         uid: &str,
     ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
-        let client = self.client(region).await;
-        let mut snaps = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let req = client
-                .describe_snapshots()
-                .owner_ids("self")
-                .filters(tag_filter(uid))
-                .set_next_token(token.take())
-                .send();
-            let out = self.call("DescribeSnapshots", region, req).await?;
-            snaps.extend(out.snapshots().iter().filter_map(snapshot_info));
-            match out.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(snaps),
-            }
-        }
+        let req = self
+            .client(region)
+            .await
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(tag_filter(uid))
+            .into_paginator()
+            .send();
+        let pages = self.pages("DescribeSnapshots", region, req).await?;
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.snapshots())
+            .filter_map(snapshot_info)
+            .collect())
     }
 
     async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), Ec2Error> {
@@ -832,7 +874,6 @@ impl Ec2 for AwsEc2 {
         region: &str,
         query: &ImageQuery,
     ) -> Result<Vec<ImageInfo>, Ec2Error> {
-        let client = self.client(region).await;
         let owners = if query.owners.is_empty() {
             vec!["self".to_owned()]
         } else {
@@ -845,22 +886,7 @@ impl Ec2 for AwsEc2 {
         for (k, v) in &query.tags {
             filters.push(Filter::builder().name(format!("tag:{k}")).values(v).build());
         }
-        let mut images = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let req = client
-                .describe_images()
-                .set_owners(Some(owners.clone()))
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token.take())
-                .send();
-            let out = self.call("DescribeImages", region, req).await?;
-            images.extend(out.images().iter().map(image_info));
-            match out.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(images),
-            }
-        }
+        self.all_images(region, owners, filters).await
     }
 }
 
@@ -885,8 +911,9 @@ mod tests {
     fn called_operations() -> BTreeSet<String> {
         let source = include_str!("ec2.rs");
         let code = &source[..source.find("#[cfg(test)]").expect("a test module")];
-        code.split(".call(\"")
-            .skip(1)
+        [".call(\"", ".pages(\""]
+            .iter()
+            .flat_map(|needle| code.split(needle).skip(1))
             .map(|rest| rest[..rest.find('"').expect("a closing quote")].to_owned())
             .collect()
     }
