@@ -376,7 +376,12 @@ fn meta(obj: &AmiCopy, config: &Config) -> Result<Meta> {
 /// What EC2 holds for this object: from the tracker's cache when it knows
 /// every target the status names, else by asking EC2 (and tracking what it
 /// says).
-async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Observed> {
+async fn observe<E: Ec2>(
+    obj: &AmiCopy,
+    m: &Meta,
+    scopes: &BTreeMap<String, String>,
+    ctx: &Context<E>,
+) -> Result<Observed> {
     let spec = &obj.spec;
     let previous = obj.status.as_ref();
     let ec2 = &ctx.ec2;
@@ -394,9 +399,7 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
         Some(id) => observe_source(&spec.source.region, id, ec2, tracker).await,
         None => Ok(None),
     };
-    let scopes = scopes(obj);
-    if let Some((owned, recorded)) =
-        tracker.and_then(|t| from_cache(obj, m, source_id?, &scopes, t))
+    if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, source_id?, scopes, t))
     {
         return Ok(Observed {
             source: Some(source),
@@ -408,7 +411,6 @@ async fn observe<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<Ob
     }
     // A region EC2 cannot be asked about is reported on its destination; the
     // others go on.
-    let scopes = &scopes;
     let regions = plan::regions_of_interest(spec, previous);
     let mut owned: BTreeMap<String, Vec<ImageInfo>> = BTreeMap::new();
     let mut unreachable = BTreeMap::new();
@@ -615,7 +617,7 @@ fn object_ref(m: &Meta) -> ObjectRef<AmiCopy> {
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
     let m = meta(obj, &ctx.config)?;
     let scopes = scopes(obj);
-    let observed = observe(obj, &m, ctx).await?;
+    let observed = observe(obj, &m, &scopes, ctx).await?;
     let now = Time(Timestamp::now());
     let mut plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);
     let mut deferred: Option<Error> = None;
