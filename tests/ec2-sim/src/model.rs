@@ -410,6 +410,11 @@ pub struct State {
     deregistered: BTreeSet<String>,
     tokens: HashMap<TokenKey, (CopyImage, String)>,
     rng: StdRng,
+    // Indexes that keep the filtered look-ups of tens of thousands of images
+    // from scanning them all: image IDs by (tag key, tag value), and the
+    // images whose copy is still running.
+    images_by_tag: HashMap<(String, String), BTreeSet<String>>,
+    copying: BTreeSet<String>,
 }
 
 pub(crate) fn not_found_image(ids: &[&str]) -> ApiError {
@@ -587,6 +592,11 @@ pub fn wildcard(pattern: &str, value: &str) -> bool {
         }
     }
     p[pi..].iter().all(|c| *c == '*')
+}
+
+/// Whether a filter value matches only itself (no `*`, `?` or escape).
+fn is_literal(value: &str) -> bool {
+    !value.contains(['*', '?', '\\'])
 }
 
 fn tag_filter_values(tags: &Tags, name: &str) -> Option<Vec<String>> {
@@ -792,7 +802,78 @@ impl State {
             deregistered: BTreeSet::new(),
             tokens: HashMap::new(),
             rng: StdRng::seed_from_u64(seed),
+            images_by_tag: HashMap::new(),
+            copying: BTreeSet::new(),
         }
+    }
+
+    /// Every new image goes through here, so that the indexes know of it.
+    fn insert_image(&mut self, image: Image) {
+        if image.copy.is_some() {
+            self.copying.insert(image.id.clone());
+        }
+        self.index_tags(&image.id, &image.tags);
+        self.images.insert(image.id.clone(), image);
+    }
+
+    fn remove_image(&mut self, id: &str) -> Option<Image> {
+        let image = self.images.remove(id)?;
+        self.copying.remove(id);
+        self.unindex_tags(id, &image.tags);
+        Some(image)
+    }
+
+    fn index_tags(&mut self, id: &str, tags: &Tags) {
+        for (key, value) in tags {
+            self.images_by_tag
+                .entry((key.clone(), value.clone()))
+                .or_default()
+                .insert(id.to_string());
+        }
+    }
+
+    fn unindex_tags(&mut self, id: &str, tags: &Tags) {
+        for (key, value) in tags {
+            let entry = (key.clone(), value.clone());
+            if let Some(ids) = self.images_by_tag.get_mut(&entry) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.images_by_tag.remove(&entry);
+                }
+            }
+        }
+    }
+
+    /// The most images `query` can select when it names them: by
+    /// `ImageIds`, or by an `image-id` or `tag:` filter without wildcards.
+    /// `None` when any image may match.
+    fn image_candidates<'a>(&'a self, query: &'a ImageQuery) -> Option<BTreeSet<&'a str>> {
+        if !query.image_ids.is_empty() {
+            return Some(query.image_ids.iter().map(String::as_str).collect());
+        }
+        let mut narrowest: Option<BTreeSet<&str>> = None;
+        for filter in &query.filters {
+            if !filter.values.iter().all(|v| is_literal(v)) {
+                continue;
+            }
+            let ids: BTreeSet<&str> = if filter.name == "image-id" {
+                filter.values.iter().map(String::as_str).collect()
+            } else if let Some(key) = filter.name.strip_prefix("tag:") {
+                filter
+                    .values
+                    .iter()
+                    .filter_map(|v| self.images_by_tag.get(&(key.to_string(), v.clone())))
+                    .flatten()
+                    .map(String::as_str)
+                    .collect()
+            } else {
+                continue;
+            };
+            if narrowest.as_ref().is_none_or(|n| ids.len() < n.len()) {
+                narrowest = Some(ids);
+            }
+        }
+        narrowest
     }
 
     fn new_id(&mut self, prefix: &str) -> String {
@@ -803,12 +884,18 @@ impl State {
     /// Completes the copies whose time has come.
     pub fn tick(&mut self, now: OffsetDateTime) {
         let due: Vec<String> = self
-            .images
-            .values()
-            .filter(|i| i.copy.as_ref().is_some_and(|c| c.ready_at <= now))
-            .map(|i| i.id.clone())
+            .copying
+            .iter()
+            .filter(|id| {
+                self.images[*id]
+                    .copy
+                    .as_ref()
+                    .is_some_and(|c| c.ready_at <= now)
+            })
+            .cloned()
             .collect();
         for id in due {
+            self.copying.remove(&id);
             let image = self.images.get_mut(&id).expect("listed above");
             let task = image.copy.take().expect("filtered on copy");
             let snapshot_state = match task.failure {
@@ -1080,7 +1167,7 @@ impl State {
             deprecation_time: None,
             copy: None,
         };
-        self.images.insert(id.clone(), image);
+        self.insert_image(image);
         Ok(id)
     }
 
@@ -1162,7 +1249,7 @@ impl State {
             deprecation_time: None,
             copy: None,
         };
-        self.images.insert(id.clone(), image);
+        self.insert_image(image);
         id
     }
 
@@ -1288,9 +1375,10 @@ impl State {
         )?;
         let snapshot_tags = tags_for(&req.tag_specs, &["image", "snapshot"], "snapshot")?;
         let in_flight = self
-            .images
-            .values()
-            .filter(|i| i.region == ctx.region() && i.owner == ctx.account() && i.copy.is_some())
+            .copying
+            .iter()
+            .map(|id| &self.images[id])
+            .filter(|i| i.region == ctx.region() && i.owner == ctx.account())
             .count();
         if in_flight >= ctx.config.concurrent_copy_limit {
             return Err(ApiError::client(
@@ -1397,7 +1485,7 @@ impl State {
                 failure: failure(),
             }),
         };
-        self.images.insert(id.clone(), image);
+        self.insert_image(image);
         if let Some(key) = token_key {
             self.tokens.insert(key, (fingerprint, id.clone()));
         }
@@ -1438,8 +1526,13 @@ impl State {
         }
         let owners = resolve_owners(&query.owners, account);
         let executable_by = resolve_owners(&query.executable_by, account);
+        let candidates = self.image_candidates(query);
+        let images: Box<dyn Iterator<Item = (&String, &Image)>> = match &candidates {
+            Some(ids) => Box::new(ids.iter().filter_map(|id| self.images.get_key_value(*id))),
+            None => Box::new(self.images.iter()),
+        };
         let mut selected = Vec::new();
-        for (id, image) in &self.images {
+        for (id, image) in images {
             if image.region != region || !image.usable_by(account) {
                 continue;
             }
@@ -1489,8 +1582,8 @@ impl State {
                 format!("The image id '[{id}]' is no longer available"),
             ));
         }
-        let image = self.owned_image_mut(ctx, id)?.clone();
-        self.images.remove(id);
+        self.owned_image_mut(ctx, id)?;
+        let image = self.remove_image(id).expect("checked above");
         self.deregistered.insert(id.to_string());
         let mut deletions = Vec::new();
         for snapshot_id in image.snapshot_ids() {
@@ -1541,8 +1634,26 @@ impl State {
         }
         let owners = resolve_owners(&query.owners, ctx.account());
         let restorable_by = resolve_owners(&query.restorable_by, ctx.account());
+        // Snapshots are narrowed by ID only: the operator looks them up by
+        // tag just when it cleans up.
+        let named: Option<BTreeSet<&str>> = if query.snapshot_ids.is_empty() {
+            query
+                .filters
+                .iter()
+                .find(|f| f.name == "snapshot-id" && f.values.iter().all(|v| is_literal(v)))
+                .map(|f| f.values.iter().map(String::as_str).collect())
+        } else {
+            Some(query.snapshot_ids.iter().map(String::as_str).collect())
+        };
+        let snapshots: Box<dyn Iterator<Item = (&String, &Snapshot)>> = match &named {
+            Some(ids) => Box::new(
+                ids.iter()
+                    .filter_map(|id| self.snapshots.get_key_value(*id)),
+            ),
+            None => Box::new(self.snapshots.iter()),
+        };
         let mut selected = Vec::new();
-        for (id, snapshot) in &self.snapshots {
+        for (id, snapshot) in snapshots {
             if snapshot.region != ctx.region() || !snapshot.usable_by(ctx.account()) {
                 continue;
             }
@@ -1614,8 +1725,7 @@ impl State {
             merge_tags(&mut current, tags.iter().cloned())?;
         }
         for id in resource_ids {
-            let target = self.tags_mut(ctx, id)?;
-            merge_tags(target, tags.iter().cloned())?;
+            self.retag(ctx, id, |target| merge_tags(target, tags.iter().cloned()))?;
         }
         Ok(())
     }
@@ -1632,17 +1742,37 @@ impl State {
             self.tags_mut(ctx, id)?;
         }
         for id in resource_ids {
-            let target = self.tags_mut(ctx, id)?;
-            if tags.is_empty() {
-                target.retain(|k, _| k.starts_with("aws:"));
-            }
-            for (key, value) in tags {
-                if value.as_ref().is_none_or(|v| target.get(key) == Some(v)) {
-                    target.remove(key);
+            self.retag(ctx, id, |target| {
+                if tags.is_empty() {
+                    target.retain(|k, _| k.starts_with("aws:"));
                 }
-            }
+                for (key, value) in tags {
+                    if value.as_ref().is_none_or(|v| target.get(key) == Some(v)) {
+                        target.remove(key);
+                    }
+                }
+                Ok(())
+            })?;
         }
         Ok(())
+    }
+
+    /// Changes one resource's tags, keeping the image tag index in step.
+    fn retag(
+        &mut self,
+        ctx: &Ctx,
+        id: &str,
+        change: impl FnOnce(&mut Tags) -> ApiResult<()>,
+    ) -> ApiResult<()> {
+        let target = self.tags_mut(ctx, id)?;
+        let before = target.clone();
+        let outcome = change(target);
+        let after = target.clone();
+        if self.images.contains_key(id) {
+            self.unindex_tags(id, &before);
+            self.index_tags(id, &after);
+        }
+        outcome
     }
 
     pub fn image(&self, ctx: &Ctx, id: &str) -> ApiResult<&Image> {

@@ -730,3 +730,76 @@ fn deprecation_rounds_to_the_minute_and_must_be_ahead() {
         Some(datetime!(2025-02-01 10:21 UTC))
     );
 }
+
+#[test]
+fn tag_filters_follow_tag_changes_and_deregistration() {
+    let mut w = World::new();
+    let a = w.seed(SeedImage {
+        tags: [("owner".to_string(), "x".to_string())].into(),
+        ..SeedImage::new("us-east-1", "a")
+    });
+    let b = w.seed(SeedImage::new("us-east-1", "b"));
+    let by_tag = |w: &World, name: &str, value: &str| {
+        w.describe(
+            "us-east-1",
+            ImageQuery {
+                filters: vec![Filter {
+                    name: name.to_string(),
+                    values: vec![value.to_string()],
+                }],
+                ..ImageQuery::default()
+            },
+        )
+        .unwrap()
+    };
+    assert_eq!(by_tag(&w, "tag:owner", "x"), [a.clone()]);
+
+    let caller = caller(ME, "us-east-1");
+    let ctx = Ctx {
+        config: &w.config,
+        caller: &caller,
+        now: T0,
+    };
+    let x = [("owner".to_string(), "x".to_string())];
+    w.state.create_tags(&ctx, &[b.clone()], &x).unwrap();
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(by_tag(&w, "tag:owner", "x"), both);
+    assert_eq!(by_tag(&w, "tag:owner", "?"), both, "wildcards still match");
+
+    w.state
+        .delete_tags(&ctx, &[a.clone()], &[("owner".to_string(), None)])
+        .unwrap();
+    assert_eq!(by_tag(&w, "tag:owner", "x"), [b.clone()]);
+    let y = [("owner".to_string(), "y".to_string())];
+    w.state.create_tags(&ctx, &[b.clone()], &y).unwrap();
+    assert!(
+        by_tag(&w, "tag:owner", "x").is_empty(),
+        "the old value is gone"
+    );
+    assert_eq!(by_tag(&w, "tag:owner", "y"), [b.clone()]);
+    w.state.deregister_image(&ctx, &b, true).unwrap();
+    assert!(by_tag(&w, "tag:owner", "y").is_empty());
+    assert_eq!(by_tag(&w, "image-id", &a), [a.clone()]);
+    assert!(by_tag(&w, "image-id", &b).is_empty());
+}
+
+#[test]
+fn a_deregistered_copy_frees_its_slot() {
+    let mut w = World::new();
+    w.config.concurrent_copy_limit = 1;
+    let src = w.seed(SeedImage::new("us-east-1", "base"));
+    let first = w.copy("eu-west-1", copy_of(&src, "n-1")).unwrap();
+    let err = w.copy("eu-west-1", copy_of(&src, "n-2")).unwrap_err();
+    assert_eq!(err.code, "ResourceLimitExceeded");
+    let caller = caller(ME, "eu-west-1");
+    let ctx = Ctx {
+        config: &w.config,
+        caller: &caller,
+        now: T0,
+    };
+    w.state.deregister_image(&ctx, &first, false).unwrap();
+    let second = w.copy("eu-west-1", copy_of(&src, "n-2")).unwrap();
+    w.state.tick(T0 + COPY);
+    assert_eq!(w.image(&second).state, ImageState::Available);
+}
