@@ -153,8 +153,11 @@ pub async fn run<E: Ec2>(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    // Watched untyped: one object the AmiCopy types cannot read would
-    // otherwise fail every list of the watch, and no object would be served.
+    // Listed and watched untyped: one object the AmiCopy types cannot read
+    // would otherwise fail every list of the watch, and no object would be
+    // served. Each object is read as an AmiCopy before it reaches the cache,
+    // which so holds typed objects only, a fraction of the memory of JSON
+    // values; the unreadable ones are reported on instead.
     let ar = ApiResource::erase::<AmiCopy>(&());
     let api: Api<DynamicObject> = match &namespace {
         Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &ar),
@@ -170,31 +173,39 @@ pub async fn run<E: Ec2>(
         let next = ctx.wake.lock().await.as_mut()?.recv().await?;
         Some((next, ctx))
     });
-    // The cache holds every object; managedFields and kubectl's copy of the
-    // last applied manifest are dropped from it, as the operator reads neither.
-    let writer = reflector::store::Writer::new(ar.clone());
+    let writer = reflector::store::Writer::<AmiCopy>::default();
     let reader = writer.as_reader();
+    let cached = reader.clone();
+    let (unreadable_tx, unreadable_rx) = futures::channel::mpsc::unbounded();
     let objects = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(|o| {
-            o.managed_fields_mut().clear();
-            o.annotations_mut().remove(LAST_APPLIED);
+        .filter_map(move |event| {
+            future::ready(match event {
+                Ok(event) => read_event(event, &cached, &unreadable_tx).map(Ok),
+                Err(e) => Some(Err(e)),
+            })
         })
         .reflect(writer)
         .touched_objects();
-    let controller = Controller::for_stream_with(objects, reader, ar)
+    let controller = Controller::for_stream(objects, reader)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         )
         .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .reconcile_on(woken.map(ObjectRef::erase))
-        .run(reconcile_raw, error_policy, ctx.clone())
+        .reconcile_on(woken)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| {
             if let Err(e) = res {
-                // One malformed object or failed reconcile never stops the others.
+                // One failed reconcile never stops the others.
                 warn!(error = %e, "reconcile failed");
             }
             future::ready(())
+        });
+    let reporting = unreadable_rx
+        .take_until(stopped(stop_rx.clone()))
+        .for_each_concurrent(4, |unread| {
+            let ctx = ctx.clone();
+            async move { report_unreadable(unread, &ctx).await }
         });
     let tracking = async {
         if let Some(tracker) = &ctx.tracker {
@@ -207,20 +218,72 @@ pub async fn run<E: Ec2>(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    future::join3(controller, tracking, stop).await;
+    future::join4(controller, reporting, tracking, stop).await;
 }
 
-/// Reconciles the object if it reads as an AmiCopy; one that does not is
-/// reported on itself and left alone until it changes.
-async fn reconcile_raw<E: Ec2>(raw: Arc<DynamicObject>, ctx: Arc<Context<E>>) -> Result<Requeue> {
-    match raw.as_ref().clone().try_parse::<AmiCopy>() {
-        Ok(obj) => reconcile(Arc::new(obj), ctx).await,
-        Err(e) => {
-            let why = unreadable(&raw).unwrap_or_else(|| e.to_string());
-            warn!(object = %format!("{}/{}", raw.namespace().unwrap_or_default(), raw.name_any()), error = %why, "cannot read the object; skipping it until it changes");
-            ctx.metrics.reconciled("invalid_object", Duration::ZERO);
-            report_invalid(&raw, &why, &ctx).await?;
-            Ok(Requeue::await_change())
+/// An object that does not read as an AmiCopy, and the parser's complaint.
+type Unreadable = (DynamicObject, String);
+
+/// The typed form of a watch event. An object that does not read as an
+/// AmiCopy goes to `unreadable` and out of the cache, so that nothing acts
+/// on an earlier version of it. managedFields and kubectl's copy of the last
+/// applied manifest are dropped: the operator reads neither.
+fn read_event(
+    event: watcher::Event<DynamicObject>,
+    cache: &reflector::Store<AmiCopy>,
+    unreadable: &futures::channel::mpsc::UnboundedSender<Unreadable>,
+) -> Option<watcher::Event<AmiCopy>> {
+    use watcher::Event as E;
+    let read = |mut raw: DynamicObject| {
+        raw.managed_fields_mut().clear();
+        raw.annotations_mut().remove(LAST_APPLIED);
+        serde_json::to_value(&raw)
+            .and_then(serde_json::from_value::<AmiCopy>)
+            .map_err(|e| (raw, e.to_string()))
+    };
+    let cached = |raw: &DynamicObject| {
+        let key = ObjectRef::new(&raw.name_any()).within(&raw.namespace().unwrap_or_default());
+        cache.get(&key).map(|obj| E::Delete(obj.as_ref().clone()))
+    };
+    match event {
+        E::Init => Some(E::Init),
+        E::InitDone => Some(E::InitDone),
+        E::InitApply(raw) => match read(raw) {
+            Ok(obj) => Some(E::InitApply(obj)),
+            Err(unread) => {
+                let _ = unreadable.unbounded_send(unread);
+                None
+            }
+        },
+        E::Apply(raw) => match read(raw) {
+            Ok(obj) => Some(E::Apply(obj)),
+            Err(unread) => {
+                let stale = cached(&unread.0);
+                let _ = unreadable.unbounded_send(unread);
+                stale
+            }
+        },
+        E::Delete(raw) => match read(raw) {
+            Ok(obj) => Some(E::Delete(obj)),
+            Err((raw, _)) => cached(&raw),
+        },
+    }
+}
+
+/// Reports an object that cannot be read, retrying a failed report a few
+/// times; a change to the object brings it back here anyway.
+async fn report_unreadable<E: Ec2>((raw, error): Unreadable, ctx: &Context<E>) {
+    let why = unreadable(&raw).unwrap_or(error);
+    warn!(object = %format!("{}/{}", raw.namespace().unwrap_or_default(), raw.name_any()), error = %why, "cannot read the object; skipping it until it changes");
+    ctx.metrics.reconciled("invalid_object", Duration::ZERO);
+    for attempt in 1..=5 {
+        match report_invalid(&raw, &why, ctx).await {
+            Ok(()) => return,
+            Err(e) => {
+                let delay = backoff(&ctx.config, attempt, rand::rng().random_range(0.5..1.5));
+                warn!(error = %e, retry_in = ?delay, "could not report an unreadable object");
+                tokio::time::sleep(delay).await;
+            }
         }
     }
 }
@@ -324,9 +387,8 @@ async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -> Result<Re
 }
 
 /// Exponential backoff with jitter, per object; throttling starts higher.
-fn error_policy<E: Ec2>(obj: Arc<DynamicObject>, err: &Error, ctx: Arc<Context<E>>) -> Requeue {
-    let key =
-        ObjectRef::<AmiCopy>::new(&obj.name_any()).within(&obj.namespace().unwrap_or_default());
+fn error_policy<E: Ec2>(obj: Arc<AmiCopy>, err: &Error, ctx: Arc<Context<E>>) -> Requeue {
+    let key = ObjectRef::from_obj(obj.as_ref());
     let n = {
         let mut failures = ctx.failures.lock().expect("failures lock");
         let n = failures.entry(key).or_insert(0);
@@ -1167,6 +1229,64 @@ mod tests {
             "{status}"
         );
         assert!(!status.contains("line"), "no position: {status}");
+    }
+
+    #[test]
+    fn watch_events_reach_the_cache_typed_and_unreadable_ones_leave_it() {
+        use watcher::Event as E;
+        let raw = |name: &str, spec: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "amicopy.dev/v1alpha1", "kind": "AmiCopy",
+                "metadata": {"name": name, "namespace": "ns",
+                             "annotations": {LAST_APPLIED: "{}", "keep": "me"},
+                             "managedFields": [{"manager": "kubectl"}]},
+                "spec": spec,
+            }))
+            .unwrap()
+        };
+        let good = json!({"source": {"region": "us-east-1", "imageId": "ami-12345678"},
+                          "destinations": [{"region": "eu-west-1"}]});
+        let bad = json!({"destinations": 42});
+        let mut writer = reflector::store::Writer::<AmiCopy>::default();
+        let cache = writer.as_reader();
+        let (tx, mut rx) = futures::channel::mpsc::unbounded();
+        let mut feed = |event: E<DynamicObject>| {
+            let typed = read_event(event, &cache, &tx);
+            if let Some(typed) = &typed {
+                writer.apply_watcher_event(typed);
+            }
+            typed
+        };
+        let key = |name: &str| ObjectRef::<AmiCopy>::new(name).within("ns");
+
+        feed(E::Init);
+        assert!(feed(E::InitApply(raw("a", good.clone()))).is_some());
+        assert!(
+            feed(E::InitApply(raw("b", bad.clone()))).is_none(),
+            "an unreadable object never reaches the cache"
+        );
+        feed(E::InitDone);
+        let a = cache.get(&key("a")).expect("a is cached");
+        assert!(a.managed_fields().is_empty());
+        assert_eq!(a.annotations().keys().collect::<Vec<_>>(), ["keep"]);
+        assert!(cache.get(&key("b")).is_none());
+        let (reported, error) = rx.try_recv().expect("b is reported");
+        assert_eq!(reported.name_any(), "b");
+        assert!(error.contains("42"), "{error}");
+
+        match feed(E::Apply(raw("a", bad.clone()))) {
+            Some(E::Delete(stale)) => assert_eq!(stale.name_any(), "a"),
+            other => panic!("the readable version leaves the cache: {other:?}"),
+        }
+        assert!(cache.get(&key("a")).is_none());
+        assert_eq!(rx.try_recv().unwrap().0.name_any(), "a");
+        assert!(
+            feed(E::Apply(raw("b", bad))).is_none(),
+            "nothing cached to drop"
+        );
+        assert!(feed(E::Delete(raw("b", json!({})))).is_none());
+        assert!(matches!(feed(E::Apply(raw("b", good))), Some(E::Apply(_))));
+        assert!(cache.get(&key("b")).is_some(), "served once corrected");
     }
 
     #[test]
