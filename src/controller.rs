@@ -231,7 +231,7 @@ type Unreadable = (DynamicObject, String);
 fn read_event(
     event: watcher::Event<DynamicObject>,
     cache: &reflector::Store<AmiCopy>,
-    unreadable: &futures::channel::mpsc::UnboundedSender<Unreadable>,
+    unreadable: &futures::channel::mpsc::UnboundedSender<Box<Unreadable>>,
 ) -> Option<watcher::Event<AmiCopy>> {
     use watcher::Event as E;
     let read = |mut raw: DynamicObject| {
@@ -239,7 +239,7 @@ fn read_event(
         raw.annotations_mut().remove(LAST_APPLIED);
         serde_json::to_value(&raw)
             .and_then(serde_json::from_value::<AmiCopy>)
-            .map_err(|e| (raw, e.to_string()))
+            .map_err(|e| Box::new((raw, e.to_string())))
     };
     let cached = |raw: &DynamicObject| {
         let key = ObjectRef::new(&raw.name_any()).within(&raw.namespace().unwrap_or_default());
@@ -265,14 +265,15 @@ fn read_event(
         },
         E::Delete(raw) => match read(raw) {
             Ok(obj) => Some(E::Delete(obj)),
-            Err((raw, _)) => cached(&raw),
+            Err(unread) => cached(&unread.0),
         },
     }
 }
 
 /// Reports an object that cannot be read, retrying a failed report a few
 /// times; a change to the object brings it back here anyway.
-async fn report_unreadable<E: Ec2>((raw, error): Unreadable, ctx: &Context<E>) {
+async fn report_unreadable<E: Ec2>(unread: Box<Unreadable>, ctx: &Context<E>) {
+    let (raw, error) = *unread;
     let why = unreadable(&raw).unwrap_or(error);
     warn!(object = %format!("{}/{}", raw.namespace().unwrap_or_default(), raw.name_any()), error = %why, "cannot read the object; skipping it until it changes");
     ctx.metrics.reconciled("invalid_object", Duration::ZERO);
@@ -1270,7 +1271,7 @@ mod tests {
         assert!(a.managed_fields().is_empty());
         assert_eq!(a.annotations().keys().collect::<Vec<_>>(), ["keep"]);
         assert!(cache.get(&key("b")).is_none());
-        let (reported, error) = rx.try_recv().expect("b is reported");
+        let (reported, error) = *rx.try_recv().expect("b is reported");
         assert_eq!(reported.name_any(), "b");
         assert!(error.contains("42"), "{error}");
 
