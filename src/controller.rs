@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -26,6 +26,7 @@ use crate::api::{
 };
 use crate::ec2::{self, Ec2, Ec2Error, ErrorKind, ImageInfo, ImageQuery, Permission};
 use crate::error::{Error, Result};
+use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::plan::{self, Action, Meta, Note, Observed};
 use crate::status::{self, reason, state};
@@ -84,7 +85,7 @@ impl Default for Config {
 pub struct Context<E> {
     pub client: Client,
     pub ec2: E,
-    pub recorder: Recorder,
+    events: Events,
     pub metrics: Arc<Metrics>,
     pub config: Config,
     /// Shared batched tracking; `None` when each object polls its own targets.
@@ -112,7 +113,7 @@ impl<E: Ec2> Context<E> {
             (None, None)
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Events::new(client.clone(), reporter),
             client,
             ec2,
             metrics,
@@ -141,7 +142,12 @@ impl<E: Ec2> Context<E> {
             },
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        if let Err(e) = self
+            .events
+            .recorder()
+            .publish(&event, &obj.object_ref(&()))
+            .await
+        {
             warn!(error = %e, "could not publish an event");
         }
     }
@@ -177,7 +183,10 @@ pub async fn run<E: Ec2>(
     let reader = writer.as_reader();
     let cached = reader.clone();
     let (unreadable_tx, unreadable_rx) = futures::channel::mpsc::unbounded();
-    let objects = watcher(api, watcher::Config::default().any_semantic())
+    // Listed in pages of 500 (the default) with the most recent semantic: a
+    // list from resourceVersion 0 may ignore the page size and bring every
+    // object at once, a burst of memory with tens of thousands of objects.
+    let objects = watcher(api, watcher::Config::default())
         .default_backoff()
         .filter_map(move |event| {
             future::ready(match event {
@@ -354,7 +363,12 @@ async fn report_invalid<E: Ec2>(raw: &DynamicObject, why: &str, ctx: &Context<E>
         action: reason::INVALID_SPEC.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &raw.object_ref(&ar)).await {
+    if let Err(e) = ctx
+        .events
+        .recorder()
+        .publish(&event, &raw.object_ref(&ar))
+        .await
+    {
         warn!(error = %e, "could not publish an event");
     }
     Ok(())

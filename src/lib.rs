@@ -6,6 +6,7 @@ pub mod api;
 pub mod controller;
 pub mod ec2;
 pub mod error;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

@@ -65,7 +65,9 @@ struct Entry {
     seen: bool,
     since: Instant,
     source_region: String,
-    watchers: HashSet<ObjectRef<AmiCopy>>,
+    // Almost always one object: a Vec is a tenth of the memory of a set, and
+    // there are tens of thousands of entries.
+    watchers: Vec<ObjectRef<AmiCopy>>,
 }
 
 impl Entry {
@@ -208,7 +210,7 @@ impl Tracker {
     pub fn forget(&self, watcher: &ObjectRef<AmiCopy>) {
         let mut st = self.state();
         st.images.retain(|_, e| {
-            e.watchers.remove(watcher);
+            e.watchers.retain(|w| w != watcher);
             !e.watchers.is_empty()
         });
         for q in st.waiting.values_mut() {
@@ -492,13 +494,15 @@ fn upsert(
             seen: false,
             since: Instant::now(),
             source_region: source_region.to_owned(),
-            watchers: HashSet::new(),
+            watchers: Vec::new(),
         });
     if listed || entry.info.is_none() {
         entry.info = Some(info);
     }
     entry.seen |= listed;
-    entry.watchers.insert(watcher.clone());
+    if !entry.watchers.contains(watcher) {
+        entry.watchers.push(watcher.clone());
+    }
 }
 
 fn unreserve(st: &mut State, dest: &str, source_region: &str) {
