@@ -143,12 +143,7 @@ impl Control {
     pub fn finish_copies(&self) {
         let mut inner = self.lock();
         let now = Self::now(&inner);
-        for image in inner.state.images.values_mut() {
-            if let Some(task) = &mut image.copy {
-                task.ready_at = now;
-            }
-        }
-        inner.state.tick(now);
+        inner.state.finish_copies(now);
     }
 
     pub fn calls(&self) -> Vec<CallCount> {

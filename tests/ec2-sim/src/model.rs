@@ -410,11 +410,12 @@ pub struct State {
     deregistered: BTreeSet<String>,
     tokens: HashMap<TokenKey, (CopyImage, String)>,
     rng: StdRng,
-    // Indexes that keep the filtered look-ups of tens of thousands of images
-    // from scanning them all: image IDs by (tag key, tag value), and the
-    // images whose copy is still running.
+    // Indexes that keep tens of thousands of images from being scanned on
+    // every call: image IDs by (tag key, tag value); the running copies by
+    // when they finish; and how many run per (region, account).
     images_by_tag: HashMap<(String, String), BTreeSet<String>>,
-    copying: BTreeSet<String>,
+    copying: BTreeSet<(OffsetDateTime, String)>,
+    copies_in_flight: HashMap<(String, String), usize>,
 }
 
 pub(crate) fn not_found_image(ids: &[&str]) -> ApiError {
@@ -804,13 +805,18 @@ impl State {
             rng: StdRng::seed_from_u64(seed),
             images_by_tag: HashMap::new(),
             copying: BTreeSet::new(),
+            copies_in_flight: HashMap::new(),
         }
     }
 
     /// Every new image goes through here, so that the indexes know of it.
     fn insert_image(&mut self, image: Image) {
-        if image.copy.is_some() {
-            self.copying.insert(image.id.clone());
+        if let Some(task) = &image.copy {
+            self.copying.insert((task.ready_at, image.id.clone()));
+            *self
+                .copies_in_flight
+                .entry((image.region.clone(), image.owner.clone()))
+                .or_default() += 1;
         }
         self.index_tags(&image.id, &image.tags);
         self.images.insert(image.id.clone(), image);
@@ -818,9 +824,41 @@ impl State {
 
     fn remove_image(&mut self, id: &str) -> Option<Image> {
         let image = self.images.remove(id)?;
-        self.copying.remove(id);
+        if let Some(task) = &image.copy {
+            self.copy_done(task.ready_at, &image.id, &image.region, &image.owner);
+        }
         self.unindex_tags(id, &image.tags);
         Some(image)
+    }
+
+    fn copy_done(&mut self, ready_at: OffsetDateTime, id: &str, region: &str, owner: &str) {
+        self.copying.remove(&(ready_at, id.to_string()));
+        if let Some(n) = self
+            .copies_in_flight
+            .get_mut(&(region.to_string(), owner.to_string()))
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Copies running in `region` for `account`.
+    fn copies_in_flight(&self, region: &str, account: &str) -> usize {
+        self.copies_in_flight
+            .get(&(region.to_string(), account.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Makes every running copy due at `now` (and so complete on the next
+    /// tick).
+    pub fn finish_copies(&mut self, now: OffsetDateTime) {
+        for (_, id) in std::mem::take(&mut self.copying) {
+            if let Some(task) = self.images.get_mut(&id).and_then(|i| i.copy.as_mut()) {
+                task.ready_at = now;
+            }
+            self.copying.insert((now, id));
+        }
+        self.tick(now);
     }
 
     fn index_tags(&mut self, id: &str, tags: &Tags) {
@@ -883,21 +921,24 @@ impl State {
 
     /// Completes the copies whose time has come.
     pub fn tick(&mut self, now: OffsetDateTime) {
-        let due: Vec<String> = self
+        let due: Vec<(OffsetDateTime, String)> = self
             .copying
             .iter()
-            .filter(|id| {
-                self.images[*id]
-                    .copy
-                    .as_ref()
-                    .is_some_and(|c| c.ready_at <= now)
-            })
+            .take_while(|(ready_at, _)| *ready_at <= now)
             .cloned()
             .collect();
-        for id in due {
-            self.copying.remove(&id);
-            let image = self.images.get_mut(&id).expect("listed above");
-            let task = image.copy.take().expect("filtered on copy");
+        for (ready_at, id) in due {
+            let image = self
+                .images
+                .get_mut(&id)
+                .expect("a running copy is an image");
+            let task = image.copy.take().expect("a running copy has a task");
+            let (region, owner) = (image.region.clone(), image.owner.clone());
+            self.copy_done(ready_at, &id, &region, &owner);
+            let image = self
+                .images
+                .get_mut(&id)
+                .expect("a running copy is an image");
             let snapshot_state = match task.failure {
                 None => {
                     image.state = ImageState::Available;
@@ -1374,12 +1415,7 @@ impl State {
             tags_for(&req.tag_specs, &["image", "snapshot"], "image")?,
         )?;
         let snapshot_tags = tags_for(&req.tag_specs, &["image", "snapshot"], "snapshot")?;
-        let in_flight = self
-            .copying
-            .iter()
-            .map(|id| &self.images[id])
-            .filter(|i| i.region == ctx.region() && i.owner == ctx.account())
-            .count();
+        let in_flight = self.copies_in_flight(ctx.region(), ctx.account());
         if in_flight >= ctx.config.concurrent_copy_limit {
             return Err(ApiError::client(
                 "ResourceLimitExceeded",
