@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use futures::future;
+use futures::{StreamExt, stream};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -57,16 +57,20 @@ impl Default for TrackerConfig {
     }
 }
 
+/// DescribeImages calls of one round in flight at once.
+const CALLS_AT_ONCE: usize = 4;
+
 type Key = (String, String);
 
 struct Entry {
-    info: Option<ImageInfo>,
+    // Boxed: the map holds its entries inline, with room to spare.
+    info: Option<Box<ImageInfo>>,
     /// Seen in a DescribeImages answer at least once.
     seen: bool,
     since: Instant,
     source_region: String,
-    // Almost always one object: a Vec is a tenth of the memory of a set, and
-    // there are tens of thousands of entries.
+    // Almost always one object: a Vec made for one is a fraction of the
+    // memory of a set, and there are tens of thousands of entries.
     watchers: Vec<ObjectRef<AmiCopy>>,
 }
 
@@ -169,7 +173,7 @@ impl Tracker {
 
     pub fn lookup(&self, region: &str, id: &str) -> Known {
         match self.state().images.get(&(region.to_owned(), id.to_owned())) {
-            Some(e) => Known::Image(e.info.clone()),
+            Some(e) => Known::Image(e.info.as_deref().cloned()),
             None => Known::Unknown,
         }
     }
@@ -344,13 +348,17 @@ impl Tracker {
                 })
                 .collect()
         };
-        let answers = future::join_all(batches.into_iter().map(|(region, ids)| async move {
-            let found = ec2.describe_images_by_ids(&region, &ids).await;
-            (region, ids, found)
-        }))
-        .await;
+        // A few calls at a time, each answer applied as it comes: every
+        // answer holds up to 100 images, and all of them at once would be
+        // megabytes of XML in memory (and a burst EC2 may throttle).
+        let mut answers = stream::iter(batches)
+            .map(|(region, ids)| async move {
+                let found = ec2.describe_images_by_ids(&region, &ids).await;
+                (region, ids, found)
+            })
+            .buffer_unordered(CALLS_AT_ONCE);
         let mut first_error = None;
-        for (region, ids, found) in answers {
+        while let Some((region, ids, found)) = answers.next().await {
             match found {
                 Ok(found) => self.apply(&region, &ids, found, metrics),
                 Err(e) => {
@@ -410,7 +418,7 @@ impl Tracker {
             match found.remove(id) {
                 Some(info) => {
                     entry.seen = true;
-                    entry.info = Some(info);
+                    entry.info = Some(Box::new(info));
                 }
                 // Not listed yet: a new copy gets some time before it counts as gone.
                 None if !entry.seen && entry.since.elapsed() < grace => continue,
@@ -494,10 +502,10 @@ fn upsert(
             seen: false,
             since: Instant::now(),
             source_region: source_region.to_owned(),
-            watchers: Vec::new(),
+            watchers: vec![watcher.clone()],
         });
     if listed || entry.info.is_none() {
-        entry.info = Some(info);
+        entry.info = Some(Box::new(info));
     }
     entry.seen |= listed;
     if !entry.watchers.contains(watcher) {
