@@ -699,8 +699,37 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     let mut plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);
     let mut deferred: Option<Error> = None;
 
-    for action in std::mem::take(&mut plan.actions) {
-        let res = act(&m, ctx, &scopes, &mut plan, action).await;
+    // Claims touch only the snapshots of images already ours, so they go
+    // first and all at once: when copies turn available, an object claims
+    // the snapshots of each of them.
+    let (claims, actions): (Vec<Action>, Vec<Action>) = std::mem::take(&mut plan.actions)
+        .into_iter()
+        .partition(|a| matches!(a, Action::ClaimSnapshots { .. }));
+    let claimed = future::join_all(claims.into_iter().map(|claim| async {
+        let Action::ClaimSnapshots {
+            region,
+            image_id,
+            snapshot_ids,
+            tags,
+        } = claim
+        else {
+            unreachable!("partitioned on ClaimSnapshots")
+        };
+        claim_snapshots(
+            &ctx.ec2,
+            &at(&scopes, &region),
+            &image_id,
+            &snapshot_ids,
+            &tags,
+        )
+        .await
+    }))
+    .await;
+    let mut results = claimed;
+    for action in actions {
+        results.push(act(&m, ctx, &scopes, &mut plan, action).await);
+    }
+    for res in results {
         if let Err(e) = res {
             warn!(error = %e, "action failed; retrying later");
             deferred.get_or_insert(e);
@@ -714,9 +743,7 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     plan.summarize(&prev_conditions, m.generation, &now);
 
     write_status(api, obj, &plan.status).await?;
-    for note in &plan.notes {
-        ctx.publish(obj, note).await;
-    }
+    future::join_all(plan.notes.iter().map(|note| ctx.publish(obj, note))).await;
     // EC2 faults still back off, after the status says what is going on.
     if let Some(e) = deferred.or_else(|| observed.transient_error().cloned().map(Error::from)) {
         return Err(e);

@@ -14,7 +14,7 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 
 /// Events published through one `Recorder` before the next takes over.
-pub const CACHE_LIMIT: usize = 1024;
+pub const CACHE_LIMIT: usize = 512;
 
 pub struct Events {
     recorders: Rotating<Recorder>,

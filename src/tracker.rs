@@ -411,6 +411,7 @@ impl Tracker {
                 continue;
             };
             let was_pending = entry.pending();
+            let was_seen = entry.seen;
             let before = entry
                 .info
                 .as_ref()
@@ -428,7 +429,14 @@ impl Tracker {
                 .info
                 .as_ref()
                 .map(|i| (i.state.clone(), i.tags.clone()));
-            if before != after {
+            // The first listing of a new copy replaces the placeholder made
+            // when it started; only a new state is news then.
+            let changed = if was_seen {
+                before != after
+            } else {
+                before.map(|b| b.0) != after.as_ref().map(|a| a.0.clone())
+            };
+            if changed {
                 debug!(%region, image = %id, state = ?after.as_ref().map(|a| &a.0), "target changed");
                 if was_pending && !entry.pending() {
                     freed += 1;
@@ -615,6 +623,28 @@ mod tests {
             4,
             "a drift round covers every target"
         );
+    }
+
+    #[tokio::test]
+    async fn the_first_listing_of_a_new_copy_wakes_only_on_a_new_state() {
+        let (t, mut rx) = tracker(10, 10);
+        let ec2 = FakeEc2::default();
+        let id = "ami-00000000000000003";
+        let tagged = |state: &str, value: &str| ImageInfo {
+            tags: [("k".to_string(), value.to_string())].into(),
+            ..image(id, state)
+        };
+        t.admit(&obj("new"), "eu-west-1", "us-east-1").unwrap();
+        t.track_new(&obj("new"), "eu-west-1", image(id, "pending"), "us-east-1");
+        ec2.put("eu-west-1", tagged("pending", "a"));
+        t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
+        assert!(drain(&mut rx).is_empty(), "still pending: nothing new");
+        ec2.put("eu-west-1", tagged("pending", "b"));
+        t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
+        assert_eq!(drain(&mut rx), ["new"], "a listed image's tags changed");
+        ec2.put("eu-west-1", tagged("available", "b"));
+        t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
+        assert_eq!(drain(&mut rx), ["new"]);
     }
 
     #[tokio::test]
