@@ -743,7 +743,8 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     plan.summarize(&prev_conditions, m.generation, &now);
 
     write_status(api, obj, &plan.status).await?;
-    future::join_all(plan.notes.iter().map(|note| ctx.publish(obj, note))).await;
+    let notes = plan::merge_notes(&plan.notes);
+    future::join_all(notes.iter().map(|note| ctx.publish(obj, note))).await;
     // EC2 faults still back off, after the status says what is going on.
     if let Some(e) = deferred.or_else(|| observed.transient_error().cloned().map(Error::from)) {
         return Err(e);

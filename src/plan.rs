@@ -124,6 +124,29 @@ pub struct Note {
     pub message: String,
 }
 
+/// One note per kind of news: notes with the same reason (copies started,
+/// copies available, ...) become one Event whose message names every
+/// region, in the order they came. Thousands of objects whose copies all
+/// turn available at once then cost one Event each, not one per region.
+pub fn merge_notes(notes: &[Note]) -> Vec<Note> {
+    let mut merged: Vec<Note> = Vec::new();
+    for note in notes {
+        match merged
+            .iter_mut()
+            .find(|m| m.reason == note.reason && m.warning == note.warning)
+        {
+            Some(m) => {
+                if m.region != note.region {
+                    m.region.clear();
+                }
+                m.message = format!("{}; {}", m.message, note.message);
+            }
+            None => merged.push(note.clone()),
+        }
+    }
+    merged
+}
+
 /// The planner's answer.
 #[derive(Clone, Debug)]
 pub struct Plan {

@@ -1076,3 +1076,37 @@ fn a_selector_copies_what_it_resolved_to() {
     assert_eq!(cond(&p, DEGRADED), ("True", "SourceNotFound"));
     assert!(p.status.destinations[0].message.contains("selector"));
 }
+
+#[test]
+fn notes_of_one_reason_become_one_event_naming_every_region() {
+    let note = |reason: &'static str, region: &str, warning: bool| Note {
+        warning,
+        reason,
+        region: region.into(),
+        message: format!("{reason} in {region}"),
+    };
+    let merged = merge_notes(&[
+        note("CopyAvailable", "eu-west-1", false),
+        note("CopyFailed", "us-west-2", true),
+        note("CopyAvailable", "ap-southeast-2", false),
+        note("Shared", "eu-west-1", false),
+    ]);
+    assert_eq!(
+        merged,
+        [
+            Note {
+                warning: false,
+                reason: "CopyAvailable",
+                region: String::new(),
+                message: "CopyAvailable in eu-west-1; CopyAvailable in ap-southeast-2".into(),
+            },
+            note("CopyFailed", "us-west-2", true),
+            note("Shared", "eu-west-1", false),
+        ]
+    );
+    assert_eq!(
+        merge_notes(&[note("Deprecated", "eu-west-1", false)]),
+        [note("Deprecated", "eu-west-1", false)],
+        "a single note is left as it is"
+    );
+}
