@@ -595,6 +595,34 @@ pub fn wildcard(pattern: &str, value: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// The IDs a query names: its ID list, or else the values of an `id_filter`
+/// filter without wildcards. `None` when it names none.
+fn named_ids<'a>(
+    ids: &'a [String],
+    filters: &'a [Filter],
+    id_filter: &str,
+) -> Option<BTreeSet<&'a str>> {
+    if !ids.is_empty() {
+        return Some(ids.iter().map(String::as_str).collect());
+    }
+    filters
+        .iter()
+        .find(|f| f.name == id_filter && f.values.iter().all(|v| is_literal(v)))
+        .map(|f| f.values.iter().map(String::as_str).collect())
+}
+
+/// The entries of `all` with the given IDs, in ID order; all of them when
+/// `ids` is `None`.
+fn among<'a: 'b, 'b, T>(
+    all: &'a BTreeMap<String, T>,
+    ids: Option<&'b BTreeSet<&'b str>>,
+) -> Box<dyn Iterator<Item = (&'a String, &'a T)> + 'b> {
+    match ids {
+        Some(ids) => Box::new(ids.iter().filter_map(|id| all.get_key_value(*id))),
+        None => Box::new(all.iter()),
+    }
+}
+
 /// Whether a filter value matches only itself (no `*`, `?` or escape).
 fn is_literal(value: &str) -> bool {
     !value.contains(['*', '?', '\\'])
@@ -886,27 +914,24 @@ impl State {
     /// `ImageIds`, or by an `image-id` or `tag:` filter without wildcards.
     /// `None` when any image may match.
     fn image_candidates<'a>(&'a self, query: &'a ImageQuery) -> Option<BTreeSet<&'a str>> {
+        let mut narrowest = named_ids(&query.image_ids, &query.filters, "image-id");
         if !query.image_ids.is_empty() {
-            return Some(query.image_ids.iter().map(String::as_str).collect());
+            return narrowest;
         }
-        let mut narrowest: Option<BTreeSet<&str>> = None;
         for filter in &query.filters {
+            let Some(key) = filter.name.strip_prefix("tag:") else {
+                continue;
+            };
             if !filter.values.iter().all(|v| is_literal(v)) {
                 continue;
             }
-            let ids: BTreeSet<&str> = if filter.name == "image-id" {
-                filter.values.iter().map(String::as_str).collect()
-            } else if let Some(key) = filter.name.strip_prefix("tag:") {
-                filter
-                    .values
-                    .iter()
-                    .filter_map(|v| self.images_by_tag.get(&(key.to_string(), v.clone())))
-                    .flatten()
-                    .map(String::as_str)
-                    .collect()
-            } else {
-                continue;
-            };
+            let ids: BTreeSet<&str> = filter
+                .values
+                .iter()
+                .filter_map(|v| self.images_by_tag.get(&(key.to_string(), v.clone())))
+                .flatten()
+                .map(String::as_str)
+                .collect();
             if narrowest.as_ref().is_none_or(|n| ids.len() < n.len()) {
                 narrowest = Some(ids);
             }
@@ -1563,12 +1588,8 @@ impl State {
         let owners = resolve_owners(&query.owners, account);
         let executable_by = resolve_owners(&query.executable_by, account);
         let candidates = self.image_candidates(query);
-        let images: Box<dyn Iterator<Item = (&String, &Image)>> = match &candidates {
-            Some(ids) => Box::new(ids.iter().filter_map(|id| self.images.get_key_value(*id))),
-            None => Box::new(self.images.iter()),
-        };
         let mut selected = Vec::new();
-        for (id, image) in images {
+        for (id, image) in among(&self.images, candidates.as_ref()) {
             if image.region != region || !image.usable_by(account) {
                 continue;
             }
@@ -1672,24 +1693,9 @@ impl State {
         let restorable_by = resolve_owners(&query.restorable_by, ctx.account());
         // Snapshots are narrowed by ID only: the operator looks them up by
         // tag just when it cleans up.
-        let named: Option<BTreeSet<&str>> = if query.snapshot_ids.is_empty() {
-            query
-                .filters
-                .iter()
-                .find(|f| f.name == "snapshot-id" && f.values.iter().all(|v| is_literal(v)))
-                .map(|f| f.values.iter().map(String::as_str).collect())
-        } else {
-            Some(query.snapshot_ids.iter().map(String::as_str).collect())
-        };
-        let snapshots: Box<dyn Iterator<Item = (&String, &Snapshot)>> = match &named {
-            Some(ids) => Box::new(
-                ids.iter()
-                    .filter_map(|id| self.snapshots.get_key_value(*id)),
-            ),
-            None => Box::new(self.snapshots.iter()),
-        };
+        let named = named_ids(&query.snapshot_ids, &query.filters, "snapshot-id");
         let mut selected = Vec::new();
-        for (id, snapshot) in snapshots {
+        for (id, snapshot) in among(&self.snapshots, named.as_ref()) {
             if snapshot.region != ctx.region() || !snapshot.usable_by(ctx.account()) {
                 continue;
             }
