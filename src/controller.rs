@@ -702,30 +702,25 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     // Claims touch only the snapshots of images already ours, so they go
     // first and all at once: when copies turn available, an object claims
     // the snapshots of each of them.
-    let (claims, actions): (Vec<Action>, Vec<Action>) = std::mem::take(&mut plan.actions)
-        .into_iter()
-        .partition(|a| matches!(a, Action::ClaimSnapshots { .. }));
-    let claimed = future::join_all(claims.into_iter().map(|claim| async {
-        let Action::ClaimSnapshots {
-            region,
-            image_id,
-            snapshot_ids,
-            tags,
-        } = claim
-        else {
-            unreachable!("partitioned on ClaimSnapshots")
-        };
-        claim_snapshots(
-            &ctx.ec2,
-            &at(&scopes, &region),
-            &image_id,
-            &snapshot_ids,
-            &tags,
-        )
-        .await
-    }))
-    .await;
-    let mut results = claimed;
+    let mut claims = Vec::new();
+    let mut actions = Vec::new();
+    for action in std::mem::take(&mut plan.actions) {
+        match action {
+            Action::ClaimSnapshots {
+                region,
+                image_id,
+                snapshot_ids,
+                tags,
+            } => {
+                let at = at(&scopes, &region);
+                claims.push(async move {
+                    claim_snapshots(&ctx.ec2, &at, &image_id, &snapshot_ids, &tags).await
+                });
+            }
+            other => actions.push(other),
+        }
+    }
+    let mut results = future::join_all(claims).await;
     for action in actions {
         results.push(act(&m, ctx, &scopes, &mut plan, action).await);
     }
@@ -927,12 +922,7 @@ async fn act<E: Ec2>(
                 t.deprecation_time = Some(when);
             }
         }
-        Action::ClaimSnapshots {
-            image_id,
-            snapshot_ids,
-            tags,
-            ..
-        } => claim_snapshots(ec2, at, &image_id, &snapshot_ids, &tags).await?,
+        Action::ClaimSnapshots { .. } => unreachable!("apply runs the claims, all at once"),
         Action::Retire { region, image } => {
             retire(ec2, &m.uid, at, &image).await?;
             forget_target(ctx, plan, &region, at, &image.id);
