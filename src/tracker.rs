@@ -412,32 +412,23 @@ impl Tracker {
             };
             let was_pending = entry.pending();
             let was_seen = entry.seen;
-            let before = entry
-                .info
-                .as_ref()
-                .map(|i| (i.state.clone(), i.tags.clone()));
-            match found.remove(id) {
+            let before = match found.remove(id) {
                 Some(info) => {
                     entry.seen = true;
-                    entry.info = Some(Box::new(info));
+                    entry.info.replace(Box::new(info))
                 }
                 // Not listed yet: a new copy gets some time before it counts as gone.
                 None if !entry.seen && entry.since.elapsed() < grace => continue,
-                None => entry.info = None,
-            }
-            let after = entry
-                .info
-                .as_ref()
-                .map(|i| (i.state.clone(), i.tags.clone()));
+                None => entry.info.take(),
+            };
+            let (was, now) = (before.as_deref(), entry.info.as_deref());
+            let new_state = now.map(|i| &i.state);
             // The first listing of a new copy replaces the placeholder made
             // when it started; only a new state is news then.
-            let changed = if was_seen {
-                before != after
-            } else {
-                before.map(|b| b.0) != after.as_ref().map(|a| a.0.clone())
-            };
+            let changed = was.map(|i| &i.state) != new_state
+                || (was_seen && was.map(|i| &i.tags) != now.map(|i| &i.tags));
             if changed {
-                debug!(%region, image = %id, state = ?after.as_ref().map(|a| &a.0), "target changed");
+                debug!(%region, image = %id, state = ?new_state, "target changed");
                 if was_pending && !entry.pending() {
                     freed += 1;
                     if entry
