@@ -1064,7 +1064,6 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
         .await;
         return Ok(Requeue::await_change());
     }
-    let ec2 = &ctx.ec2;
     let source = obj
         .spec
         .source
@@ -1072,49 +1071,81 @@ async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
         .unwrap_or_default();
     let tags = plan::desired_tags(&obj.spec, &m, source);
     let scopes = scopes(obj);
-    for region in plan::regions_of_interest(&obj.spec, obj.status.as_ref()) {
+    // Every region is cleaned at once and to the end of what it can do, so
+    // that a fault in one region neither delays nor undoes the others.
+    let regions = plan::regions_of_interest(&obj.spec, obj.status.as_ref());
+    let results = future::join_all(regions.into_iter().map(|region| {
         let at = at(&scopes, &region);
-        let at = at.as_str();
-        let images = match ec2.owned_images(at, &m.uid).await {
-            // A region that does not exist for this account holds nothing of
-            // ours unless the status says a copy was made there.
-            Err(e) if status::region_refused(&e) && !copied_to(obj, &region) => {
-                warn!(%region, error = %e, "region refused; nothing was copied there, nothing to clean up");
-                continue;
-            }
-            res => res?,
-        };
-        for image in images {
-            // Claim this image's untagged snapshots first, so the sweep below
-            // finds them even on peers that ignore TagSpecifications.
-            let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-            claim_snapshots(ec2, at, &image.id, &ids, &tags).await?;
-            ec2.deregister_image(at, &image.id).await?;
-            ctx.publish(
-                obj,
-                &Note {
-                    warning: false,
-                    reason: "Deregistered",
-                    region: region.to_string(),
-                    message: format!("deregistered {} in {region}", image.id),
-                },
-            )
-            .await;
+        let (m, tags) = (&m, &tags);
+        async move {
+            let res = clean_region(obj, ctx, m, tags, &region, &at).await;
+            (region, res)
         }
-        for snap in ec2.owned_snapshots(at, &m.uid).await? {
-            ec2.delete_snapshot(at, &snap.id).await?;
+    }))
+    .await;
+    let mut first = None;
+    for (region, res) in results {
+        if let Err(e) = res {
+            warn!(%region, error = %e, "clean-up not finished in this region");
+            first.get_or_insert(e);
         }
-        let left = ec2.owned_images(at, &m.uid).await?;
-        if !left.is_empty() {
-            let ids: Vec<&str> = left.iter().map(|i| i.id.as_str()).collect();
-            return Err(Error::CleanupPending {
-                region,
-                what: format!("images still listed: {}", ids.join(", ")),
-            });
-        }
+    }
+    if let Some(e) = first {
+        return Err(e);
     }
     info!("all target images deregistered and snapshots deleted");
     Ok(Requeue::await_change())
+}
+
+/// Deregisters this object's images in one region and deletes their
+/// snapshots; an error once the region is known to still hold some.
+async fn clean_region<E: Ec2>(
+    obj: &AmiCopy,
+    ctx: &Context<E>,
+    m: &Meta,
+    tags: &BTreeMap<String, String>,
+    region: &str,
+    at: &str,
+) -> Result<()> {
+    let ec2 = &ctx.ec2;
+    let images = match ec2.owned_images(at, &m.uid).await {
+        // A region that does not exist for this account holds nothing of
+        // ours unless the status says a copy was made there.
+        Err(e) if status::region_refused(&e) && !copied_to(obj, region) => {
+            warn!(%region, error = %e, "region refused; nothing was copied there, nothing to clean up");
+            return Ok(());
+        }
+        res => res?,
+    };
+    for image in images {
+        // Claim this image's untagged snapshots first, so the sweep below
+        // finds them even on peers that ignore TagSpecifications.
+        let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+        claim_snapshots(ec2, at, &image.id, &ids, tags).await?;
+        ec2.deregister_image(at, &image.id).await?;
+        ctx.publish(
+            obj,
+            &Note {
+                warning: false,
+                reason: "Deregistered",
+                region: region.to_owned(),
+                message: format!("deregistered {} in {region}", image.id),
+            },
+        )
+        .await;
+    }
+    for snap in ec2.owned_snapshots(at, &m.uid).await? {
+        ec2.delete_snapshot(at, &snap.id).await?;
+    }
+    let left = ec2.owned_images(at, &m.uid).await?;
+    if !left.is_empty() {
+        let ids: Vec<&str> = left.iter().map(|i| i.id.as_str()).collect();
+        return Err(Error::CleanupPending {
+            region: region.to_owned(),
+            what: format!("images still listed: {}", ids.join(", ")),
+        });
+    }
+    Ok(())
 }
 
 /// Whether the status records a copy made in `region`.

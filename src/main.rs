@@ -54,6 +54,10 @@ struct RunArgs {
     /// How often to look at pending copies.
     #[arg(long, env = "AMICOPY_POLL_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// Longest wait before retrying an object whose reconcile failed (the
+    /// wait doubles from 1 s after each failure in a row).
+    #[arg(long, env = "AMICOPY_MAX_RETRY_DELAY", default_value = "5m", value_parser = humantime::parse_duration)]
+    max_retry_delay: Duration,
     /// How often to re-check settled objects for drift.
     #[arg(long, env = "AMICOPY_RESYNC_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     resync_interval: Duration,
@@ -146,6 +150,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         source_refresh_interval: args.source_refresh_interval,
         allow_public_images: args.allow_public_images,
         concurrency: args.max_concurrent_reconciles,
+        max_backoff: args.max_retry_delay,
         ..Config::default()
     };
     let ctx = Arc::new(Context::new(client.clone(), ec2, metrics.clone(), config));

@@ -236,6 +236,7 @@ fn default_render_is_a_hardened_single_replica_cluster_wide_operator() {
             "--metrics-addr=0.0.0.0:8080",
             "--poll-interval=15s",
             "--resync-interval=10m",
+            "--max-retry-delay=5m",
             "--tracking=batched",
             "--copy-limit-per-region=50",
             "--copy-limit-per-source-region=25",

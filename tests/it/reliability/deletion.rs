@@ -1,7 +1,8 @@
 //! Property 4: deletion is complete and safe. Copies pending, available and
 //! failed all go, images and snapshots; the finalizer stays while anything
-//! is left; many objects deleted at once behave the same; a snapshot of
-//! another owner is never deleted.
+//! is left; a region that keeps failing holds up only its own clean-up;
+//! many objects deleted at once behave the same; a snapshot of another owner
+//! is never deleted.
 
 use std::time::Duration;
 
@@ -94,6 +95,49 @@ async fn deleting_pending_available_and_failed_copies_leaves_nothing() {
     wait_gone(&api, "mixed").await;
     assert_eq!(leaks(&sim, &Default::default()), Vec::<String>::new());
     assert!(harness::owned_by(&sim, &mixed.uid().unwrap()).is_empty());
+    op.assert_alive();
+    op.kill().await;
+}
+
+#[tokio::test]
+async fn a_region_that_keeps_failing_holds_up_only_its_own_cleanup() {
+    let kube = testbed::kube().await;
+    let ns = testbed::namespace(&kube, "delete-one-down").await;
+    let api: Api<AmiCopy> = Api::namespaced(kube, &ns);
+    let sim = harness::simulator(43, Duration::from_millis(300)).await;
+    let launch = Launch::new(&ns, &sim.endpoint());
+    let mut op = launch.spawn();
+    let source = harness::seed_source(&sim, "one-down");
+    harness::create(&api, "one-down", harness::spec(&source, &[A, F, P])).await;
+    let ready = wait_for(&api, "one-down", "Ready=True", is_ready).await;
+    let uid = ready.uid().unwrap();
+    assert_eq!(
+        harness::owned_by(&sim, &uid).keys().collect::<Vec<_>>(),
+        [F, A, P]
+    );
+
+    // F sorts first; every call there fails while the object is deleted.
+    sim.add_fault(FaultRule::new(FaultKind::InternalError, Trigger::Always).in_region(F));
+    testbed::delete(&api, "one-down").await;
+    harness::until("A and P cleaned up while F fails", || async {
+        harness::owned_by(&sim, &uid).keys().collect::<Vec<_>>() == [F]
+    })
+    .await;
+    let held = api
+        .get("one-down")
+        .await
+        .expect("still there while F holds a copy");
+    assert!(held.finalizers().iter().any(|f| f == FINALIZER));
+    assert!(
+        sim.calls()
+            .iter()
+            .any(|c| c.region == F && c.outcome == "InternalError"),
+        "cleanup tried F"
+    );
+
+    sim.clear_faults();
+    wait_gone(&api, "one-down").await;
+    assert_eq!(leaks(&sim, &Default::default()), Vec::<String>::new());
     op.assert_alive();
     op.kill().await;
 }

@@ -70,6 +70,7 @@ impl Launch {
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--poll-interval", "300ms"])
             .args(["--resync-interval", self.resync])
+            .args(["--max-retry-delay", "4s"])
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("KUBECONFIG", &self.kubeconfig)
