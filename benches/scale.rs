@@ -14,7 +14,12 @@
 //!   period (`--resync-interval`, four tracking intervals here);
 //! - `ready`: from the simulator turning every copy available until every
 //!   object is Ready, in seconds and in tracking intervals;
-//! - the operator's peak RSS (VmHWM) and CPU seconds.
+//! - the operator's peak RSS (VmHWM) and CPU seconds;
+//! - while objects turn Ready, the CPU seconds of each process on the
+//!   machine's cores: the operator, kube-apiserver and etcd (their pids come
+//!   from `hack/bench.sh` in `AMICOPY_BENCH_PEERS`, `name=pid,...`) and this
+//!   benchmark's process, which runs the simulator. It says what bounds
+//!   `ready`.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -96,6 +101,12 @@ struct Row {
     steady_calls_per_object: f64,
     rss_mib: f64,
     cpu_s: f64,
+    /// CPU seconds per process from the copies turning available until all
+    /// objects are Ready.
+    ready_cpu: Vec<(String, f64)>,
+    /// kube-apiserver requests other than reads (verb resource[/sub]) from
+    /// the copies turning available until all objects are Ready.
+    ready_writes: BTreeMap<String, u64>,
 }
 
 #[tokio::main]
@@ -106,6 +117,7 @@ async fn main() {
         "| tracking | N×3 | apply s | all CopyImage issued s | Ready after copies available s (intervals) | EC2 calls per object | DescribeImages / interval / region, all pending | DescribeImages / drift period / region, steady | steady-state EC2 calls per object per drift period | peak RSS MiB | CPU s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
     for &n in &args.sizes {
         for mode in &args.modes {
             if mode == "per-object" && n > args.naive_max {
@@ -117,8 +129,10 @@ async fn main() {
             }
             let row = scenario(&kube, &args, mode, n).await;
             print_row(&row, args.interval);
+            rows.push(row);
         }
     }
+    print_ready_cpu(&rows);
     if !args.moto_sizes.is_empty() {
         let endpoint =
             std::env::var("AMICOPY_MOTO_ENDPOINT").expect("AMICOPY_MOTO_ENDPOINT for --moto-sizes");
@@ -160,6 +174,99 @@ fn print_row(r: &Row, interval: Duration) {
         r.rss_mib,
         r.cpu_s,
     );
+}
+
+/// Where the CPU went while the objects turned Ready.
+fn print_ready_cpu(rows: &[Row]) {
+    let Some(first) = rows.first() else { return };
+    let names: Vec<&str> = first.ready_cpu.iter().map(|(n, _)| n.as_str()).collect();
+    println!();
+    println!(
+        "| tracking | N×3 | Ready after copies available s | CPU s available (cores × s) | CPU s while turning Ready: {} | sum | kube-apiserver writes per object |",
+        names.join(" | ")
+    );
+    println!("|---|---|---|---|{}---|---|", "---|".repeat(names.len()));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    for r in rows {
+        let cells: Vec<String> = r.ready_cpu.iter().map(|(_, s)| format!("{s:.1}")).collect();
+        let sum: f64 = r.ready_cpu.iter().map(|(_, s)| s).sum();
+        let writes: Vec<String> = r
+            .ready_writes
+            .iter()
+            .map(|(what, c)| format!("{what} {:.2}", *c as f64 / r.n as f64))
+            .collect();
+        println!(
+            "| {} | {} | {} | {} | {} | {sum:.1} | {} |",
+            r.mode,
+            r.n,
+            r.ready_s
+                .map_or("not reached".into(), |s| format!("{s:.1}")),
+            r.ready_s
+                .map_or("-".into(), |s| format!("{:.1}", s * cores)),
+            cells.join(" | "),
+            writes.join(", ")
+        );
+    }
+}
+
+/// CPU seconds so far of the operator, the test bed's peers and this process.
+fn cpu_by_process(operator: u32) -> Vec<(String, f64)> {
+    let mut out = vec![("operator".to_string(), usage(operator).1)];
+    for peer in std::env::var("AMICOPY_BENCH_PEERS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+    {
+        if let Some((name, pid)) = peer.split_once('=')
+            && let Ok(pid) = pid.parse()
+        {
+            out.push((name.to_owned(), usage(pid).1));
+        }
+    }
+    out.push((
+        "benchmark + simulator".to_string(),
+        usage(std::process::id()).1,
+    ));
+    out
+}
+
+/// kube-apiserver's count of requests other than reads, by `verb resource`
+/// (`/subresource`), from its own `apiserver_request_total`.
+async fn apiserver_writes(kube: &Client) -> BTreeMap<String, u64> {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("a GET request");
+    let text = kube.request_text(req).await.unwrap_or_default();
+    let label = |line: &str, name: &str| {
+        line.split(&format!(",{name}=\""))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let verb = label(line, "verb");
+        if matches!(verb.as_str(), "GET" | "LIST" | "WATCH") {
+            continue;
+        }
+        let (resource, sub) = (label(line, "resource"), label(line, "subresource"));
+        let what = if sub.is_empty() {
+            format!("{verb} {resource}")
+        } else {
+            format!("{verb} {resource}/{sub}")
+        };
+        let n: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+        *out.entry(what).or_default() += n;
+    }
+    out
 }
 
 async fn kube() -> Client {
@@ -450,8 +557,24 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
     tokio::time::sleep(window).await;
     let describe_pending_per_interval = describe_per_region(&before, &counts(&sim)) / 3.0;
 
+    let writes_before = apiserver_writes(kube).await;
+    let cpu_before = cpu_by_process(run.pid);
     sim.finish_copies();
     let ready_s = run.until_ready(n, deadline(n)).await;
+    let ready_cpu = cpu_by_process(run.pid)
+        .into_iter()
+        .zip(cpu_before)
+        .map(|((name, after), (_, before))| (name, after - before))
+        .collect();
+    let ready_writes = apiserver_writes(kube)
+        .await
+        .into_iter()
+        .map(|(what, after)| {
+            let delta = after - writes_before.get(&what).copied().unwrap_or(0);
+            (what, delta)
+        })
+        .filter(|(_, d)| *d > 0)
+        .collect();
 
     // Steady state: everything available; two drift periods.
     tokio::time::sleep(args.interval).await;
@@ -486,6 +609,8 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         steady_calls_per_object: steady_total as f64 / n as f64 / 2.0,
         rss_mib,
         cpu_s,
+        ready_cpu,
+        ready_writes,
     }
 }
 

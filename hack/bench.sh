@@ -28,6 +28,13 @@ source "$(hack/testbed/up.sh "$state")"
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established crd/amicopies.amicopy.dev --timeout 60s >/dev/null
 
+# The peers' pids, so that the benchmark can say where the CPU went.
+peers=""
+for p in kube-apiserver etcd; do
+  read -r pid _ <"$state/pids/$p" && peers+="$p=$pid,"
+done
+export AMICOPY_BENCH_PEERS="$peers"
+
 echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; hack/bench.sh $*"
 AMICOPY_OPERATOR_BIN="$CARGO_TARGET_DIR/release/ami-copy-operator" \
   cargo bench --locked --bench scale -- "$@"
