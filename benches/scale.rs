@@ -104,9 +104,9 @@ struct Row {
     /// CPU seconds per process from the copies turning available until all
     /// objects are Ready.
     ready_cpu: Vec<(String, f64)>,
-    /// kube-apiserver requests other than reads (verb resource[/sub]) from
+    /// kube-apiserver requests but watches (verb resource[/sub]) from
     /// the copies turning available until all objects are Ready.
-    ready_writes: BTreeMap<String, u64>,
+    ready_requests: BTreeMap<String, u64>,
 }
 
 #[tokio::main]
@@ -182,7 +182,7 @@ fn print_ready_cpu(rows: &[Row]) {
     let names: Vec<&str> = first.ready_cpu.iter().map(|(n, _)| n.as_str()).collect();
     println!();
     println!(
-        "| tracking | N×3 | Ready after copies available s | CPU s available (cores × s) | CPU s while turning Ready: {} | sum | kube-apiserver writes per object |",
+        "| tracking | N×3 | Ready after copies available s | CPU s available (cores × s) | CPU s while turning Ready: {} | sum | kube-apiserver requests per object (watches aside) |",
         names.join(" | ")
     );
     println!("|---|---|---|---|{}---|---|", "---|".repeat(names.len()));
@@ -190,8 +190,8 @@ fn print_ready_cpu(rows: &[Row]) {
     for r in rows {
         let cells: Vec<String> = r.ready_cpu.iter().map(|(_, s)| format!("{s:.1}")).collect();
         let sum: f64 = r.ready_cpu.iter().map(|(_, s)| s).sum();
-        let writes: Vec<String> = r
-            .ready_writes
+        let requests: Vec<String> = r
+            .ready_requests
             .iter()
             .map(|(what, c)| format!("{what} {:.2}", *c as f64 / r.n as f64))
             .collect();
@@ -204,7 +204,7 @@ fn print_ready_cpu(rows: &[Row]) {
             r.ready_s
                 .map_or("-".into(), |s| format!("{:.1}", s * cores)),
             cells.join(" | "),
-            writes.join(", ")
+            requests.join(", ")
         );
     }
 }
@@ -230,9 +230,9 @@ fn cpu_by_process(operator: u32) -> Vec<(String, f64)> {
     out
 }
 
-/// kube-apiserver's count of requests other than reads, by `verb resource`
+/// kube-apiserver's count of requests but watches, by `verb resource`
 /// (`/subresource`), from its own `apiserver_request_total`.
-async fn apiserver_writes(kube: &Client) -> BTreeMap<String, u64> {
+async fn apiserver_requests(kube: &Client) -> BTreeMap<String, u64> {
     let req = http::Request::get("/metrics")
         .body(Vec::new())
         .expect("a GET request");
@@ -250,7 +250,7 @@ async fn apiserver_writes(kube: &Client) -> BTreeMap<String, u64> {
         .filter(|l| l.starts_with("apiserver_request_total{"))
     {
         let verb = label(line, "verb");
-        if matches!(verb.as_str(), "GET" | "LIST" | "WATCH") {
+        if verb == "WATCH" {
             continue;
         }
         let (resource, sub) = (label(line, "resource"), label(line, "subresource"));
@@ -557,7 +557,7 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
     tokio::time::sleep(window).await;
     let describe_pending_per_interval = describe_per_region(&before, &counts(&sim)) / 3.0;
 
-    let writes_before = apiserver_writes(kube).await;
+    let requests_before = apiserver_requests(kube).await;
     let cpu_before = cpu_by_process(run.pid);
     sim.finish_copies();
     let ready_s = run.until_ready(n, deadline(n)).await;
@@ -566,11 +566,11 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         .zip(cpu_before)
         .map(|((name, after), (_, before))| (name, after - before))
         .collect();
-    let ready_writes = apiserver_writes(kube)
+    let ready_requests = apiserver_requests(kube)
         .await
         .into_iter()
         .map(|(what, after)| {
-            let delta = after - writes_before.get(&what).copied().unwrap_or(0);
+            let delta = after - requests_before.get(&what).copied().unwrap_or(0);
             (what, delta)
         })
         .filter(|(_, d)| *d > 0)
@@ -610,7 +610,7 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         rss_mib,
         cpu_s,
         ready_cpu,
-        ready_writes,
+        ready_requests,
     }
 }
 
