@@ -20,6 +20,15 @@
 //!   from `hack/bench.sh` in `AMICOPY_BENCH_PEERS`, `name=pid,...`) and this
 //!   benchmark's process, which runs the simulator. It says what bounds
 //!   `ready`.
+//!
+//! With `--paced-sizes`, a second kind of scenario measures copy admission
+//! against its limits: the operator's default limits, copies that take
+//! `--copy-secs` (default 10) in a simulator that refuses a 51st copy per
+//! region as EC2 does, and the time until every CopyImage was issued and
+//! every object Ready against the ideal of copies started in waves of 25
+//! (the per-source-region limit) one copy time apart. It prints a third
+//! table, with how many copies were in flight while the operator issued
+//! them.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -48,6 +57,8 @@ struct Args {
     interval: Duration,
     operator: String,
     moto_sizes: Vec<usize>,
+    paced_sizes: Vec<usize>,
+    copy: Duration,
 }
 
 fn args() -> Args {
@@ -57,6 +68,8 @@ fn args() -> Args {
         naive_max: 1000,
         interval: Duration::from_secs(5),
         moto_sizes: Vec::new(),
+        paced_sizes: Vec::new(),
+        copy: Duration::from_secs(10),
         operator: std::env::var("AMICOPY_OPERATOR_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ami-copy-operator").into()),
     };
@@ -67,6 +80,7 @@ fn args() -> Args {
             "--sizes" => {
                 a.sizes = value()
                     .split(',')
+                    .filter(|s| !s.is_empty())
                     .map(|s| s.parse().expect("a number"))
                     .collect()
             }
@@ -78,6 +92,14 @@ fn args() -> Args {
                     .map(|s| s.parse().expect("a number"))
                     .collect()
             }
+            "--paced-sizes" => {
+                a.paced_sizes = value()
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse().expect("a number"))
+                    .collect()
+            }
+            "--copy-secs" => a.copy = Duration::from_secs(value().parse().expect("a number")),
             "--interval-secs" => {
                 a.interval = Duration::from_secs(value().parse().expect("a number"))
             }
@@ -113,10 +135,12 @@ struct Row {
 async fn main() {
     let args = args();
     let kube = kube().await;
-    println!(
-        "| tracking | N×3 | apply s | all CopyImage issued s | Ready after copies available s (intervals) | EC2 calls per object | DescribeImages / interval / region, all pending | DescribeImages / drift period / region, steady | steady-state EC2 calls per object per drift period | peak RSS MiB | CPU s |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    if !args.sizes.is_empty() {
+        println!(
+            "| tracking | N×3 | apply s | all CopyImage issued s | Ready after copies available s (intervals) | EC2 calls per object | DescribeImages / interval / region, all pending | DescribeImages / drift period / region, steady | steady-state EC2 calls per object per drift period | peak RSS MiB | CPU s |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    }
     let mut rows = Vec::new();
     for &n in &args.sizes {
         for mode in &args.modes {
@@ -133,6 +157,16 @@ async fn main() {
         }
     }
     print_ready_cpu(&rows);
+    if !args.paced_sizes.is_empty() {
+        println!();
+        println!(
+            "| paced | N×3 | copy s | all CopyImage issued s (ideal) | all Ready s (ideal) | copies in flight while issuing: mean / limit | most in flight | ResourceLimitExceeded |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for &n in &args.paced_sizes {
+            paced_scenario(&kube, &args, n).await;
+        }
+    }
     if !args.moto_sizes.is_empty() {
         let endpoint =
             std::env::var("AMICOPY_MOTO_ENDPOINT").expect("AMICOPY_MOTO_ENDPOINT for --moto-sizes");
@@ -298,10 +332,21 @@ fn sim_config() -> SimConfig {
     config
 }
 
-fn spawn_operator(args: &Args, mode: &str, ns: &str, endpoint: &str, metrics_port: u16) -> Child {
+/// The operator binary for one scenario. `limits`: the default copy limits
+/// (50 per destination region, 25 per source region) instead of limits too
+/// high to bind.
+fn spawn_operator(
+    args: &Args,
+    mode: &str,
+    ns: &str,
+    endpoint: &str,
+    metrics_port: u16,
+    limits: bool,
+) -> Child {
     let kubeconfig = std::env::var("AMICOPY_KUBECONFIG").unwrap();
     let interval = format!("{}s", args.interval.as_secs());
     let resync = format!("{}s", resync(args).as_secs());
+    let limit = if limits { None } else { Some("1000000") };
     Command::new(&args.operator)
         .args([
             "run",
@@ -313,12 +358,14 @@ fn spawn_operator(args: &Args, mode: &str, ns: &str, endpoint: &str, metrics_por
             mode,
         ])
         .args(["--poll-interval", &interval, "--resync-interval", &resync])
-        .args([
-            "--copy-limit-per-region",
-            "1000000",
-            "--copy-limit-per-source-region",
-            "1000000",
-        ])
+        .args(limit.iter().flat_map(|l| {
+            [
+                "--copy-limit-per-region",
+                l,
+                "--copy-limit-per-source-region",
+                l,
+            ]
+        }))
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .env("KUBECONFIG", kubeconfig)
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -396,7 +443,14 @@ struct Run {
 }
 
 impl Run {
-    async fn start(kube: &Client, args: &Args, mode: &str, n: usize, endpoint: &str) -> Self {
+    async fn start(
+        kube: &Client,
+        args: &Args,
+        mode: &str,
+        n: usize,
+        endpoint: &str,
+        limits: bool,
+    ) -> Self {
         let namespaces: Api<Namespace> = Api::all(kube.clone());
         let mut ns_obj = Namespace::default();
         ns_obj.metadata.generate_name = Some(format!("bench-{mode}-{n}-"));
@@ -410,7 +464,7 @@ impl Run {
             .local_addr()
             .unwrap()
             .port();
-        let operator = spawn_operator(args, mode, &ns, endpoint, metrics_port);
+        let operator = spawn_operator(args, mode, &ns, endpoint, metrics_port, limits);
         let pid = operator.id().expect("operator pid");
         let api: Api<AmiCopy> = Api::namespaced(kube.clone(), &ns);
         let (reader, writer) = reflector::store();
@@ -531,7 +585,7 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         name: format!("bench-{mode}-{n}"),
         ..SeedImage::default()
     });
-    let run = Run::start(kube, args, mode, n, &sim.endpoint()).await;
+    let run = Run::start(kube, args, mode, n, &sim.endpoint(), false).await;
     let start = Instant::now();
     let apply_s = run.apply(&source, n).await;
 
@@ -614,12 +668,80 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
     }
 }
 
+/// Copy admission against its limits: the operator's default limits (50
+/// per destination region, 25 per source region; every copy here comes from
+/// one source region, so 25 at once bind) and a simulator whose copies take
+/// `--copy-secs` and which refuses a 51st copy per region as EC2 does.
+/// Ideal: copies start in waves of 25, one wave per copy time, so the last
+/// one starts after floor((3N - 1) / 25) copy times and all are done one
+/// copy time later. The measured excess is the time a freed slot takes to
+/// be noticed (the tracker's next round) and filled.
+async fn paced_scenario(kube: &Client, args: &Args, n: usize) {
+    const LIMIT: usize = 25;
+    let mut config = sim_config();
+    config.copy_duration = args.copy;
+    config.concurrent_copy_limit = 50;
+    let sim = Simulator::start(config).await.expect("start the simulator");
+    let source = sim.seed_image(SeedImage {
+        region: "us-east-1".into(),
+        name: format!("bench-paced-{n}"),
+        ..SeedImage::default()
+    });
+    let run = Run::start(kube, args, "batched", n, &sim.endpoint(), true).await;
+    let start = Instant::now();
+    run.apply(&source, n).await;
+    let copies = 3 * n;
+    let waves = (copies - 1) / LIMIT;
+    let ideal_issue = args.copy.as_secs_f64() * waves as f64;
+    let ideal_ready = args.copy.as_secs_f64() * (waves + 1) as f64;
+    let deadline = Duration::from_secs_f64(ideal_ready * 3.0) + Duration::from_secs(60);
+    let issued = |sim: &Simulator| {
+        sim.calls()
+            .iter()
+            .filter(|c| c.action == "CopyImage" && c.outcome == "ok")
+            .map(|c| c.count)
+            .sum::<u64>() as usize
+    };
+    let (mut issue_s, mut ready_s) = (None, None);
+    let (mut samples, mut in_flight_sum, mut most) = (0u64, 0usize, 0usize);
+    while start.elapsed() < deadline && ready_s.is_none() {
+        let running = sim.copies_running();
+        most = most.max(running);
+        if issue_s.is_none() {
+            samples += 1;
+            in_flight_sum += running;
+            if issued(&sim) >= copies {
+                issue_s = Some(start.elapsed().as_secs_f64());
+            }
+        }
+        if run.ready() >= n {
+            ready_s = Some(start.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused: u64 = sim
+        .calls()
+        .iter()
+        .filter(|c| c.outcome == "ResourceLimitExceeded")
+        .map(|c| c.count)
+        .sum();
+    run.stop().await;
+    let opt = |v: Option<f64>| v.map_or("not reached".to_string(), |v| format!("{v:.1}"));
+    println!(
+        "| batched | {n} | {} | {} ({ideal_issue:.0}) | {} ({ideal_ready:.0}) | {:.1} / {LIMIT} | {most} | {refused} |",
+        args.copy.as_secs(),
+        opt(issue_s),
+        opt(ready_s),
+        in_flight_sum as f64 / samples.max(1) as f64,
+    );
+}
+
 /// The same objects against moto: copies are available at once there, so
 /// only apply → all Ready, the calls (counted by the operator: moto keeps no
 /// count) and the operator's footprint are measured.
 async fn moto_scenario(kube: &Client, args: &Args, endpoint: &str, n: usize) {
     let source = seed_moto(endpoint).await;
-    let run = Run::start(kube, args, "batched", n, endpoint).await;
+    let run = Run::start(kube, args, "batched", n, endpoint, false).await;
     let start = Instant::now();
     let apply_s = run.apply(&source, n).await;
     let ready_s = run.until_ready(n, deadline(n)).await;

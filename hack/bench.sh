@@ -5,6 +5,7 @@
 #
 #   hack/bench.sh [--sizes 100,1000,10000] [--modes batched,per-object]
 #                 [--naive-max 1000] [--interval-secs 5] [--moto-sizes 100,1000]
+#                 [--paced-sizes 100] [--copy-secs 10]
 #
 # The release build takes about 20 minutes on 2 cores the first time; it goes
 # to its own target directory so that it never blocks the test build.

@@ -116,6 +116,11 @@ impl Control {
         self.with_state(|s| s.images.values().cloned().collect())
     }
 
+    /// Copies running now, in every region and account.
+    pub fn copies_running(&self) -> usize {
+        self.with_state(|s| s.copies_running())
+    }
+
     pub fn snapshot(&self, id: &str) -> Option<Snapshot> {
         self.with_state(|s| s.snapshots.get(id).cloned())
     }

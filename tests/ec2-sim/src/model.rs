@@ -869,6 +869,11 @@ impl State {
         }
     }
 
+    /// Copies running, in every region and account.
+    pub fn copies_running(&self) -> usize {
+        self.copying.len()
+    }
+
     /// Copies running in `region` for `account`.
     fn copies_in_flight(&self, region: &str, account: &str) -> usize {
         self.copies_in_flight
