@@ -61,6 +61,14 @@ struct Args {
     copy: Duration,
 }
 
+/// A comma-separated list of object counts; empty for none.
+fn sizes(list: &str) -> Vec<usize> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("a number"))
+        .collect()
+}
+
 fn args() -> Args {
     let mut a = Args {
         sizes: vec![100, 1000, 10000],
@@ -77,28 +85,11 @@ fn args() -> Args {
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
-            "--sizes" => {
-                a.sizes = value()
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.parse().expect("a number"))
-                    .collect()
-            }
+            "--sizes" => a.sizes = sizes(&value()),
             "--modes" => a.modes = value().split(',').map(String::from).collect(),
             "--naive-max" => a.naive_max = value().parse().expect("a number"),
-            "--moto-sizes" => {
-                a.moto_sizes = value()
-                    .split(',')
-                    .map(|s| s.parse().expect("a number"))
-                    .collect()
-            }
-            "--paced-sizes" => {
-                a.paced_sizes = value()
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.parse().expect("a number"))
-                    .collect()
-            }
+            "--moto-sizes" => a.moto_sizes = sizes(&value()),
+            "--paced-sizes" => a.paced_sizes = sizes(&value()),
             "--copy-secs" => a.copy = Duration::from_secs(value().parse().expect("a number")),
             "--interval-secs" => {
                 a.interval = Duration::from_secs(value().parse().expect("a number"))

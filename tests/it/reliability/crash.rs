@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use ami_copy_operator::AmiCopy;
 use ec2_sim::{FaultKind, FaultRule, Simulator, Trigger};
-use kube::api::Api;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 
-use super::harness::{self, Launch, assert_one_copy_per_region, leaks};
+use super::harness::{self, Bed, assert_one_copy_per_region, leaks};
 use crate::testbed::{self, is_ready, wait_for, wait_gone};
 
 const A: &str = "eu-west-1";
@@ -29,22 +28,8 @@ fn hang(action: &str, region: &str) -> FaultRule {
     .in_region(region)
 }
 
-struct Bed {
-    sim: Simulator,
-    api: Api<AmiCopy>,
-    launch: Launch,
-}
-
 async fn bed(prefix: &str, seed: u64) -> Bed {
-    let kube: Client = testbed::kube().await;
-    let ns = testbed::namespace(&kube, prefix).await;
-    let sim = harness::simulator(seed, Duration::from_millis(500)).await;
-    let launch = Launch::new(&ns, &sim.endpoint());
-    Bed {
-        api: Api::namespaced(kube, &ns),
-        sim,
-        launch,
-    }
+    harness::bed(prefix, seed, Duration::from_millis(500)).await
 }
 
 async fn wait_calls(sim: &Simulator, action: &str, region: &str, n: u64) {

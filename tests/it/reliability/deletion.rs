@@ -81,11 +81,7 @@ async fn deleting_pending_available_and_failed_copies_leaves_nothing() {
             .any(|c| c.action == "DeleteSnapshot" && c.outcome == "RequestLimitExceeded")
     })
     .await;
-    let held = api
-        .get("mixed")
-        .await
-        .expect("still there while snapshots remain");
-    assert!(held.finalizers().iter().any(|f| f == FINALIZER));
+    assert_held(&api, "mixed", "still there while snapshots remain").await;
     assert!(
         !harness::copy_snapshots(&sim).is_empty(),
         "snapshots remain while the finalizer is held"
@@ -101,11 +97,8 @@ async fn deleting_pending_available_and_failed_copies_leaves_nothing() {
 
 #[tokio::test]
 async fn a_region_that_keeps_failing_holds_up_only_its_own_cleanup() {
-    let kube = testbed::kube().await;
-    let ns = testbed::namespace(&kube, "delete-one-down").await;
-    let api: Api<AmiCopy> = Api::namespaced(kube, &ns);
-    let sim = harness::simulator(43, Duration::from_millis(300)).await;
-    let launch = Launch::new(&ns, &sim.endpoint());
+    let harness::Bed { sim, api, launch } =
+        harness::bed("delete-one-down", 43, Duration::from_millis(300)).await;
     let mut op = launch.spawn();
     let source = harness::seed_source(&sim, "one-down");
     harness::create(&api, "one-down", harness::spec(&source, &[A, F, P])).await;
@@ -123,11 +116,7 @@ async fn a_region_that_keeps_failing_holds_up_only_its_own_cleanup() {
         harness::owned_by(&sim, &uid).keys().collect::<Vec<_>>() == [F]
     })
     .await;
-    let held = api
-        .get("one-down")
-        .await
-        .expect("still there while F holds a copy");
-    assert!(held.finalizers().iter().any(|f| f == FINALIZER));
+    assert_held(&api, "one-down", "still there while F holds a copy").await;
     assert!(
         sim.calls()
             .iter()
@@ -140,6 +129,12 @@ async fn a_region_that_keeps_failing_holds_up_only_its_own_cleanup() {
     assert_eq!(leaks(&sim, &Default::default()), Vec::<String>::new());
     op.assert_alive();
     op.kill().await;
+}
+
+/// The object is still there, kept by the finalizer.
+async fn assert_held(api: &Api<AmiCopy>, name: &str, why: &str) {
+    let held = api.get(name).await.expect(why);
+    assert!(held.finalizers().iter().any(|f| f == FINALIZER), "{why}");
 }
 
 fn copy_count(sim: &ec2_sim::Simulator) -> usize {

@@ -97,6 +97,27 @@ impl Launch {
     }
 }
 
+/// A test's own namespace, simulator and operator launch.
+pub struct Bed {
+    pub sim: Simulator,
+    pub api: Api<AmiCopy>,
+    pub launch: Launch,
+}
+
+/// A fresh namespace named after `prefix` and a simulator whose copies take
+/// `copy`.
+pub async fn bed(prefix: &str, seed: u64, copy: Duration) -> Bed {
+    let kube = crate::testbed::kube().await;
+    let ns = crate::testbed::namespace(&kube, prefix).await;
+    let sim = simulator(seed, copy).await;
+    let launch = Launch::new(&ns, &sim.endpoint());
+    Bed {
+        api: Api::namespaced(kube, &ns),
+        sim,
+        launch,
+    }
+}
+
 /// A free loopback port for `--metrics-addr` (released just before use).
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
