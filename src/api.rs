@@ -407,6 +407,11 @@ pub struct TargetStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role_arn: Option<String>,
 
+    /// External ID the role was assumed with, kept so that a copy whose
+    /// destination was removed from the spec can still be retired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+
     /// Launch permissions applied: `account:<id>`, `organization:<arn>`,
     /// `ou:<arn>`, `public`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

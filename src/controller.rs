@@ -657,8 +657,8 @@ fn from_cache(
 }
 
 /// Where EC2 calls for each region go: the destination's role (another
-/// account), or for a region no longer listed, the role its copies were made
-/// through; this account otherwise.
+/// account), or for a region no longer listed, the role (and external ID)
+/// its copies were made through; this account otherwise.
 fn scopes(obj: &AmiCopy) -> BTreeMap<String, String> {
     let mut scopes = BTreeMap::new();
     if let Some(st) = &obj.status {
@@ -669,7 +669,8 @@ fn scopes(obj: &AmiCopy) -> BTreeMap<String, String> {
             .chain(&st.generations)
         {
             if let Some(role) = &t.role_arn {
-                scopes.insert(t.region.clone(), ec2::scope(&t.region, Some(role), None));
+                let scope = ec2::scope(&t.region, Some(role), t.external_id.as_deref());
+                scopes.insert(t.region.clone(), scope);
             }
         }
     }
@@ -1293,6 +1294,34 @@ mod tests {
             "{status}"
         );
         assert!(!status.contains("line"), "no position: {status}");
+    }
+
+    #[test]
+    fn a_region_dropped_from_the_spec_is_reached_through_its_recorded_role() {
+        const ROLE: &str = "arn:aws:iam::210987654321:role/amicopy";
+        let mut obj: AmiCopy = serde_json::from_value(json!({
+            "apiVersion": "amicopy.dev/v1alpha1", "kind": "AmiCopy",
+            "metadata": {"name": "a", "namespace": "ns"},
+            "spec": {"source": {"region": "us-east-1", "imageId": "ami-00000000000000001"},
+                     "destinations": [{"region": "us-west-2"}]},
+        }))
+        .unwrap();
+        obj.status = Some(AmiCopyStatus {
+            retiring: vec![TargetStatus {
+                region: "eu-west-1".into(),
+                image_id: Some("ami-0000000000000000a".into()),
+                role_arn: Some(ROLE.into()),
+                external_id: Some("amicopy-test".into()),
+                ..TargetStatus::default()
+            }],
+            ..AmiCopyStatus::default()
+        });
+        let scopes = scopes(&obj);
+        assert_eq!(
+            at(&scopes, "eu-west-1"),
+            ec2::scope("eu-west-1", Some(ROLE), Some("amicopy-test"))
+        );
+        assert_eq!(at(&scopes, "us-west-2"), "us-west-2");
     }
 
     #[test]

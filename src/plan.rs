@@ -276,6 +276,7 @@ fn target_status(
         deprecation_time: img.deprecation_time.clone(),
         shared_with: Vec::new(),
         role_arn: None,
+        external_id: None,
         attempt,
     }
 }
@@ -844,13 +845,15 @@ pub fn plan(
         .chain(&mut retiring)
         .chain(&mut generations)
     {
-        t.role_arn = match spec.destinations.iter().find(|d| d.region == t.region) {
-            Some(d) => d.role_arn.clone(),
+        (t.role_arn, t.external_id) = match spec.destinations.iter().find(|d| d.region == t.region)
+        {
+            Some(d) => (d.role_arn.clone(), d.external_id.clone()),
             None => t
                 .image_id
                 .as_deref()
                 .and_then(|id| last_entry(&prev, id))
-                .and_then(|l| l.role_arn.clone()),
+                .map(|l| (l.role_arn.clone(), l.external_id.clone()))
+                .unwrap_or_default(),
         };
     }
     let status = AmiCopyStatus {

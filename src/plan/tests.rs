@@ -526,6 +526,50 @@ fn removed_destination_is_retired_at_once() {
 }
 
 #[test]
+fn the_status_records_the_role_and_external_id_of_each_copy() {
+    let mut s = spec(SRC, &["eu-west-1", "ap-southeast-2"]);
+    s.destinations[0].role_arn = Some("arn:aws:iam::210987654321:role/amicopy".into());
+    s.destinations[0].external_id = Some("amicopy-test".into());
+    let obs = observed(
+        Some(source_image(false)),
+        &[
+            (
+                "eu-west-1",
+                vec![target("ami-00000000000000001", SRC, "available")],
+            ),
+            (
+                "ap-southeast-2",
+                vec![target("ami-00000000000000002", SRC, "available")],
+            ),
+        ],
+    );
+    let p = run(&s, None, &obs);
+    let recorded: Vec<_> = p
+        .status
+        .destinations
+        .iter()
+        .map(|d| {
+            (
+                d.region.as_str(),
+                d.role_arn.as_deref(),
+                d.external_id.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            (
+                "eu-west-1",
+                Some("arn:aws:iam::210987654321:role/amicopy"),
+                Some("amicopy-test")
+            ),
+            ("ap-southeast-2", None, None),
+        ]
+    );
+}
+
+#[test]
 fn duplicates_of_the_current_source_are_retired() {
     let s = spec(SRC, &["eu-west-1"]);
     let obs = observed(

@@ -463,6 +463,43 @@ async fn sim_cross_account_destination_through_an_assumed_role() {
         assert!(control.snapshot(snap).is_none(), "its snapshot deleted");
     }
     assert!(control.image(&source).is_some(), "the source stays");
+
+    // The cross-account destination dropped from the spec: its copy is
+    // retired through the role and the external ID the status recorded (the
+    // role's trust policy wants that ID, and the spec no longer names it).
+    let spec = json!({"source": {"region": SOURCE_REGION, "imageId": source},
+                      "destinations": [
+                          {"region": "eu-west-1", "roleArn": role, "externalId": "amicopy-test"},
+                          {"region": "ap-southeast-2"}]});
+    create(&api, "dropped", spec).await;
+    let ready = wait_for(&api, "dropped", "Ready=True", is_ready).await;
+    let dropped = control
+        .image(&target_of(&ready, "eu-west-1").unwrap())
+        .unwrap();
+    assert_eq!(dropped.owner, OTHER);
+    patch_spec(
+        &api,
+        "dropped",
+        json!({"destinations": [{"region": "ap-southeast-2"}]}),
+    )
+    .await;
+    wait_for(&api, "dropped", "the other account's copy retired", |o| {
+        is_ready(o)
+            && o.status
+                .as_ref()
+                .is_some_and(|s| s.retiring.is_empty() && target_of(o, "eu-west-1").is_none())
+    })
+    .await;
+    assert!(
+        control.image(&dropped.id).is_none(),
+        "deregistered in the other account; calls: {:?}",
+        control.calls()
+    );
+    for snap in dropped.snapshot_ids() {
+        assert!(control.snapshot(snap).is_none(), "its snapshot deleted");
+    }
+    testbed::delete(&api, "dropped").await;
+    testbed::wait_gone(&api, "dropped").await;
     op.stop().await;
 }
 
