@@ -233,10 +233,9 @@ fn pending_target_is_followed_not_copied_again() {
     assert!(p.busy);
 }
 
-#[test]
-fn available_everywhere_is_ready_and_claims_snapshots_once() {
-    let s = spec(SRC, &["eu-west-1", "ap-southeast-2"]);
-    let obs = observed(
+/// A copy available in eu-west-1 (ami-…1) and one in ap-southeast-2 (ami-…2).
+fn available_in_both() -> Observed {
+    observed(
         Some(source_image(false)),
         &[
             (
@@ -248,7 +247,13 @@ fn available_everywhere_is_ready_and_claims_snapshots_once() {
                 vec![target("ami-00000000000000002", SRC, "available")],
             ),
         ],
-    );
+    )
+}
+
+#[test]
+fn available_everywhere_is_ready_and_claims_snapshots_once() {
+    let s = spec(SRC, &["eu-west-1", "ap-southeast-2"]);
+    let obs = available_in_both();
     let first = run(&s, None, &obs);
     assert_eq!(cond(&first, READY), ("True", "Available"));
     assert_eq!(cond(&first, PROGRESSING), ("False", "Complete"));
@@ -530,19 +535,7 @@ fn the_status_records_the_role_and_external_id_of_each_copy() {
     let mut s = spec(SRC, &["eu-west-1", "ap-southeast-2"]);
     s.destinations[0].role_arn = Some("arn:aws:iam::210987654321:role/amicopy".into());
     s.destinations[0].external_id = Some("amicopy-test".into());
-    let obs = observed(
-        Some(source_image(false)),
-        &[
-            (
-                "eu-west-1",
-                vec![target("ami-00000000000000001", SRC, "available")],
-            ),
-            (
-                "ap-southeast-2",
-                vec![target("ami-00000000000000002", SRC, "available")],
-            ),
-        ],
-    );
+    let obs = available_in_both();
     let p = run(&s, None, &obs);
     let recorded: Vec<_> = p
         .status
