@@ -172,8 +172,21 @@ async fn main() {
     }
 }
 
+/// Seconds to one decimal, or "not reached".
+fn seconds(v: Option<f64>) -> String {
+    v.map_or("not reached".to_string(), |v| format!("{v:.1}"))
+}
+
+/// CopyImage calls the simulator has answered with a new image.
+fn copies_issued(sim: &Simulator) -> usize {
+    sim.calls()
+        .iter()
+        .filter(|c| c.action == "CopyImage" && c.outcome == "ok")
+        .map(|c| c.count as usize)
+        .sum()
+}
+
 fn print_row(r: &Row, interval: Duration) {
-    let opt = |v: Option<f64>| v.map_or("not reached".to_string(), |v| format!("{v:.1}"));
     let total: u64 = r.calls.values().sum();
     let per_op: Vec<String> = r
         .calls
@@ -188,8 +201,8 @@ fn print_row(r: &Row, interval: Duration) {
         r.mode,
         r.n,
         r.apply_s,
-        opt(r.issue_s),
-        opt(r.ready_s),
+        seconds(r.issue_s),
+        seconds(r.ready_s),
         intervals,
         total as f64 / r.n as f64,
         per_op.join(", "),
@@ -224,8 +237,7 @@ fn print_ready_cpu(rows: &[Row]) {
             "| {} | {} | {} | {} | {} | {sum:.1} | {} |",
             r.mode,
             r.n,
-            r.ready_s
-                .map_or("not reached".into(), |s| format!("{s:.1}")),
+            seconds(r.ready_s),
             r.ready_s
                 .map_or("-".into(), |s| format!("{:.1}", s * cores)),
             cells.join(" | "),
@@ -580,16 +592,9 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
     let start = Instant::now();
     let apply_s = run.apply(&source, n).await;
 
-    let copies = |sim: &Simulator| {
-        sim.calls()
-            .iter()
-            .filter(|c| c.action == "CopyImage" && c.outcome == "ok")
-            .map(|c| c.count)
-            .sum::<u64>()
-    };
     let mut issue_s = None;
     while start.elapsed() < deadline(n) {
-        if copies(&sim) >= (3 * n) as u64 {
+        if copies_issued(&sim) >= 3 * n {
             issue_s = Some(start.elapsed().as_secs_f64());
             break;
         }
@@ -686,13 +691,6 @@ async fn paced_scenario(kube: &Client, args: &Args, n: usize) {
     let ideal_issue = args.copy.as_secs_f64() * waves as f64;
     let ideal_ready = args.copy.as_secs_f64() * (waves + 1) as f64;
     let deadline = Duration::from_secs_f64(ideal_ready * 3.0) + Duration::from_secs(60);
-    let issued = |sim: &Simulator| {
-        sim.calls()
-            .iter()
-            .filter(|c| c.action == "CopyImage" && c.outcome == "ok")
-            .map(|c| c.count)
-            .sum::<u64>() as usize
-    };
     let (mut issue_s, mut ready_s) = (None, None);
     let (mut samples, mut in_flight_sum, mut most) = (0u64, 0usize, 0usize);
     while start.elapsed() < deadline && ready_s.is_none() {
@@ -701,7 +699,7 @@ async fn paced_scenario(kube: &Client, args: &Args, n: usize) {
         if issue_s.is_none() {
             samples += 1;
             in_flight_sum += running;
-            if issued(&sim) >= copies {
+            if copies_issued(&sim) >= copies {
                 issue_s = Some(start.elapsed().as_secs_f64());
             }
         }
@@ -717,12 +715,11 @@ async fn paced_scenario(kube: &Client, args: &Args, n: usize) {
         .map(|c| c.count)
         .sum();
     run.stop().await;
-    let opt = |v: Option<f64>| v.map_or("not reached".to_string(), |v| format!("{v:.1}"));
     println!(
         "| batched | {n} | {} | {} ({ideal_issue:.0}) | {} ({ideal_ready:.0}) | {:.1} / {LIMIT} | {most} | {refused} |",
         args.copy.as_secs(),
-        opt(issue_s),
-        opt(ready_s),
+        seconds(issue_s),
+        seconds(ready_s),
         in_flight_sum as f64 / samples.max(1) as f64,
     );
 }
