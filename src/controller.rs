@@ -142,14 +142,7 @@ impl<E: Ec2> Context<E> {
             },
             secondary: None,
         };
-        if let Err(e) = self
-            .events
-            .recorder()
-            .publish(&event, &obj.object_ref(&()))
-            .await
-        {
-            warn!(error = %e, "could not publish an event");
-        }
+        self.events.publish(&event, &obj.object_ref(&())).await;
     }
 }
 
@@ -363,14 +356,7 @@ async fn report_invalid<E: Ec2>(raw: &DynamicObject, why: &str, ctx: &Context<E>
         action: reason::INVALID_SPEC.into(),
         secondary: None,
     };
-    if let Err(e) = ctx
-        .events
-        .recorder()
-        .publish(&event, &raw.object_ref(&ar))
-        .await
-    {
-        warn!(error = %e, "could not publish an event");
-    }
+    ctx.events.publish(&event, &raw.object_ref(&ar)).await;
     Ok(())
 }
 

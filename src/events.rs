@@ -10,8 +10,10 @@
 
 use std::sync::Mutex;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, Recorder, Reporter};
+use tracing::warn;
 
 /// Events published through one `Recorder` before the next takes over.
 pub const CACHE_LIMIT: usize = 512;
@@ -31,10 +33,15 @@ impl Events {
         }
     }
 
-    /// The recorder for the next Event.
-    pub fn recorder(&self) -> Recorder {
-        self.recorders
-            .next(|| Recorder::new(self.client.clone(), self.reporter.clone()))
+    /// Publishes an Event about `reference`; a failure is logged, never
+    /// the caller's concern.
+    pub async fn publish(&self, event: &Event, reference: &ObjectReference) {
+        let recorder = self
+            .recorders
+            .next(|| Recorder::new(self.client.clone(), self.reporter.clone()));
+        if let Err(e) = recorder.publish(event, reference).await {
+            warn!(error = %e, "could not publish an event");
+        }
     }
 }
 
