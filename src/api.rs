@@ -380,7 +380,8 @@ pub struct TargetStatus {
     /// `pending`, `available` or `failed` as EC2 reports them (or another EC2
     /// image state), `waiting` while the copy cannot start yet, `error` when
     /// it cannot start at all.
-    pub state: String,
+    #[schemars(with = "String")]
+    pub state: TargetState,
 
     /// Source AMI this target is (being) copied from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -426,6 +427,115 @@ pub struct TargetStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schemars(with = "i32", range(min = 0))]
     pub attempt: u32,
+}
+
+/// State of a target image: EC2's image states and the operator's own.
+/// Serialized as its lowercase name; a state EC2 reports that is not listed
+/// here is kept as EC2 wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TargetState {
+    /// EC2 is copying.
+    Pending,
+    /// The copy is done and can be launched.
+    Available,
+    /// EC2 gave up on the copy.
+    Failed,
+    /// The copy cannot start yet (source pending, EC2 busy or throttling).
+    Waiting,
+    /// Waiting for a copy slot (per-region copy limits, EC2's copy quota).
+    Queued,
+    /// The copy cannot start at all until the spec or the source changes.
+    Error,
+    /// Any other state EC2 reports (`invalid`, `deregistered`, ...).
+    Other(String),
+}
+
+impl TargetState {
+    pub fn as_str(&self) -> &str {
+        match self {
+            TargetState::Pending => "pending",
+            TargetState::Available => "available",
+            TargetState::Failed => "failed",
+            TargetState::Waiting => "waiting",
+            TargetState::Queued => "queued",
+            TargetState::Error => "error",
+            TargetState::Other(s) => s,
+        }
+    }
+
+    /// A copy on its way: started, queued for a slot, or waiting to start.
+    pub fn is_underway(&self) -> bool {
+        matches!(
+            self,
+            TargetState::Pending | TargetState::Queued | TargetState::Waiting
+        )
+    }
+
+    /// No copy was started: it waits for a slot, for EC2, or for a change.
+    pub fn is_unstarted(&self) -> bool {
+        matches!(
+            self,
+            TargetState::Queued | TargetState::Waiting | TargetState::Error
+        )
+    }
+}
+
+/// EC2 answered without a state; nothing is known yet.
+impl Default for TargetState {
+    fn default() -> Self {
+        TargetState::Other(String::new())
+    }
+}
+
+impl From<&str> for TargetState {
+    fn from(s: &str) -> Self {
+        match s {
+            "pending" => TargetState::Pending,
+            "available" => TargetState::Available,
+            "failed" => TargetState::Failed,
+            "waiting" => TargetState::Waiting,
+            "queued" => TargetState::Queued,
+            "error" => TargetState::Error,
+            other => TargetState::Other(other.to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for TargetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for TargetState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        Ok(TargetState::from(s.as_ref()))
+    }
+}
+
+impl AmiCopyStatus {
+    /// Every target the status records: current, retiring, and kept
+    /// generations.
+    pub fn targets(&self) -> impl Iterator<Item = &TargetStatus> {
+        self.destinations
+            .iter()
+            .chain(&self.retiring)
+            .chain(&self.generations)
+    }
+
+    pub fn targets_mut(&mut self) -> impl Iterator<Item = &mut TargetStatus> {
+        self.destinations
+            .iter_mut()
+            .chain(&mut self.retiring)
+            .chain(&mut self.generations)
+    }
 }
 
 fn is_zero(n: &u32) -> bool {

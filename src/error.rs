@@ -41,6 +41,21 @@ impl Error {
         }
     }
 
+    /// Retrying will not help: the object cannot be read as it is (no
+    /// namespace, no UID, no name). It waits for a change instead.
+    pub fn is_terminal(&self) -> bool {
+        use kube::runtime::finalizer::Error as F;
+        match self {
+            Error::MissingField(_) => true,
+            Error::Finalizer(inner) => match inner.as_ref() {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.is_terminal(),
+                F::UnnamedObject | F::InvalidFinalizer => true,
+                F::AddFinalizer(_) | F::RemoveFinalizer(_) => false,
+            },
+            Error::Kube(_) | Error::Ec2(_) | Error::CleanupPending { .. } => false,
+        }
+    }
+
     /// Throttling asks for a longer pause than other transient faults.
     pub fn is_throttling(&self) -> bool {
         self.metric_label() == "ec2_throttled"

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ami_copy_operator::controller::{self, Config, Context};
+use ami_copy_operator::config::Config;
+use ami_copy_operator::controller::{self, Context};
 use ami_copy_operator::ec2::AwsEc2;
 use ami_copy_operator::leader::{self, LeaseConfig};
 use ami_copy_operator::metrics::Metrics;
@@ -51,40 +52,8 @@ struct RunArgs {
     /// Address of /metrics, /livez and /readyz.
     #[arg(long, env = "AMICOPY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
-    /// How often to look at pending copies.
-    #[arg(long, env = "AMICOPY_POLL_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
-    poll_interval: Duration,
-    /// Longest wait before retrying an object whose reconcile failed (the
-    /// wait doubles from 1 s after each failure in a row).
-    #[arg(long, env = "AMICOPY_MAX_RETRY_DELAY", default_value = "5m", value_parser = humantime::parse_duration)]
-    max_retry_delay: Duration,
-    /// How often to re-check settled objects for drift.
-    #[arg(long, env = "AMICOPY_RESYNC_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
-    resync_interval: Duration,
-    /// `batched`: one tracker per region follows every pending copy in as few
-    /// DescribeImages calls as EC2 allows and wakes the objects concerned;
-    /// `per-object`: each object polls its own targets.
-    #[arg(long, env = "AMICOPY_TRACKING", value_enum, default_value_t = Tracking::Batched)]
-    tracking: Tracking,
-    /// Copies in flight per destination region (batched tracking).
-    #[arg(long, env = "AMICOPY_COPY_LIMIT_PER_REGION", default_value_t = 50)]
-    copy_limit_per_region: usize,
-    /// Copies in flight from one source region (batched tracking).
-    #[arg(
-        long,
-        env = "AMICOPY_COPY_LIMIT_PER_SOURCE_REGION",
-        default_value_t = 25
-    )]
-    copy_limit_per_source_region: usize,
-    /// How often a `source.selector` is resolved again.
-    #[arg(long, env = "AMICOPY_SOURCE_REFRESH_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
-    source_refresh_interval: Duration,
-    /// Let `sharing.public: true` make copies public (refused otherwise).
-    #[arg(long, env = "AMICOPY_ALLOW_PUBLIC_IMAGES")]
-    allow_public_images: bool,
-    /// Reconciles running at once.
-    #[arg(long, env = "AMICOPY_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
-    max_concurrent_reconciles: u16,
+    #[command(flatten)]
+    config: Config,
     /// Log format.
     #[arg(long, env = "AMICOPY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -101,12 +70,6 @@ struct RunArgs {
     /// A leader that has not renewed the Lease for this long is replaced.
     #[arg(long, env = "AMICOPY_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Tracking {
-    Batched,
-    PerObject,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -141,19 +104,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ec2 = AwsEc2::from_env(args.ec2_endpoint_url, metrics.clone())
         .await
         .with_sts_endpoint(args.sts_endpoint_url);
-    let config = Config {
-        poll_interval: args.poll_interval,
-        resync_interval: args.resync_interval,
-        batched: args.tracking == Tracking::Batched,
-        dest_copy_limit: args.copy_limit_per_region,
-        source_copy_limit: args.copy_limit_per_source_region,
-        source_refresh_interval: args.source_refresh_interval,
-        allow_public_images: args.allow_public_images,
-        concurrency: args.max_concurrent_reconciles,
-        max_backoff: args.max_retry_delay,
-        ..Config::default()
-    };
-    let ctx = Arc::new(Context::new(client.clone(), ec2, metrics.clone(), config));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        ec2,
+        metrics.clone(),
+        args.config,
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -1,8 +1,9 @@
-//! Condition types, stable reasons, and the condition builders.
+//! Condition types, every stable reason (of conditions, destinations and
+//! Events), and the condition builders.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::TargetStatus;
+use crate::api::{TargetState, TargetStatus};
 use crate::ec2::Ec2Error;
 
 pub const READY: &str = "Ready";
@@ -37,19 +38,16 @@ pub mod reason {
     /// The object cannot be read as an AmiCopy (a CRD without validation, a
     /// status written by another tool); it is left alone until it changes.
     pub const INVALID_SPEC: &str = "InvalidSpec";
-}
 
-/// Destination states the operator adds to EC2's own image states.
-pub mod state {
-    pub const PENDING: &str = "pending";
-    pub const AVAILABLE: &str = "available";
-    pub const FAILED: &str = "failed";
-    /// The copy cannot start yet (source pending, throttled, quota).
-    pub const WAITING: &str = "waiting";
-    /// Waiting for a copy slot (per-region copy limits).
-    pub const QUEUED: &str = "queued";
-    /// The copy cannot start at all until the spec or the source changes.
-    pub const ERROR: &str = "error";
+    // Reasons of Events only.
+    pub const COPY_STARTED: &str = "CopyStarted";
+    pub const COPY_AVAILABLE: &str = "CopyAvailable";
+    pub const TARGET_MISSING: &str = "TargetMissing";
+    pub const FOREIGN_IMAGE_IGNORED: &str = "ForeignImageIgnored";
+    pub const SHARED: &str = "Shared";
+    pub const DEPRECATED: &str = "Deprecated";
+    pub const DEREGISTERED: &str = "Deregistered";
+    pub const RETAINED: &str = "Retained";
 }
 
 /// Reason and advice for an EC2 rejection of `CopyImage` (or of reading the
@@ -108,15 +106,15 @@ pub fn region_refused(e: &Ec2Error) -> bool {
 /// A destination whose region EC2 could not be asked about: waiting when
 /// the error is worth retrying, else an error that names what to check.
 pub fn region_problem(region: &str, source_image_id: &str, e: &Ec2Error) -> TargetStatus {
-    let (st, why, message) = if e.is_transient() {
+    let (state, why, message) = if e.is_transient() {
         (
-            state::WAITING,
+            TargetState::Waiting,
             reason::WAITING,
             format!("EC2 in {region} did not answer ({}); retrying", e.code),
         )
     } else {
         (
-            state::ERROR,
+            TargetState::Error,
             reason::REGION_UNAVAILABLE,
             format!(
                 "EC2 in {region} refused the operator (EC2 {}: {}): check the region's name, that it is enabled for this account (opt-in regions), and the operator's permissions there",
@@ -126,17 +124,12 @@ pub fn region_problem(region: &str, source_image_id: &str, e: &Ec2Error) -> Targ
     };
     TargetStatus {
         region: region.to_owned(),
-        state: st.to_owned(),
+        state,
         source_image_id: Some(source_image_id.to_owned()),
         reason: Some(why.to_owned()),
         message,
         ..TargetStatus::default()
     }
-}
-
-/// A copy that is on its way: started, queued for a slot, or waiting to start.
-pub fn is_underway(state: &str) -> bool {
-    matches!(state, state::PENDING | state::QUEUED | state::WAITING)
 }
 
 /// Builds a condition, keeping the previous transition time when the status
@@ -166,79 +159,73 @@ pub fn condition(
     }
 }
 
-/// Ready, Progressing and Degraded from the per-destination states.
-pub fn conditions(
-    previous: &[Condition],
-    destinations: &[TargetStatus],
-    retiring: &[TargetStatus],
-    global: Option<(&'static str, String)>,
+/// What the conditions are built from: the destinations, the copies being
+/// retired, and a problem of the whole object.
+pub struct Summary<'a> {
+    pub destinations: &'a [TargetStatus],
+    pub retiring: &'a [TargetStatus],
+    pub global: Option<(&'static str, String)>,
+}
+
+/// Where each condition came from before, and what to stamp it with.
+struct Stamp<'a> {
+    previous: &'a [Condition],
     generation: Option<i64>,
-    now: &Time,
-) -> Vec<Condition> {
-    let in_state = |s: &str| -> Vec<&str> {
-        destinations
+    now: &'a Time,
+}
+
+impl Stamp<'_> {
+    fn condition(&self, type_: &str, status: bool, reason: &str, message: String) -> Condition {
+        condition(
+            self.previous,
+            type_,
+            status,
+            reason,
+            message,
+            self.generation,
+            self.now,
+        )
+    }
+}
+
+impl Summary<'_> {
+    fn regions_in(&self, state: TargetState) -> Vec<&str> {
+        self.destinations
             .iter()
-            .filter(|d| d.state == s)
+            .filter(|d| d.state == state)
             .map(|d| d.region.as_str())
             .collect()
-    };
-    let pending = in_state(state::PENDING);
-    let waiting = in_state(state::WAITING);
-    let queued = in_state(state::QUEUED);
-    let problems: Vec<&TargetStatus> = destinations
-        .iter()
-        .filter(|d| d.state != state::AVAILABLE && !is_underway(&d.state))
-        .collect();
-    let degraded: Option<(&str, String)> = match global {
-        Some((r, m)) => Some((r, m)),
-        None => problems.first().map(|first| {
-            let msg = problems
-                .iter()
-                .map(|d| format!("{}: {}", d.region, d.message))
-                .collect::<Vec<_>>()
-                .join("; ");
-            (first.reason.as_deref().unwrap_or(reason::COPY_FAILED), msg)
-        }),
-    };
-    let all_available =
-        !destinations.is_empty() && destinations.iter().all(|d| d.state == state::AVAILABLE);
+    }
 
-    let ready = if all_available {
-        condition(
-            previous,
-            READY,
-            true,
-            reason::AVAILABLE,
-            format!(
-                "{} of {} copies available",
-                destinations.len(),
-                destinations.len()
-            ),
-            generation,
-            now,
-        )
-    } else {
-        let (r, m) = match &degraded {
-            Some((r, m)) => (*r, m.clone()),
-            None if !pending.is_empty() => (
-                reason::COPY_PENDING,
-                format!("copy pending in {}", pending.join(", ")),
-            ),
-            None if !queued.is_empty() => (
-                reason::COPY_QUEUED,
-                format!("queued for a copy slot in {}", queued.join(", ")),
-            ),
-            None => (
-                reason::WAITING,
-                format!("waiting to copy to {}", waiting.join(", ")),
-            ),
-        };
-        condition(previous, READY, false, r, m, generation, now)
-    };
+    /// The problem to show: the object's own, else every destination that
+    /// is neither available nor on its way, under the first one's reason.
+    fn problem(&self) -> Option<(&str, String)> {
+        if let Some(global) = &self.global {
+            return Some(global.clone());
+        }
+        let problems: Vec<&TargetStatus> = self
+            .destinations
+            .iter()
+            .filter(|d| d.state != TargetState::Available && !d.state.is_underway())
+            .collect();
+        let first = problems.first()?;
+        let message = problems
+            .iter()
+            .map(|d| format!("{}: {}", d.region, d.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Some((
+            first.reason.as_deref().unwrap_or(reason::COPY_FAILED),
+            message,
+        ))
+    }
 
-    let busy =
-        !pending.is_empty() || !waiting.is_empty() || !queued.is_empty() || !retiring.is_empty();
-    let progressing = if busy {
+    /// What is under way, each part naming its regions, and the reason of
+    /// the most advanced part; `None` when nothing is.
+    fn progress(&self) -> Option<(&'static str, String)> {
+        let pending = self.regions_in(TargetState::Pending);
+        let queued = self.regions_in(TargetState::Queued);
+        let waiting = self.regions_in(TargetState::Waiting);
         let mut parts = Vec::new();
         if !pending.is_empty() {
             parts.push(format!("copy pending in {}", pending.join(", ")));
@@ -249,51 +236,94 @@ pub fn conditions(
         if !waiting.is_empty() {
             parts.push(format!("waiting to copy to {}", waiting.join(", ")));
         }
-        if !retiring.is_empty() {
-            let ids: Vec<&str> = retiring
+        if !self.retiring.is_empty() {
+            let ids: Vec<&str> = self
+                .retiring
                 .iter()
                 .filter_map(|r| r.image_id.as_deref())
                 .collect();
             parts.push(format!("retiring {}", ids.join(", ")));
         }
-        let r = if !pending.is_empty() {
+        if parts.is_empty() {
+            return None;
+        }
+        let reason = if !pending.is_empty() {
             reason::COPY_PENDING
         } else if !queued.is_empty() {
             reason::COPY_QUEUED
         } else {
             reason::WAITING
         };
-        condition(
-            previous,
-            PROGRESSING,
-            true,
-            r,
-            parts.join("; "),
-            generation,
-            now,
-        )
+        Some((reason, parts.join("; ")))
+    }
+
+    /// Why the object is not ready, when it has no problem: the first of
+    /// copying, queued and waiting.
+    fn not_ready(&self) -> (&'static str, String) {
+        let pending = self.regions_in(TargetState::Pending);
+        let queued = self.regions_in(TargetState::Queued);
+        if !pending.is_empty() {
+            (
+                reason::COPY_PENDING,
+                format!("copy pending in {}", pending.join(", ")),
+            )
+        } else if !queued.is_empty() {
+            (
+                reason::COPY_QUEUED,
+                format!("queued for a copy slot in {}", queued.join(", ")),
+            )
+        } else {
+            let waiting = self.regions_in(TargetState::Waiting);
+            (
+                reason::WAITING,
+                format!("waiting to copy to {}", waiting.join(", ")),
+            )
+        }
+    }
+}
+
+/// Ready, Progressing and Degraded from the per-destination states.
+pub fn conditions(
+    summary: &Summary,
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    let stamp = Stamp {
+        previous,
+        generation,
+        now,
+    };
+    let problem = summary.problem();
+    let all = summary.destinations.len();
+    let all_available = all > 0
+        && summary
+            .destinations
+            .iter()
+            .all(|d| d.state == TargetState::Available);
+    let ready = if all_available {
+        let message = format!("{all} of {all} copies available");
+        stamp.condition(READY, true, reason::AVAILABLE, message)
     } else {
-        condition(
-            previous,
+        let (r, m) = problem.clone().unwrap_or_else(|| summary.not_ready());
+        stamp.condition(READY, false, r, m)
+    };
+    let progressing = match summary.progress() {
+        Some((r, m)) => stamp.condition(PROGRESSING, true, r, m),
+        None => stamp.condition(
             PROGRESSING,
             false,
             reason::COMPLETE,
             "no copy in progress".into(),
-            generation,
-            now,
-        )
+        ),
     };
-
-    let degraded = match degraded {
-        Some((r, m)) => condition(previous, DEGRADED, true, r, m, generation, now),
-        None => condition(
-            previous,
+    let degraded = match problem {
+        Some((r, m)) => stamp.condition(DEGRADED, true, r, m),
+        None => stamp.condition(
             DEGRADED,
             false,
             reason::AS_EXPECTED,
             "nothing needs attention".into(),
-            generation,
-            now,
         ),
     };
     vec![ready, progressing, degraded]

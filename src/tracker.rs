@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::{StreamExt, stream};
 use kube::runtime::reflector::ObjectRef;
@@ -22,45 +22,16 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::api::AmiCopy;
-use crate::ec2::{Ec2, Ec2Error, ImageInfo, MAX_IDS_PER_CALL};
+use crate::api::TargetState;
+use crate::config::Config;
+use crate::ec2::{Ec2, Ec2Error, ImageInfo, MAX_IDS_PER_CALL, Scope};
 use crate::metrics::Metrics;
-use crate::status::state;
-
-/// Tracking and admission settings.
-#[derive(Clone, Debug)]
-pub struct TrackerConfig {
-    /// How often pending targets are looked at.
-    pub interval: Duration,
-    /// How often every tracked target is looked at (drift).
-    pub drift_interval: Duration,
-    /// Copies in flight per destination region.
-    pub dest_limit: usize,
-    /// Copies in flight from one source region.
-    pub source_limit: usize,
-    /// How long a new copy may be missing from DescribeImages (EC2 lists new
-    /// images with a delay) before it counts as gone.
-    pub listing_grace: Duration,
-    /// How long a limit lowered by `ResourceLimitExceeded` stays lowered.
-    pub limit_cooldown: Duration,
-}
-
-impl Default for TrackerConfig {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(15),
-            drift_interval: Duration::from_secs(600),
-            dest_limit: 50,
-            source_limit: 25,
-            listing_grace: Duration::from_secs(60),
-            limit_cooldown: Duration::from_secs(120),
-        }
-    }
-}
 
 /// DescribeImages calls of one round in flight at once.
 const CALLS_AT_ONCE: usize = 4;
 
-type Key = (String, String);
+/// A target image: where it is, and its ID.
+type Key = (Scope, String);
 
 struct Entry {
     // Boxed: the map holds its entries inline, with room to spare.
@@ -78,7 +49,7 @@ impl Entry {
     fn pending(&self) -> bool {
         self.info
             .as_ref()
-            .is_some_and(|i| i.state == state::PENDING)
+            .is_some_and(|i| i.state == TargetState::Pending)
     }
 }
 
@@ -115,16 +86,17 @@ impl Queue {
 #[derive(Default)]
 struct State {
     images: HashMap<Key, Entry>,
-    sources: HashMap<Key, (Option<ImageInfo>, Instant)>,
+    /// Source images by source region and ID.
+    sources: HashMap<(String, String), (Option<ImageInfo>, Instant)>,
     /// Admitted copies whose CopyImage has not returned yet, per destination
     /// and per source region.
-    reserved: HashMap<String, usize>,
+    reserved: HashMap<Scope, usize>,
     reserved_from: HashMap<String, usize>,
     /// Lowered destination limits after `ResourceLimitExceeded`, and until when.
-    lowered: HashMap<String, (usize, Instant)>,
+    lowered: HashMap<Scope, (usize, Instant)>,
     /// Objects with a queued copy, per destination region, first come first
     /// served.
-    waiting: HashMap<String, Queue>,
+    waiting: HashMap<Scope, Queue>,
     last_full: Option<Instant>,
 }
 
@@ -146,14 +118,14 @@ pub struct Queued {
 }
 
 pub struct Tracker {
-    config: TrackerConfig,
+    config: Config,
     state: Mutex<State>,
     wake: mpsc::UnboundedSender<ObjectRef<AmiCopy>>,
 }
 
 impl Tracker {
     /// The tracker and the stream of objects to reconcile again.
-    pub fn new(config: TrackerConfig) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>) {
+    pub fn new(config: Config) -> (Self, mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>) {
         let (wake, rx) = mpsc::unbounded_channel();
         let tracker = Self {
             config,
@@ -163,7 +135,7 @@ impl Tracker {
         (tracker, rx)
     }
 
-    pub fn config(&self) -> &TrackerConfig {
+    pub fn config(&self) -> &Config {
         &self.config
     }
 
@@ -171,8 +143,8 @@ impl Tracker {
         self.state.lock().expect("tracker lock")
     }
 
-    pub fn lookup(&self, region: &str, id: &str) -> Known {
-        match self.state().images.get(&(region.to_owned(), id.to_owned())) {
+    pub fn lookup(&self, scope: &Scope, id: &str) -> Known {
+        match self.state().images.get(&(scope.clone(), id.to_owned())) {
             Some(e) => Known::Image(e.info.as_deref().cloned()),
             None => Known::Unknown,
         }
@@ -182,12 +154,12 @@ impl Tracker {
     pub fn track(
         &self,
         watcher: &ObjectRef<AmiCopy>,
-        region: &str,
+        scope: &Scope,
         info: ImageInfo,
         source_region: &str,
     ) {
         let mut st = self.state();
-        upsert(&mut st, watcher, region, info, source_region, true);
+        upsert(&mut st, watcher, scope, info, source_region, true);
     }
 
     /// Tracks a copy CopyImage just started (EC2 may not list it yet) and
@@ -195,19 +167,17 @@ impl Tracker {
     pub fn track_new(
         &self,
         watcher: &ObjectRef<AmiCopy>,
-        region: &str,
+        scope: &Scope,
         info: ImageInfo,
         source_region: &str,
     ) {
         let mut st = self.state();
-        unreserve(&mut st, region, source_region);
-        upsert(&mut st, watcher, region, info, source_region, false);
+        unreserve(&mut st, scope, source_region);
+        upsert(&mut st, watcher, scope, info, source_region, false);
     }
 
-    pub fn untrack(&self, region: &str, id: &str) {
-        self.state()
-            .images
-            .remove(&(region.to_owned(), id.to_owned()));
+    pub fn untrack(&self, scope: &Scope, id: &str) {
+        self.state().images.remove(&(scope.clone(), id.to_owned()));
     }
 
     /// Forgets everything `watcher` tracks (the object is gone).
@@ -227,8 +197,10 @@ impl Tracker {
         let st = self.state();
         let (info, at) = st.sources.get(&(region.to_owned(), id.to_owned()))?;
         // Drift rounds refresh remembered sources; two periods of slack.
-        let fresh = at.elapsed() < self.config.drift_interval * 2
-            && info.as_ref().is_some_and(|i| i.state != state::PENDING);
+        let fresh = at.elapsed() < self.config.resync_interval * 2
+            && info
+                .as_ref()
+                .is_some_and(|i| i.state != TargetState::Pending);
         fresh.then(|| info.clone())
     }
 
@@ -243,17 +215,17 @@ impl Tracker {
     pub fn admit(
         &self,
         watcher: &ObjectRef<AmiCopy>,
-        dest: &str,
+        dest: &Scope,
         source_region: &str,
     ) -> Result<(), Queued> {
         let mut st = self.state();
         let now = Instant::now();
         let limit = match st.lowered.get(dest) {
             Some((l, until)) if *until > now => *l,
-            _ => self.config.dest_limit,
+            _ => self.config.dest_copy_limit,
         };
-        let in_dest = in_flight(&st, |region, _| region == dest)
-            + st.reserved.get(dest).copied().unwrap_or(0);
+        let in_dest =
+            in_flight(&st, |scope, _| scope == dest) + st.reserved.get(dest).copied().unwrap_or(0);
         let from_source = in_flight(&st, |_, e| e.source_region == source_region)
             + st.reserved_from.get(source_region).copied().unwrap_or(0);
         // The messages carry limits, not counts, so a queued object's
@@ -262,21 +234,21 @@ impl Tracker {
             Some(format!(
                 "waiting for a copy slot: at most {limit} copies in flight to {dest}"
             ))
-        } else if from_source >= self.config.source_limit {
+        } else if from_source >= self.config.source_copy_limit {
             Some(format!(
                 "waiting for a copy slot: at most {} copies in flight from {source_region}",
-                self.config.source_limit
+                self.config.source_copy_limit
             ))
         } else {
             None
         };
         match refusal {
             Some(message) => {
-                st.waiting.entry(dest.to_owned()).or_default().push(watcher);
+                st.waiting.entry(dest.clone()).or_default().push(watcher);
                 Err(Queued { message })
             }
             None => {
-                *st.reserved.entry(dest.to_owned()).or_default() += 1;
+                *st.reserved.entry(dest.clone()).or_default() += 1;
                 *st.reserved_from
                     .entry(source_region.to_owned())
                     .or_default() += 1;
@@ -289,7 +261,7 @@ impl Tracker {
     }
 
     /// Returns a reservation whose CopyImage failed.
-    pub fn release(&self, dest: &str, source_region: &str) {
+    pub fn release(&self, dest: &Scope, source_region: &str) {
         let mut st = self.state();
         unreserve(&mut st, dest, source_region);
         wake_waiting(&mut st, dest, 1, &self.wake);
@@ -297,25 +269,25 @@ impl Tracker {
 
     /// EC2 said `ResourceLimitExceeded`: hold `dest` to what is in flight now
     /// for a while.
-    pub fn lower_limit(&self, dest: &str) {
+    pub fn lower_limit(&self, dest: &Scope) {
         let mut st = self.state();
-        let in_dest = in_flight(&st, |region, _| region == dest).max(1);
+        let in_dest = in_flight(&st, |scope, _| scope == dest).max(1);
         let until = Instant::now() + self.config.limit_cooldown;
         warn!(region = %dest, limit = in_dest, "EC2 copy quota reached; lowering the copy limit for a while");
-        st.lowered.insert(dest.to_owned(), (in_dest, until));
+        st.lowered.insert(dest.clone(), (in_dest, until));
     }
 
     /// Copies in flight and queued objects per region, for metrics and tests.
-    pub fn load(&self) -> BTreeMap<String, (usize, usize)> {
+    pub fn load(&self) -> BTreeMap<Scope, (usize, usize)> {
         let st = self.state();
-        let mut load: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for ((region, _), e) in &st.images {
+        let mut load: BTreeMap<Scope, (usize, usize)> = BTreeMap::new();
+        for ((scope, _), e) in &st.images {
             if e.pending() {
-                load.entry(region.clone()).or_default().0 += 1;
+                load.entry(scope.clone()).or_default().0 += 1;
             }
         }
-        for (region, w) in &st.waiting {
-            load.entry(region.clone()).or_default().1 += w.len();
+        for (scope, w) in &st.waiting {
+            load.entry(scope.clone()).or_default().1 += w.len();
         }
         load
     }
@@ -328,15 +300,12 @@ impl Tracker {
         metrics: &Metrics,
         full: bool,
     ) -> Result<(), Ec2Error> {
-        let batches: Vec<(String, Vec<String>)> = {
+        let batches: Vec<(Scope, Vec<String>)> = {
             let st = self.state();
-            let mut by_region: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for ((region, id), e) in &st.images {
+            let mut by_region: BTreeMap<Scope, Vec<String>> = BTreeMap::new();
+            for ((scope, id), e) in &st.images {
                 if full || e.pending() || !e.seen {
-                    by_region
-                        .entry(region.clone())
-                        .or_default()
-                        .push(id.clone());
+                    by_region.entry(scope.clone()).or_default().push(id.clone());
                 }
             }
             by_region
@@ -370,8 +339,8 @@ impl Tracker {
         if full && let Err(e) = self.refresh_sources(ec2).await {
             first_error.get_or_insert(e);
         }
-        for (region, (in_flight, queued)) in self.load() {
-            metrics.set_copy_load(&region, in_flight, queued);
+        for (scope, (in_flight, queued)) in self.load() {
+            metrics.set_copy_load(&scope.to_string(), in_flight, queued);
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -387,8 +356,9 @@ impl Tracker {
                 .push(id.clone());
         }
         for (region, ids) in by_region {
+            let scope = Scope::region(region.as_str());
             for chunk in ids.chunks(MAX_IDS_PER_CALL) {
-                let found = ec2.describe_images_by_ids(&region, chunk).await?;
+                let found = ec2.describe_images_by_ids(&scope, chunk).await?;
                 let mut st = self.state();
                 let now = Instant::now();
                 for id in chunk {
@@ -400,14 +370,14 @@ impl Tracker {
         Ok(())
     }
 
-    fn apply(&self, region: &str, asked: &[String], found: Vec<ImageInfo>, metrics: &Metrics) {
+    fn apply(&self, region: &Scope, asked: &[String], found: Vec<ImageInfo>, metrics: &Metrics) {
         let mut st = self.state();
         let mut found: HashMap<String, ImageInfo> =
             found.into_iter().map(|i| (i.id.clone(), i)).collect();
         let mut freed = 0;
         for id in asked {
             let grace = self.config.listing_grace;
-            let Some(entry) = st.images.get_mut(&(region.to_owned(), id.clone())) else {
+            let Some(entry) = st.images.get_mut(&(region.clone(), id.clone())) else {
                 continue;
             };
             let was_pending = entry.pending();
@@ -434,9 +404,9 @@ impl Tracker {
                     if entry
                         .info
                         .as_ref()
-                        .is_some_and(|i| i.state == state::AVAILABLE)
+                        .is_some_and(|i| i.state == TargetState::Available)
                     {
-                        metrics.copy_finished(region, entry.since.elapsed());
+                        metrics.copy_finished(&region.to_string(), entry.since.elapsed());
                     }
                 }
                 for w in &entry.watchers {
@@ -451,7 +421,7 @@ impl Tracker {
     /// all targets every `drift_interval`.
     pub async fn run<E: Ec2>(&self, ec2: &E, metrics: &Metrics, stop: impl Future<Output = ()>) {
         let rounds = async {
-            let mut tick = tokio::time::interval(self.config.interval);
+            let mut tick = tokio::time::interval(self.config.poll_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -459,7 +429,7 @@ impl Tracker {
                     let mut st = self.state();
                     let due = st
                         .last_full
-                        .is_none_or(|t| t.elapsed() >= self.config.drift_interval);
+                        .is_none_or(|t| t.elapsed() >= self.config.resync_interval);
                     if due {
                         st.last_full = Some(Instant::now());
                     }
@@ -475,7 +445,7 @@ impl Tracker {
     }
 }
 
-fn in_flight(st: &State, pick: impl Fn(&str, &Entry) -> bool) -> usize {
+fn in_flight(st: &State, pick: impl Fn(&Scope, &Entry) -> bool) -> usize {
     st.images
         .iter()
         .filter(|((region, _), e)| e.pending() && pick(region, e))
@@ -488,14 +458,14 @@ fn in_flight(st: &State, pick: impl Fn(&str, &Entry) -> bool) -> usize {
 fn upsert(
     st: &mut State,
     watcher: &ObjectRef<AmiCopy>,
-    region: &str,
+    scope: &Scope,
     info: ImageInfo,
     source_region: &str,
     listed: bool,
 ) {
     let entry = st
         .images
-        .entry((region.to_owned(), info.id.clone()))
+        .entry((scope.clone(), info.id.clone()))
         .or_insert_with(|| Entry {
             info: None,
             seen: false,
@@ -512,7 +482,7 @@ fn upsert(
     }
 }
 
-fn unreserve(st: &mut State, dest: &str, source_region: &str) {
+fn unreserve(st: &mut State, dest: &Scope, source_region: &str) {
     if let Some(n) = st.reserved.get_mut(dest) {
         *n = n.saturating_sub(1);
     }
@@ -524,7 +494,7 @@ fn unreserve(st: &mut State, dest: &str, source_region: &str) {
 /// Wakes the first `n` objects queued for `dest` (one per freed slot).
 fn wake_waiting(
     st: &mut State,
-    dest: &str,
+    dest: &Scope,
     n: usize,
     wake: &mpsc::UnboundedSender<ObjectRef<AmiCopy>>,
 ) {
@@ -542,8 +512,14 @@ fn wake_waiting(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::ec2::fake::FakeEc2;
+
+    fn sc(region: &str) -> Scope {
+        Scope::region(region)
+    }
 
     fn obj(name: &str) -> ObjectRef<AmiCopy> {
         ObjectRef::new(name).within("ns")
@@ -561,11 +537,11 @@ mod tests {
         dest_limit: usize,
         source_limit: usize,
     ) -> (Tracker, mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>) {
-        Tracker::new(TrackerConfig {
-            dest_limit,
-            source_limit,
+        Tracker::new(Config {
+            dest_copy_limit: dest_limit,
+            source_copy_limit: source_limit,
             listing_grace: Duration::from_secs(3600),
-            ..TrackerConfig::default()
+            ..Config::default()
         })
     }
 
@@ -584,14 +560,19 @@ mod tests {
         for i in 0..250 {
             let id = format!("ami-{i:017x}");
             ec2.put("eu-west-1", image(&id, "pending"));
-            t.track(&obj("a"), "eu-west-1", image(&id, "pending"), "us-east-1");
+            t.track(
+                &obj("a"),
+                &sc("eu-west-1"),
+                image(&id, "pending"),
+                "us-east-1",
+            );
         }
         for i in 0..3 {
             let id = format!("ami-{:017x}", 1000 + i);
             ec2.put("ap-south-1", image(&id, "available"));
             t.track(
                 &obj("b"),
-                "ap-south-1",
+                &sc("ap-south-1"),
                 image(&id, "available"),
                 "us-east-1",
             );
@@ -625,8 +606,13 @@ mod tests {
             tags: [("k".to_string(), value.to_string())].into(),
             ..image(id, state)
         };
-        t.admit(&obj("new"), "eu-west-1", "us-east-1").unwrap();
-        t.track_new(&obj("new"), "eu-west-1", image(id, "pending"), "us-east-1");
+        t.admit(&obj("new"), &sc("eu-west-1"), "us-east-1").unwrap();
+        t.track_new(
+            &obj("new"),
+            &sc("eu-west-1"),
+            image(id, "pending"),
+            "us-east-1",
+        );
         ec2.put("eu-west-1", tagged("pending", "a"));
         t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
         assert!(drain(&mut rx).is_empty(), "still pending: nothing new");
@@ -646,24 +632,24 @@ mod tests {
         ec2.put("eu-west-1", image("ami-00000000000000002", "pending"));
         t.track(
             &obj("done"),
-            "eu-west-1",
+            &sc("eu-west-1"),
             image("ami-00000000000000001", "pending"),
             "us-east-1",
         );
         t.track(
             &obj("still"),
-            "eu-west-1",
+            &sc("eu-west-1"),
             image("ami-00000000000000002", "pending"),
             "us-east-1",
         );
         t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
         assert_eq!(drain(&mut rx), vec!["done"]);
         assert_eq!(
-            t.lookup("eu-west-1", "ami-00000000000000001"),
+            t.lookup(&sc("eu-west-1"), "ami-00000000000000001"),
             Known::Image(Some(image("ami-00000000000000001", "available")))
         );
         assert_eq!(
-            t.lookup("eu-west-1", "ami-00000000000000009"),
+            t.lookup(&sc("eu-west-1"), "ami-00000000000000009"),
             Known::Unknown
         );
 
@@ -674,7 +660,7 @@ mod tests {
         woken.sort();
         assert_eq!(woken, vec!["done", "still"]);
         assert_eq!(
-            t.lookup("eu-west-1", "ami-00000000000000001"),
+            t.lookup(&sc("eu-west-1"), "ami-00000000000000001"),
             Known::Image(None)
         );
     }
@@ -683,16 +669,16 @@ mod tests {
     async fn a_new_copy_not_listed_yet_is_not_taken_for_gone() {
         let (t, mut rx) = tracker(10, 10);
         let ec2 = FakeEc2::default();
-        assert!(t.admit(&obj("a"), "eu-west-1", "us-east-1").is_ok());
+        assert!(t.admit(&obj("a"), &sc("eu-west-1"), "us-east-1").is_ok());
         t.track_new(
             &obj("a"),
-            "eu-west-1",
+            &sc("eu-west-1"),
             image("ami-00000000000000001", "pending"),
             "us-east-1",
         );
         t.refresh(&ec2, &Metrics::default(), true).await.unwrap();
         assert_eq!(
-            t.lookup("eu-west-1", "ami-00000000000000001"),
+            t.lookup(&sc("eu-west-1"), "ami-00000000000000001"),
             Known::Image(Some(image("ami-00000000000000001", "pending")))
         );
         assert!(drain(&mut rx).is_empty());
@@ -703,36 +689,45 @@ mod tests {
         let (t, mut rx) = tracker(2, 3);
         let ec2 = FakeEc2::default();
         for (i, name) in ["a", "b"].into_iter().enumerate() {
-            assert!(t.admit(&obj(name), "eu-west-1", "us-east-1").is_ok());
+            assert!(t.admit(&obj(name), &sc("eu-west-1"), "us-east-1").is_ok());
             let id = format!("ami-{i:017x}");
-            t.track_new(&obj(name), "eu-west-1", image(&id, "pending"), "us-east-1");
+            t.track_new(
+                &obj(name),
+                &sc("eu-west-1"),
+                image(&id, "pending"),
+                "us-east-1",
+            );
             ec2.put("eu-west-1", image(&id, "pending"));
         }
-        let q = t.admit(&obj("c"), "eu-west-1", "us-east-1").unwrap_err();
+        let q = t
+            .admit(&obj("c"), &sc("eu-west-1"), "us-east-1")
+            .unwrap_err();
         assert!(
             q.message
                 .contains("at most 2 copies in flight to eu-west-1"),
             "{}",
             q.message
         );
-        assert!(t.admit(&obj("d"), "eu-west-1", "us-east-1").is_err());
+        assert!(t.admit(&obj("d"), &sc("eu-west-1"), "us-east-1").is_err());
         // The source-region limit (3) spans destinations.
-        assert!(t.admit(&obj("e"), "ap-south-1", "us-east-1").is_ok());
-        let q = t.admit(&obj("f"), "ap-south-1", "us-east-1").unwrap_err();
+        assert!(t.admit(&obj("e"), &sc("ap-south-1"), "us-east-1").is_ok());
+        let q = t
+            .admit(&obj("f"), &sc("ap-south-1"), "us-east-1")
+            .unwrap_err();
         assert!(q.message.contains("from us-east-1"), "{}", q.message);
-        t.release("ap-south-1", "us-east-1");
+        t.release(&sc("ap-south-1"), "us-east-1");
         assert_eq!(
             drain(&mut rx),
             vec!["f"],
             "a released slot wakes the first in line"
         );
-        assert_eq!(t.load().get("eu-west-1"), Some(&(2, 2)));
+        assert_eq!(t.load().get(&sc("eu-west-1")), Some(&(2, 2)));
 
         // One copy completes: one slot, the first queued object is woken.
         ec2.put("eu-west-1", image("ami-00000000000000000", "available"));
         t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
         assert_eq!(drain(&mut rx), vec!["a", "c"]);
-        assert!(t.admit(&obj("c"), "eu-west-1", "us-east-1").is_ok());
+        assert!(t.admit(&obj("c"), &sc("eu-west-1"), "us-east-1").is_ok());
     }
 
     #[tokio::test]
@@ -769,15 +764,17 @@ mod tests {
     #[tokio::test]
     async fn copy_quota_from_ec2_lowers_the_limit_for_a_while() {
         let (t, _rx) = tracker(50, 50);
-        assert!(t.admit(&obj("a"), "eu-west-1", "us-east-1").is_ok());
+        assert!(t.admit(&obj("a"), &sc("eu-west-1"), "us-east-1").is_ok());
         t.track_new(
             &obj("a"),
-            "eu-west-1",
+            &sc("eu-west-1"),
             image("ami-00000000000000001", "pending"),
             "us-east-1",
         );
-        t.lower_limit("eu-west-1");
-        let q = t.admit(&obj("b"), "eu-west-1", "us-east-1").unwrap_err();
+        t.lower_limit(&sc("eu-west-1"));
+        let q = t
+            .admit(&obj("b"), &sc("eu-west-1"), "us-east-1")
+            .unwrap_err();
         assert!(q.message.contains("at most 1 copies"), "{}", q.message);
     }
 }

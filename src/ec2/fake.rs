@@ -3,8 +3,11 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use crate::api::TargetState;
 use crate::api::UID_TAG;
-use crate::ec2::{CopyRequest, Ec2, Ec2Error, ImageInfo, ImageQuery, Permission, SnapshotInfo};
+use crate::ec2::{
+    CopyRequest, Ec2, Ec2Error, ImageInfo, ImageQuery, Permission, Scope, SnapshotInfo,
+};
 
 /// An in-memory EC2 account: images and snapshots per region, and a log
 /// of the mutating calls made.
@@ -34,51 +37,51 @@ fn not_found(what: &str) -> Ec2Error {
 }
 
 impl Ec2 for FakeEc2 {
-    async fn describe_image(&self, region: &str, id: &str) -> Result<Option<ImageInfo>, Ec2Error> {
+    async fn describe_image(&self, scope: &Scope, id: &str) -> Result<Option<ImageInfo>, Ec2Error> {
         Ok(self
             .images
             .lock()
             .unwrap()
-            .get(&(region.into(), id.into()))
+            .get(&(scope.region.clone(), id.into()))
             .cloned())
     }
     async fn describe_images_by_ids(
         &self,
-        region: &str,
+        scope: &Scope,
         ids: &[String],
     ) -> Result<Vec<ImageInfo>, Ec2Error> {
-        self.log(format!("DescribeImagesByIds {region} {}", ids.len()));
+        self.log(format!("DescribeImagesByIds {scope} {}", ids.len()));
         let images = self.images.lock().unwrap();
         Ok(ids
             .iter()
-            .filter_map(|id| images.get(&(region.into(), id.clone())).cloned())
+            .filter_map(|id| images.get(&(scope.region.clone(), id.clone())).cloned())
             .collect())
     }
-    async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
+    async fn owned_images(&self, scope: &Scope, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
         let images = self.images.lock().unwrap();
         Ok(images
             .iter()
-            .filter(|((r, _), i)| r == region && i.owned_by(uid))
+            .filter(|((r, _), i)| *r == scope.region && i.owned_by(uid))
             .map(|(_, i)| i.clone())
             .collect())
     }
-    async fn copy_image(&self, region: &str, req: &CopyRequest) -> Result<String, Ec2Error> {
-        self.log(format!("CopyImage {region} {}", req.source_image_id));
+    async fn copy_image(&self, scope: &Scope, req: &CopyRequest) -> Result<String, Ec2Error> {
+        self.log(format!("CopyImage {scope} {}", req.source_image_id));
         Ok("ami-00000000000000042".into())
     }
     async fn create_tags(
         &self,
-        region: &str,
+        scope: &Scope,
         ids: &[String],
         tags: &BTreeMap<String, String>,
     ) -> Result<(), Ec2Error> {
-        self.log(format!("CreateTags {region} {ids:?}"));
+        self.log(format!("CreateTags {scope} {ids:?}"));
         for id in ids {
             if let Some(s) = self
                 .snapshots
                 .lock()
                 .unwrap()
-                .get_mut(&(region.into(), id.clone()))
+                .get_mut(&(scope.region.clone(), id.clone()))
             {
                 s.tags.extend(tags.clone());
             }
@@ -87,53 +90,53 @@ impl Ec2 for FakeEc2 {
     }
     async fn delete_tags(
         &self,
-        region: &str,
+        scope: &Scope,
         ids: &[String],
         _keys: &[String],
     ) -> Result<(), Ec2Error> {
-        self.log(format!("DeleteTags {region} {ids:?}"));
+        self.log(format!("DeleteTags {scope} {ids:?}"));
         Ok(())
     }
-    async fn deregister_image(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
-        self.log(format!("DeregisterImage {region} {id}"));
+    async fn deregister_image(&self, scope: &Scope, id: &str) -> Result<(), Ec2Error> {
+        self.log(format!("DeregisterImage {scope} {id}"));
         self.images
             .lock()
             .unwrap()
-            .remove(&(region.into(), id.into()));
+            .remove(&(scope.region.clone(), id.into()));
         Ok(())
     }
     async fn describe_snapshots(
         &self,
-        region: &str,
+        scope: &Scope,
         ids: &[String],
     ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
         let snaps = self.snapshots.lock().unwrap();
         Ok(ids
             .iter()
-            .filter_map(|id| snaps.get(&(region.into(), id.clone())).cloned())
+            .filter_map(|id| snaps.get(&(scope.region.clone(), id.clone())).cloned())
             .collect())
     }
     async fn owned_snapshots(
         &self,
-        region: &str,
+        scope: &Scope,
         uid: &str,
     ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
         let snaps = self.snapshots.lock().unwrap();
         Ok(snaps
             .iter()
             .filter(|((r, _), s)| {
-                r == region && s.tags.get(UID_TAG).map(String::as_str) == Some(uid)
+                *r == scope.region && s.tags.get(UID_TAG).map(String::as_str) == Some(uid)
             })
             .map(|(_, s)| s.clone())
             .collect())
     }
-    async fn delete_snapshot(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
-        self.log(format!("DeleteSnapshot {region} {id}"));
+    async fn delete_snapshot(&self, scope: &Scope, id: &str) -> Result<(), Ec2Error> {
+        self.log(format!("DeleteSnapshot {scope} {id}"));
         match self
             .snapshots
             .lock()
             .unwrap()
-            .remove(&(region.into(), id.into()))
+            .remove(&(scope.region.clone(), id.into()))
         {
             Some(_) => Ok(()),
             None => Err(not_found("InvalidSnapshot")),
@@ -141,47 +144,47 @@ impl Ec2 for FakeEc2 {
     }
     async fn set_launch_permissions(
         &self,
-        region: &str,
+        scope: &Scope,
         image_id: &str,
         add: &[Permission],
         remove: &[Permission],
     ) -> Result<(), Ec2Error> {
         self.log(format!(
-            "ModifyImageAttribute {region} {image_id} +{add:?} -{remove:?}"
+            "ModifyImageAttribute {scope} {image_id} +{add:?} -{remove:?}"
         ));
         Ok(())
     }
     async fn set_snapshot_permissions(
         &self,
-        region: &str,
+        scope: &Scope,
         snapshot_id: &str,
         add: &[String],
         remove: &[String],
     ) -> Result<(), Ec2Error> {
         self.log(format!(
-            "ModifySnapshotAttribute {region} {snapshot_id} +{add:?} -{remove:?}"
+            "ModifySnapshotAttribute {scope} {snapshot_id} +{add:?} -{remove:?}"
         ));
         Ok(())
     }
     async fn deprecate_image(
         &self,
-        region: &str,
+        scope: &Scope,
         image_id: &str,
         at: &str,
     ) -> Result<(), Ec2Error> {
-        self.log(format!("EnableImageDeprecation {region} {image_id} {at}"));
+        self.log(format!("EnableImageDeprecation {scope} {image_id} {at}"));
         Ok(())
     }
     async fn find_images(
         &self,
-        region: &str,
+        scope: &Scope,
         query: &ImageQuery,
     ) -> Result<Vec<ImageInfo>, Ec2Error> {
         let images = self.images.lock().unwrap();
         let prefix = query.name.as_deref().map(|n| n.trim_end_matches('*'));
         Ok(images
             .iter()
-            .filter(|((r, _), i)| r == region && i.state == "available")
+            .filter(|((r, _), i)| *r == scope.region && i.state == TargetState::Available)
             .filter(|(_, i)| {
                 prefix.is_none_or(|p| i.name.as_deref().is_some_and(|n| n.starts_with(p)))
             })

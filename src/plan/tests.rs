@@ -7,7 +7,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::*;
-use crate::api::{AmiCopySpec, DeletionPolicy, Destination, Source};
+use crate::api::{
+    AmiCopySpec, DeletionPolicy, Destination, OWNER_TAG, Source, TargetState, UID_TAG,
+};
 use crate::ec2::{ImageInfo, SnapshotRef};
 use crate::status::{DEGRADED, PROGRESSING, READY};
 
@@ -142,8 +144,28 @@ fn retired(p: &Plan) -> Vec<&str> {
         .collect()
 }
 
+/// The plan, with its status summarized as `record` does when no action
+/// changed it.
+fn planned(
+    spec: &AmiCopySpec,
+    meta: &Meta,
+    prev: Option<&AmiCopyStatus>,
+    obs: &Observed,
+    now: &Time,
+) -> Plan {
+    let mut p = plan(spec, meta, prev, obs, now);
+    let previous = prev.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    record::summarize(&mut p.status, p.global.clone(), previous, now);
+    p
+}
+
 fn run(spec: &AmiCopySpec, prev: Option<&AmiCopyStatus>, obs: &Observed) -> Plan {
-    plan(spec, &meta(1), prev, obs, &now())
+    planned(spec, &meta(1), prev, obs, &now())
+}
+
+/// Whether the object looks again soon, as `record` says with no outcome.
+fn busy(p: &Plan) -> bool {
+    record(p.clone(), Vec::new(), &[], &now()).busy
 }
 
 #[test]
@@ -171,13 +193,13 @@ fn fresh_object_copies_into_every_region_with_ownership_tags() {
         p.status
             .destinations
             .iter()
-            .all(|d| d.state == "pending" && d.image_id.is_none())
+            .all(|d| d.state == TargetState::Pending && d.image_id.is_none())
     );
     assert_eq!(cond(&p, READY), ("False", "CopyPending"));
     assert_eq!(cond(&p, PROGRESSING), ("True", "CopyPending"));
     assert_eq!(cond(&p, DEGRADED), ("False", "AsExpected"));
     assert_eq!(p.status.available.as_deref(), Some("0/2"));
-    assert!(p.busy);
+    assert!(busy(&p));
 }
 
 #[test]
@@ -229,8 +251,8 @@ fn pending_target_is_followed_not_copied_again() {
         p.status.destinations[0].image_id.as_deref(),
         Some("ami-00000000000000001")
     );
-    assert_eq!(p.status.destinations[0].state, "pending");
-    assert!(p.busy);
+    assert_eq!(p.status.destinations[0].state, TargetState::Pending);
+    assert!(busy(&p));
 }
 
 /// A copy available in eu-west-1 (ami-…1) and one in ap-southeast-2 (ami-…2).
@@ -258,14 +280,10 @@ fn available_everywhere_is_ready_and_claims_snapshots_once() {
     assert_eq!(cond(&first, READY), ("True", "Available"));
     assert_eq!(cond(&first, PROGRESSING), ("False", "Complete"));
     assert_eq!(first.status.available.as_deref(), Some("2/2"));
-    let claims = first
-        .actions
-        .iter()
-        .filter(|a| matches!(a, Action::ClaimSnapshots { .. }))
-        .count();
+    let claims = first.claims.len();
     assert_eq!(claims, 2);
     assert!(first.notes.iter().all(|n| n.reason == "CopyAvailable"));
-    assert!(!first.busy);
+    assert!(!busy(&first));
 
     // Steady state: nothing to do, nothing changes.
     let again = run(&s, Some(&first.status), &obs);
@@ -287,11 +305,7 @@ fn snapshots_of_the_source_are_never_claimed() {
         None,
         &observed(Some(source_image(false)), &[("eu-west-1", vec![img])]),
     );
-    let Some(Action::ClaimSnapshots { snapshot_ids, .. }) = p
-        .actions
-        .iter()
-        .find(|a| matches!(a, Action::ClaimSnapshots { .. }))
-    else {
+    let Some(Claim { snapshot_ids, .. }) = p.claims.first() else {
         panic!("no claim")
     };
     assert_eq!(
@@ -331,13 +345,13 @@ fn source_problems_block_copies_with_a_reason() {
     let p = run(&s, None, &observed(None, &[]));
     assert!(copies(&p).is_empty());
     assert_eq!(cond(&p, DEGRADED), ("True", "SourceNotFound"));
-    assert_eq!(p.status.destinations[0].state, "error");
+    assert_eq!(p.status.destinations[0].state, TargetState::Error);
 
     let mut pending = source_image(false);
     pending.state = "pending".into();
     let p = run(&s, None, &observed(Some(pending), &[]));
     assert!(copies(&p).is_empty());
-    assert_eq!(p.status.destinations[0].state, "waiting");
+    assert_eq!(p.status.destinations[0].state, TargetState::Waiting);
     assert_eq!(cond(&p, DEGRADED).0, "False");
 
     let denied = Observed {
@@ -436,7 +450,7 @@ fn source_change_copies_first_then_retires_the_old_generation() {
     let s = spec(NEW_SRC, &["eu-west-1"]);
     let mut new_src = source_image(false);
     new_src.id = NEW_SRC.into();
-    let p = plan(
+    let p = planned(
         &s,
         &meta(2),
         Some(&first.status),
@@ -456,7 +470,7 @@ fn source_change_copies_first_then_retires_the_old_generation() {
     );
 
     let new = target("ami-00000000000000002", NEW_SRC, "pending");
-    let p = plan(
+    let p = planned(
         &s,
         &meta(2),
         Some(&p.status),
@@ -470,7 +484,7 @@ fn source_change_copies_first_then_retires_the_old_generation() {
     assert!(retired(&p).is_empty());
 
     let new = target("ami-00000000000000002", NEW_SRC, "available");
-    let p = plan(
+    let p = planned(
         &s,
         &meta(2),
         Some(&p.status),
@@ -488,7 +502,7 @@ fn source_change_copies_first_then_retires_the_old_generation() {
 
     let mut retain = s.clone();
     retain.deletion_policy = DeletionPolicy::Retain;
-    let p = plan(
+    let p = planned(
         &retain,
         &meta(2),
         Some(&p.status),
@@ -709,10 +723,10 @@ fn rejected_copy_waits_for_a_spec_change() {
         ..AmiCopyStatus::default()
     };
     let obs = observed(Some(source_image(false)), &[("eu-west-1", vec![])]);
-    let p = plan(&s, &meta(1), Some(&prev), &obs, &now());
+    let p = planned(&s, &meta(1), Some(&prev), &obs, &now());
     assert!(copies(&p).is_empty());
     assert_eq!(cond(&p, DEGRADED), ("True", "DuplicateName"));
-    let p = plan(&s, &meta(2), Some(&prev), &obs, &now());
+    let p = planned(&s, &meta(2), Some(&prev), &obs, &now());
     assert_eq!(copies(&p).len(), 1);
 }
 
@@ -740,7 +754,7 @@ fn unchanged_conditions_keep_their_transition_time() {
     );
     let first = run(&s, None, &obs);
     let later = Time(Timestamp::from_second(1_800_000_600).unwrap());
-    let again = plan(&s, &meta(1), Some(&first.status), &obs, &later);
+    let again = planned(&s, &meta(1), Some(&first.status), &obs, &later);
     assert_eq!(again.status.conditions, first.status.conditions);
 }
 
@@ -788,7 +802,7 @@ fn a_region_ec2_cannot_be_asked_about_is_reported_on_its_destination_only() {
         refused.message
     );
     let busy = by_region("ap-south-1");
-    assert_eq!(busy.state, "waiting");
+    assert_eq!(busy.state, TargetState::Waiting);
     assert_eq!(cond(&p, DEGRADED), ("True", "RegionUnavailable"));
     assert_eq!(
         obs.transient_error().map(|e| e.code.as_str()),
@@ -805,7 +819,7 @@ fn a_source_ec2_did_not_answer_about_waits_without_degrading() {
     };
     let p = run(&s, None, &obs);
     assert!(copies(&p).is_empty());
-    assert_eq!(p.status.destinations[0].state, "waiting");
+    assert_eq!(p.status.destinations[0].state, TargetState::Waiting);
     assert!(
         p.status.destinations[0]
             .message
@@ -843,7 +857,10 @@ fn shares(p: &Plan) -> Vec<(Vec<String>, Vec<String>)> {
     p.actions
         .iter()
         .filter_map(|a| match a {
-            Action::Share { add, remove, .. } => Some((add.clone(), remove.clone())),
+            Action::Share { add, remove, .. } => {
+                let keys = |g: &[Grant]| g.iter().map(Grant::key).collect();
+                Some((keys(add), keys(remove)))
+            }
             _ => None,
         })
         .collect()
@@ -938,7 +955,7 @@ fn public_sharing_needs_the_operator_flag() {
     );
     let mut allowed = meta(1);
     allowed.allow_public = true;
-    let p = plan(&s, &allowed, None, &obs, &now());
+    let p = planned(&s, &allowed, None, &obs, &now());
     assert_eq!(shares(&p), vec![(vec!["public".to_string()], vec![])]);
     assert_eq!(cond(&p, DEGRADED).0, "False");
 }
@@ -1026,7 +1043,7 @@ fn retain_keeps_the_newest_older_generations_and_pinned_ones() {
 
     let mut pinning = meta(1);
     pinning.pinned.insert("ami-0000000000000aaaa".into());
-    let p = plan(&s, &pinning, None, &obs, &now());
+    let p = planned(&s, &pinning, None, &obs, &now());
     assert!(retired(&p).is_empty());
     assert_eq!(p.status.generations.len(), 2);
 

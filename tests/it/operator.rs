@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ami_copy_operator::AmiCopy;
-use ami_copy_operator::api::UID_TAG;
+use ami_copy_operator::api::{TargetState, UID_TAG};
 use aws_sdk_ec2::Client as Ec2Client;
 use aws_sdk_ec2::types::{Filter, Image};
 use ec2_sim::{FaultKind, FaultRule, SeedImage, Trigger};
@@ -202,7 +202,7 @@ pub(crate) async fn copy_two_regions_then_delete_with(s: Setup, expect_pending: 
                     && st
                         .destinations
                         .iter()
-                        .all(|d| d.image_id.is_some() && d.state == "pending")
+                        .all(|d| d.image_id.is_some() && d.state == TargetState::Pending)
             })
         })
         .await;
@@ -349,7 +349,7 @@ async fn sim_source_change_copies_then_retires_old_targets() {
                 && st
                     .destinations
                     .iter()
-                    .any(|d| d.image_id.is_some() && d.state == "pending")
+                    .any(|d| d.image_id.is_some() && d.state == TargetState::Pending)
                 && st
                     .retiring
                     .iter()
@@ -498,7 +498,7 @@ async fn sim_failed_copy_is_degraded_with_ec2s_reason() {
             && o.status.as_ref().is_some_and(|st| {
                 st.destinations
                     .iter()
-                    .any(|d| d.region == "eu-west-1" && d.state == "available")
+                    .any(|d| d.region == "eu-west-1" && d.state == TargetState::Available)
             })
     })
     .await;
@@ -512,7 +512,7 @@ async fn sim_failed_copy_is_degraded_with_ec2s_reason() {
         .iter()
         .find(|d| d.region == "ap-southeast-2")
         .unwrap();
-    assert_eq!(failed.state, "failed");
+    assert_eq!(failed.state, TargetState::Failed);
     assert!(
         failed.message.contains("checksum mismatch"),
         "EC2's reason is shown: {}",
@@ -653,9 +653,11 @@ async fn sim_copies_beyond_the_region_limit_are_queued() {
     }
     let seen_queued = futures::future::select_all(names.map(|n| {
         Box::pin(wait_for(&api, n, "a queued destination", |o| {
-            o.status
-                .as_ref()
-                .is_some_and(|s| s.destinations.iter().any(|d| d.state == "queued"))
+            o.status.as_ref().is_some_and(|s| {
+                s.destinations
+                    .iter()
+                    .any(|d| d.state == TargetState::Queued)
+            })
         }))
     }))
     .await

@@ -28,7 +28,7 @@ fn state_in(obj: &AmiCopy, region: &str) -> Option<String> {
         .destinations
         .iter()
         .find(|d| d.region == region && d.image_id.is_some())
-        .map(|d| d.state.clone())
+        .map(|d| d.state.to_string())
 }
 
 #[tokio::test]

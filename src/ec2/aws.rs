@@ -1,9 +1,4 @@
-//! The EC2 seam: the handful of EC2 calls the operator makes, behind a small
-//! trait, with the aws-sdk-ec2 implementation.
-//!
-//! Everything above this module sees plain Rust values ([`ImageInfo`],
-//! [`Ec2Error`]), so the planner and most of the reconciler are tested with an
-//! in-memory fake and the SDK is exercised against real EC2 API peers.
+//! aws-sdk-ec2 behind the [`Ec2`] seam.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -20,323 +15,12 @@ use aws_sdk_ec2::types::{
 use aws_sdk_ec2::{Client, config::Region};
 use aws_smithy_async::future::pagination_stream::PaginationStream;
 
-use crate::api::UID_TAG;
+use super::{
+    CopyRequest, Ec2, Ec2Error, ErrorKind, ImageInfo, ImageQuery, Permission, Scope, SnapshotInfo,
+    SnapshotRef,
+};
+use crate::api::{TargetState, UID_TAG};
 use crate::metrics::Metrics;
-
-/// What the operator needs to know about an AMI.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ImageInfo {
-    pub id: String,
-    pub name: Option<String>,
-    /// EC2's image state: `pending`, `available`, `failed`, `invalid`, ...
-    pub state: String,
-    /// EC2's StateReason message, if any.
-    pub state_reason: Option<String>,
-    pub owner_id: Option<String>,
-    /// `ebs` or `instance-store`.
-    pub root_device_type: Option<String>,
-    /// `hvm` or `paravirtual`.
-    pub virtualization_type: Option<String>,
-    pub snapshots: Vec<SnapshotRef>,
-    pub tags: BTreeMap<String, String>,
-    /// Marketplace product codes: such images cannot be copied across accounts.
-    pub product_codes: Vec<String>,
-    /// When EC2 created the image (RFC 3339).
-    pub creation_date: Option<String>,
-    /// When EC2 deprecates the image (RFC 3339), if set.
-    pub deprecation_time: Option<String>,
-}
-
-impl ImageInfo {
-    pub fn encrypted(&self) -> Option<bool> {
-        if self.snapshots.is_empty() {
-            None
-        } else {
-            Some(self.snapshots.iter().any(|s| s.encrypted))
-        }
-    }
-
-    pub fn kms_key_id(&self) -> Option<&str> {
-        self.snapshots.iter().find_map(|s| s.kms_key_id.as_deref())
-    }
-
-    pub fn instance_store(&self) -> bool {
-        self.root_device_type.as_deref() == Some("instance-store")
-    }
-
-    pub fn owned_by(&self, uid: &str) -> bool {
-        self.tags.get(UID_TAG).map(String::as_str) == Some(uid)
-    }
-}
-
-/// An EBS snapshot behind an image's block device mapping.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SnapshotRef {
-    pub id: String,
-    pub encrypted: bool,
-    pub kms_key_id: Option<String>,
-}
-
-/// A snapshot and its tags.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SnapshotInfo {
-    pub id: String,
-    pub tags: BTreeMap<String, String>,
-}
-
-/// Where EC2 calls go: a region of this account, or a region of another
-/// account through an IAM role. Encoded in the `region` argument of the
-/// [`Ec2`] methods as `region`, or `region roleArn [externalId]`.
-pub fn scope(region: &str, role_arn: Option<&str>, external_id: Option<&str>) -> String {
-    match (role_arn, external_id) {
-        (None, _) => region.to_owned(),
-        (Some(role), None) => format!("{region} {role}"),
-        (Some(role), Some(id)) => format!("{region} {role} {id}"),
-    }
-}
-
-/// The region of a scope.
-pub fn scope_region(scope: &str) -> &str {
-    scope.split(' ').next().unwrap_or(scope)
-}
-
-/// A launch permission on an image.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Permission {
-    Account(String),
-    Organization(String),
-    OrganizationalUnit(String),
-    Public,
-}
-
-impl Permission {
-    /// How status lists it: `account:<id>`, `organization:<arn>`, `ou:<arn>`, `public`.
-    pub fn key(&self) -> String {
-        match self {
-            Permission::Account(id) => format!("account:{id}"),
-            Permission::Organization(arn) => format!("organization:{arn}"),
-            Permission::OrganizationalUnit(arn) => format!("ou:{arn}"),
-            Permission::Public => "public".into(),
-        }
-    }
-
-    pub fn from_key(key: &str) -> Option<Self> {
-        let (kind, value) = key.split_once(':').unwrap_or((key, ""));
-        match kind {
-            "account" => Some(Permission::Account(value.into())),
-            "organization" => Some(Permission::Organization(value.into())),
-            "ou" => Some(Permission::OrganizationalUnit(value.into())),
-            "public" => Some(Permission::Public),
-            _ => None,
-        }
-    }
-}
-
-/// Which images a source selector asks for.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ImageQuery {
-    pub owners: Vec<String>,
-    pub name: Option<String>,
-    pub tags: BTreeMap<String, String>,
-}
-
-/// Everything `CopyImage` is called with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CopyRequest {
-    pub source_region: String,
-    pub source_image_id: String,
-    pub name: String,
-    pub description: String,
-    pub encrypted: Option<bool>,
-    pub kms_key_id: Option<String>,
-    pub copy_image_tags: bool,
-    pub client_token: String,
-    /// Tags for the new image and its snapshots (ownership tags included).
-    pub tags: BTreeMap<String, String>,
-    /// Time-based copy: minutes EC2 may take.
-    pub completion_minutes: Option<i64>,
-}
-
-/// How an EC2 error should be handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The resource does not exist (or is not visible to this account).
-    NotFound,
-    /// Throttling: slow down and retry.
-    Throttled,
-    /// 5xx, timeouts, dropped connections: retry with backoff.
-    Transient,
-    /// EC2 refused the request; retrying the same request will not help.
-    Rejected,
-}
-
-/// An EC2 error reduced to what the operator acts on.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("EC2 {code}: {message}")]
-pub struct Ec2Error {
-    pub kind: ErrorKind,
-    pub code: String,
-    pub message: String,
-}
-
-impl Ec2Error {
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        let code = code.into();
-        Self {
-            kind: classify(&code),
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn is_not_found(&self) -> bool {
-        self.kind == ErrorKind::NotFound
-    }
-
-    /// Throttling, 5xx, timeouts: worth retrying soon.
-    pub fn is_transient(&self) -> bool {
-        matches!(self.kind, ErrorKind::Throttled | ErrorKind::Transient)
-    }
-}
-
-/// Maps an EC2 error code to how it is handled.
-pub fn classify(code: &str) -> ErrorKind {
-    match code {
-        c if c.ends_with(".NotFound") || c == "InvalidAMIID.Unavailable" => ErrorKind::NotFound,
-        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "ResourceLimitExceeded" => {
-            ErrorKind::Throttled
-        }
-        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
-        | "RequestTimeout" | "RequestExpired" | "Dispatch" | "Timeout" | "Response" => {
-            ErrorKind::Transient
-        }
-        _ => ErrorKind::Rejected,
-    }
-}
-
-/// IDs per batched DescribeImages call (EC2 allows 200 filter values).
-pub const MAX_IDS_PER_CALL: usize = 100;
-
-/// The EC2 calls the operator makes. Every method is scoped to one region.
-pub trait Ec2: Send + Sync + 'static {
-    /// One image by ID; `None` when EC2 says it does not exist.
-    fn describe_image(
-        &self,
-        region: &str,
-        image_id: &str,
-    ) -> impl Future<Output = Result<Option<ImageInfo>, Ec2Error>> + Send;
-
-    /// The images among `image_ids` that exist (one call, for batches of up
-    /// to [`MAX_IDS_PER_CALL`] IDs); missing ones are left out, not an error.
-    fn describe_images_by_ids(
-        &self,
-        region: &str,
-        image_ids: &[String],
-    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
-
-    /// Images owned by this account that carry `amicopy.dev/uid=<uid>`.
-    fn owned_images(
-        &self,
-        region: &str,
-        uid: &str,
-    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
-
-    /// Starts a copy into `region`; returns the new image ID.
-    fn copy_image(
-        &self,
-        region: &str,
-        req: &CopyRequest,
-    ) -> impl Future<Output = Result<String, Ec2Error>> + Send;
-
-    fn create_tags(
-        &self,
-        region: &str,
-        resource_ids: &[String],
-        tags: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
-
-    fn delete_tags(
-        &self,
-        region: &str,
-        resource_ids: &[String],
-        keys: &[String],
-    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
-
-    /// Deregisters an image (stopping a pending copy).
-    fn deregister_image(
-        &self,
-        region: &str,
-        image_id: &str,
-    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
-
-    /// The given snapshots that exist, with their tags.
-    fn describe_snapshots(
-        &self,
-        region: &str,
-        snapshot_ids: &[String],
-    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, Ec2Error>> + Send;
-
-    /// Snapshots owned by this account that carry `amicopy.dev/uid=<uid>`.
-    fn owned_snapshots(
-        &self,
-        region: &str,
-        uid: &str,
-    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, Ec2Error>> + Send;
-
-    fn delete_snapshot(
-        &self,
-        region: &str,
-        snapshot_id: &str,
-    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
-
-    /// Adds and removes launch permissions (ModifyImageAttribute).
-    fn set_launch_permissions(
-        &self,
-        region: &str,
-        image_id: &str,
-        add: &[Permission],
-        remove: &[Permission],
-    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
-
-    /// Adds and removes createVolumePermission for accounts on a snapshot.
-    fn set_snapshot_permissions(
-        &self,
-        region: &str,
-        snapshot_id: &str,
-        add: &[String],
-        remove: &[String],
-    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
-
-    /// Deprecates an image at `at` (RFC 3339).
-    fn deprecate_image(
-        &self,
-        region: &str,
-        image_id: &str,
-        at: &str,
-    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
-
-    /// Available images matching `query` (all pages).
-    fn find_images(
-        &self,
-        region: &str,
-        query: &ImageQuery,
-    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
-}
-
-/// Every EC2 operation [`AwsEc2`] calls: exactly the `ec2:` actions of the
-/// IAM policy in `docs/iam-policy.json` (unit tests hold both to this list).
-pub const OPERATIONS: &[&str] = &[
-    "CopyImage",
-    "CreateTags",
-    "DeleteSnapshot",
-    "DeleteTags",
-    "DeregisterImage",
-    "DescribeImages",
-    "DescribeSnapshots",
-    "EnableImageDeprecation",
-    "ModifyImageAttribute",
-    "ModifySnapshotAttribute",
-];
 
 /// aws-sdk-ec2 behind the [`Ec2`] seam, with one client per region built
 /// from a shared configuration (credentials from the standard chain).
@@ -345,7 +29,7 @@ pub struct AwsEc2 {
     base: aws_config::SdkConfig,
     endpoint_url: Option<String>,
     sts_endpoint_url: Option<String>,
-    clients: Arc<RwLock<HashMap<String, Client>>>,
+    clients: Arc<RwLock<HashMap<Scope, Client>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -384,26 +68,24 @@ impl AwsEc2 {
         self
     }
 
-    /// The client of a scope (see [`scope`]), cached: for a role, its
-    /// credentials come from STS AssumeRole and are refreshed before they
-    /// expire.
-    async fn client(&self, scope: &str) -> Client {
+    /// The client of a scope, cached: for a role, its credentials come from
+    /// STS AssumeRole and are refreshed before they expire.
+    async fn client(&self, scope: &Scope) -> Client {
         if let Some(c) = self.clients.read().expect("client cache lock").get(scope) {
             return c.clone();
         }
-        let mut parts = scope.split(' ');
-        let region = Region::new(parts.next().unwrap_or_default().to_owned());
+        let region = Region::new(scope.region.clone());
         let mut conf = aws_sdk_ec2::config::Builder::from(&self.base).region(region.clone());
-        if let Some(role) = parts.next() {
+        if let Some(role) = &scope.role {
             let mut sts = self.base.clone().into_builder();
             if let Some(url) = &self.sts_endpoint_url {
                 sts = sts.endpoint_url(url);
             }
-            let mut assume = aws_config::sts::AssumeRoleProvider::builder(role)
+            let mut assume = aws_config::sts::AssumeRoleProvider::builder(&role.arn)
                 .session_name("ami-copy-operator")
                 .region(region)
                 .configure(&sts.build());
-            if let Some(id) = parts.next() {
+            if let Some(id) = &role.external_id {
                 assume = assume.external_id(id);
             }
             conf = conf.credentials_provider(assume.build().await);
@@ -415,20 +97,20 @@ impl AwsEc2 {
         self.clients
             .write()
             .expect("client cache lock")
-            .entry(scope.to_owned())
+            .entry(scope.clone())
             .or_insert(client)
             .clone()
     }
 
     /// Runs one call, counting it by operation, region and outcome.
-    async fn call<T, E, F>(&self, op: &'static str, region: &str, fut: F) -> Result<T, Ec2Error>
+    async fn call<T, E, F>(&self, op: &'static str, scope: &Scope, fut: F) -> Result<T, Ec2Error>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     {
         let start = Instant::now();
         let res = fut.await;
-        self.record(op, region, start, res)
+        self.record(op, scope, start, res)
     }
 
     /// Every page of a request the SDK paginates, each page counted as one
@@ -436,7 +118,7 @@ impl AwsEc2 {
     async fn pages<T, E>(
         &self,
         op: &'static str,
-        region: &str,
+        scope: &Scope,
         mut pages: PaginationStream<Result<T, SdkError<E, HttpResponse>>>,
     ) -> Result<Vec<T>, Ec2Error>
     where
@@ -446,7 +128,7 @@ impl AwsEc2 {
         loop {
             let start = Instant::now();
             match pages.next().await {
-                Some(page) => out.push(self.record(op, region, start, page)?),
+                Some(page) => out.push(self.record(op, scope, start, page)?),
                 None => return Ok(out),
             }
         }
@@ -456,7 +138,7 @@ impl AwsEc2 {
     fn record<T, E>(
         &self,
         op: &'static str,
-        region: &str,
+        scope: &Scope,
         start: Instant,
         res: Result<T, SdkError<E, HttpResponse>>,
     ) -> Result<T, Ec2Error>
@@ -474,26 +156,26 @@ impl AwsEc2 {
             },
         };
         self.metrics
-            .ec2_call(op, scope_region(region), outcome, start.elapsed());
+            .ec2_call(op, &scope.region, outcome, start.elapsed());
         res
     }
 
     /// Every image matching `owners` and `filters`, all pages.
     async fn all_images(
         &self,
-        region: &str,
+        scope: &Scope,
         owners: Vec<String>,
         filters: Vec<Filter>,
     ) -> Result<Vec<ImageInfo>, Ec2Error> {
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .describe_images()
             .set_owners(Some(owners))
             .set_filters(Some(filters))
             .into_paginator()
             .send();
-        let pages = self.pages("DescribeImages", region, req).await?;
+        let pages = self.pages("DescribeImages", scope, req).await?;
         Ok(pages
             .iter()
             .flat_map(|p| p.images())
@@ -564,7 +246,7 @@ fn image_info(img: &Image) -> ImageInfo {
         name: img.name().map(str::to_owned),
         state: img
             .state()
-            .map(|s| s.as_str().to_owned())
+            .map(|s| TargetState::from(s.as_str()))
             .unwrap_or_default(),
         state_reason: img
             .state_reason()
@@ -599,16 +281,16 @@ fn image_info(img: &Image) -> ImageInfo {
 impl Ec2 for AwsEc2 {
     async fn describe_image(
         &self,
-        region: &str,
+        scope: &Scope,
         image_id: &str,
     ) -> Result<Option<ImageInfo>, Ec2Error> {
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .describe_images()
             .image_ids(image_id)
             .send();
-        match self.call("DescribeImages", region, req).await {
+        match self.call("DescribeImages", scope, req).await {
             Ok(out) => Ok(out
                 .images()
                 .iter()
@@ -621,7 +303,7 @@ impl Ec2 for AwsEc2 {
 
     async fn describe_images_by_ids(
         &self,
-        region: &str,
+        scope: &Scope,
         image_ids: &[String],
     ) -> Result<Vec<ImageInfo>, Ec2Error> {
         if image_ids.is_empty() {
@@ -634,21 +316,21 @@ impl Ec2 for AwsEc2 {
             .set_values(Some(image_ids.to_vec()))
             .build();
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .describe_images()
             .filters(filter)
             .send();
-        let out = self.call("DescribeImages", region, req).await?;
+        let out = self.call("DescribeImages", scope, req).await?;
         Ok(out.images().iter().map(image_info).collect())
     }
 
-    async fn owned_images(&self, region: &str, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
-        self.all_images(region, vec!["self".into()], vec![tag_filter(uid)])
+    async fn owned_images(&self, scope: &Scope, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {
+        self.all_images(scope, vec!["self".into()], vec![tag_filter(uid)])
             .await
     }
 
-    async fn copy_image(&self, region: &str, req: &CopyRequest) -> Result<String, Ec2Error> {
+    async fn copy_image(&self, scope: &Scope, req: &CopyRequest) -> Result<String, Ec2Error> {
         let tags = to_tags(&req.tags);
         let spec = |rt: ResourceType| {
             TagSpecification::builder()
@@ -657,7 +339,7 @@ impl Ec2 for AwsEc2 {
                 .build()
         };
         let call = self
-            .client(region)
+            .client(scope)
             .await
             .copy_image()
             .source_region(&req.source_region)
@@ -672,7 +354,7 @@ impl Ec2 for AwsEc2 {
             .tag_specifications(spec(ResourceType::Image))
             .tag_specifications(spec(ResourceType::Snapshot))
             .send();
-        let out = self.call("CopyImage", region, call).await?;
+        let out = self.call("CopyImage", scope, call).await?;
         out.image_id()
             .map(str::to_owned)
             .ok_or_else(|| Ec2Error::new("Response", "CopyImage returned no image ID"))
@@ -680,45 +362,45 @@ impl Ec2 for AwsEc2 {
 
     async fn create_tags(
         &self,
-        region: &str,
+        scope: &Scope,
         resource_ids: &[String],
         tags: &BTreeMap<String, String>,
     ) -> Result<(), Ec2Error> {
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .create_tags()
             .set_resources(Some(resource_ids.to_vec()))
             .set_tags(Some(to_tags(tags)))
             .send();
-        self.call("CreateTags", region, req).await.map(drop)
+        self.call("CreateTags", scope, req).await.map(drop)
     }
 
     async fn delete_tags(
         &self,
-        region: &str,
+        scope: &Scope,
         resource_ids: &[String],
         keys: &[String],
     ) -> Result<(), Ec2Error> {
         let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .delete_tags()
             .set_resources(Some(resource_ids.to_vec()))
             .set_tags(Some(tags))
             .send();
-        self.call("DeleteTags", region, req).await.map(drop)
+        self.call("DeleteTags", scope, req).await.map(drop)
     }
 
-    async fn deregister_image(&self, region: &str, image_id: &str) -> Result<(), Ec2Error> {
+    async fn deregister_image(&self, scope: &Scope, image_id: &str) -> Result<(), Ec2Error> {
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .deregister_image()
             .image_id(image_id)
             .send();
-        match self.call("DeregisterImage", region, req).await {
+        match self.call("DeregisterImage", scope, req).await {
             Err(e) if !e.is_not_found() => Err(e),
             _ => Ok(()),
         }
@@ -726,7 +408,7 @@ impl Ec2 for AwsEc2 {
 
     async fn describe_snapshots(
         &self,
-        region: &str,
+        scope: &Scope,
         snapshot_ids: &[String],
     ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
         if snapshot_ids.is_empty() {
@@ -739,30 +421,30 @@ impl Ec2 for AwsEc2 {
             .set_values(Some(snapshot_ids.to_vec()))
             .build();
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .describe_snapshots()
             .owner_ids("self")
             .filters(filter)
             .send();
-        let out = self.call("DescribeSnapshots", region, req).await?;
+        let out = self.call("DescribeSnapshots", scope, req).await?;
         Ok(out.snapshots().iter().filter_map(snapshot_info).collect())
     }
 
     async fn owned_snapshots(
         &self,
-        region: &str,
+        scope: &Scope,
         uid: &str,
     ) -> Result<Vec<SnapshotInfo>, Ec2Error> {
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .describe_snapshots()
             .owner_ids("self")
             .filters(tag_filter(uid))
             .into_paginator()
             .send();
-        let pages = self.pages("DescribeSnapshots", region, req).await?;
+        let pages = self.pages("DescribeSnapshots", scope, req).await?;
         Ok(pages
             .iter()
             .flat_map(|p| p.snapshots())
@@ -770,14 +452,14 @@ impl Ec2 for AwsEc2 {
             .collect())
     }
 
-    async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), Ec2Error> {
+    async fn delete_snapshot(&self, scope: &Scope, snapshot_id: &str) -> Result<(), Ec2Error> {
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .delete_snapshot()
             .snapshot_id(snapshot_id)
             .send();
-        match self.call("DeleteSnapshot", region, req).await {
+        match self.call("DeleteSnapshot", scope, req).await {
             Err(e) if !e.is_not_found() => Err(e),
             _ => Ok(()),
         }
@@ -785,7 +467,7 @@ impl Ec2 for AwsEc2 {
 
     async fn set_launch_permissions(
         &self,
-        region: &str,
+        scope: &Scope,
         image_id: &str,
         add: &[Permission],
         remove: &[Permission],
@@ -805,20 +487,20 @@ impl Ec2 for AwsEc2 {
             .set_remove((!remove.is_empty()).then(|| remove.iter().map(perm).collect()))
             .build();
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .modify_image_attribute()
             .image_id(image_id)
             .launch_permission(change)
             .send();
-        self.call("ModifyImageAttribute", region, req)
+        self.call("ModifyImageAttribute", scope, req)
             .await
             .map(drop)
     }
 
     async fn set_snapshot_permissions(
         &self,
-        region: &str,
+        scope: &Scope,
         snapshot_id: &str,
         add: &[String],
         remove: &[String],
@@ -829,21 +511,21 @@ impl Ec2 for AwsEc2 {
             .set_remove((!remove.is_empty()).then(|| remove.iter().map(perm).collect()))
             .build();
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .modify_snapshot_attribute()
             .snapshot_id(snapshot_id)
             .attribute(SnapshotAttributeName::CreateVolumePermission)
             .create_volume_permission(change)
             .send();
-        self.call("ModifySnapshotAttribute", region, req)
+        self.call("ModifySnapshotAttribute", scope, req)
             .await
             .map(drop)
     }
 
     async fn deprecate_image(
         &self,
-        region: &str,
+        scope: &Scope,
         image_id: &str,
         at: &str,
     ) -> Result<(), Ec2Error> {
@@ -858,20 +540,20 @@ impl Ec2 for AwsEc2 {
             )
         })?;
         let req = self
-            .client(region)
+            .client(scope)
             .await
             .enable_image_deprecation()
             .image_id(image_id)
             .deprecate_at(at)
             .send();
-        self.call("EnableImageDeprecation", region, req)
+        self.call("EnableImageDeprecation", scope, req)
             .await
             .map(drop)
     }
 
     async fn find_images(
         &self,
-        region: &str,
+        scope: &Scope,
         query: &ImageQuery,
     ) -> Result<Vec<ImageInfo>, Ec2Error> {
         let owners = if query.owners.is_empty() {
@@ -886,7 +568,7 @@ impl Ec2 for AwsEc2 {
         for (k, v) in &query.tags {
             filters.push(Filter::builder().name(format!("tag:{k}")).values(v).build());
         }
-        self.all_images(region, owners, filters).await
+        self.all_images(scope, owners, filters).await
     }
 }
 
@@ -898,18 +580,16 @@ fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> Option<SnapshotInfo> {
 }
 
 #[cfg(test)]
-pub(crate) mod fake;
-
-#[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+    use crate::ec2::{OPERATIONS, classify};
 
     /// The operation names `AwsEc2` passes to `call(...)`, read from this
     /// file's source (the part above the tests).
     fn called_operations() -> BTreeSet<String> {
-        let source = include_str!("ec2.rs");
+        let source = include_str!("aws.rs");
         let code = &source[..source.find("#[cfg(test)]").expect("a test module")];
         [".call(\"", ".pages(\""]
             .iter()
@@ -930,7 +610,7 @@ mod tests {
     #[test]
     fn iam_policy_allows_exactly_the_operations() {
         let policy: serde_json::Value =
-            serde_json::from_str(include_str!("../docs/iam-policy.json")).expect("valid JSON");
+            serde_json::from_str(include_str!("../../docs/iam-policy.json")).expect("valid JSON");
         let mut allowed = BTreeSet::new();
         for statement in policy["Statement"].as_array().expect("statements") {
             assert_eq!(statement["Effect"], "Allow", "{statement}");
@@ -949,7 +629,7 @@ mod tests {
         assert_eq!(allowed, expected);
 
         // docs/iam.md shows the same policy.
-        let doc = include_str!("../docs/iam.md");
+        let doc = include_str!("../../docs/iam.md");
         let shown = doc
             .split("```json\n")
             .nth(1)

@@ -1,0 +1,399 @@
+//! Act: the side effects of a plan. Each action returns a typed outcome
+//! for `record` and never edits the status; an error is handed back to be
+//! retried with backoff once the status is written.
+
+use std::collections::BTreeMap;
+
+use futures::future;
+use tracing::{info, warn};
+
+use super::{Context, object_ref};
+use crate::api::{OWNER_TAG, SOURCE_TAG, TargetState, UID_TAG};
+use crate::ec2::{CopyRequest, Ec2, Grant, ImageInfo, Permission, Scope};
+use crate::error::{Error, Result};
+use crate::plan::{Action, Claim, CopyFailure, Meta, Outcome, Plan, Scopes};
+
+/// What the actions of one plan did, and the first error among them.
+pub(super) struct Acted {
+    pub outcomes: Vec<Outcome>,
+    pub error: Option<Error>,
+}
+
+/// Runs the claims, all at once, then the actions in order. Every action
+/// runs whatever the others did.
+pub(super) async fn act<E: Ec2>(plan: &Plan, m: &Meta, scopes: &Scopes, ctx: &Context<E>) -> Acted {
+    let claims = future::join_all(plan.claims.iter().map(|c| claim(c, scopes, &ctx.ec2))).await;
+    let mut error = None;
+    for res in claims {
+        if let Err(e) = res {
+            warn!(error = %e, "claiming snapshots failed; retrying later");
+            error.get_or_insert(e);
+        }
+    }
+    let mut outcomes = Vec::with_capacity(plan.actions.len());
+    for action in &plan.actions {
+        let (outcome, failed) = perform(action, m, &scopes.of(action.region()), ctx).await;
+        outcomes.push(outcome);
+        if let Some(e) = failed {
+            warn!(region = action.region(), error = %e, "action failed; retrying later");
+            error.get_or_insert(e);
+        }
+    }
+    Acted { outcomes, error }
+}
+
+async fn claim<E: Ec2>(c: &Claim, scopes: &Scopes, ec2: &E) -> Result<()> {
+    let scope = scopes.of(&c.region);
+    claim_snapshots(ec2, &scope, &c.image_id, &c.snapshot_ids, &c.tags).await
+}
+
+/// The outcome, or `Done` and the error.
+fn finish(res: Result<()>, outcome: impl FnOnce() -> Outcome) -> (Outcome, Option<Error>) {
+    match res {
+        Ok(()) => (outcome(), None),
+        Err(e) => (Outcome::Done, Some(e)),
+    }
+}
+
+/// Performs one action in `scope` (the account its region is reached in).
+async fn perform<E: Ec2>(
+    action: &Action,
+    m: &Meta,
+    scope: &Scope,
+    ctx: &Context<E>,
+) -> (Outcome, Option<Error>) {
+    let ec2 = &ctx.ec2;
+    match action {
+        Action::Copy { region, request } => copy(region, request, m, scope, ctx).await,
+        Action::TagImage {
+            region,
+            image_id,
+            resource_ids,
+            tags,
+        } => {
+            info!(%region, image = %image_id, "updating the tags of a target and its snapshots");
+            let res = ec2.create_tags(scope, resource_ids, tags).await;
+            finish(res.map_err(Error::from), || Outcome::Done)
+        }
+        Action::Untag {
+            resource_ids, keys, ..
+        } => {
+            let res = ec2.delete_tags(scope, resource_ids, keys).await;
+            finish(res.map_err(Error::from), || Outcome::Done)
+        }
+        Action::Share {
+            region,
+            image_id,
+            snapshot_ids,
+            add,
+            remove,
+            want,
+        } => {
+            let res = share(ec2, scope, image_id, snapshot_ids, add, remove).await;
+            if res.is_ok() {
+                info!(%region, image = %image_id, added = ?add, removed = ?remove, "launch permissions updated");
+            }
+            finish(res, || Outcome::Shared {
+                region: region.clone(),
+                image_id: image_id.clone(),
+                add: add.clone(),
+                remove: remove.clone(),
+                want: want.clone(),
+            })
+        }
+        Action::Deprecate {
+            region,
+            image_id,
+            at,
+        } => {
+            let res = ec2.deprecate_image(scope, image_id, at).await;
+            finish(res.map_err(Error::from), || Outcome::Deprecated {
+                region: region.clone(),
+                image_id: image_id.clone(),
+                at: at.clone(),
+            })
+        }
+        Action::Retire { region, image } => {
+            let res = retire(ec2, &m.uid, scope, image).await;
+            finish(res, || {
+                untrack(ctx, scope, &image.id);
+                Outcome::Retired {
+                    region: region.clone(),
+                    image_id: image.id.clone(),
+                }
+            })
+        }
+        Action::Release { region, image } => {
+            let res = release(ec2, &m.uid, scope, image).await;
+            finish(res, || {
+                untrack(ctx, scope, &image.id);
+                Outcome::Released {
+                    region: region.clone(),
+                    image_id: image.id.clone(),
+                }
+            })
+        }
+    }
+}
+
+/// Starts a copy once the tracker has a slot for it, tracks it, and tags it.
+async fn copy<E: Ec2>(
+    region: &str,
+    request: &CopyRequest,
+    m: &Meta,
+    scope: &Scope,
+    ctx: &Context<E>,
+) -> (Outcome, Option<Error>) {
+    let key = object_ref(m);
+    let src_region = request.source_region.as_str();
+    if let Some(t) = &ctx.tracker
+        && let Err(queued) = t.admit(&key, scope, src_region)
+    {
+        let message = queued.message;
+        let region = region.to_owned();
+        return (Outcome::CopyQueued { region, message }, None);
+    }
+    match ctx.ec2.copy_image(scope, request).await {
+        Ok(id) => {
+            info!(%region, image = %id, "copy started");
+            ctx.metrics.copy_started(region);
+            if let Some(t) = &ctx.tracker {
+                let placeholder = ImageInfo {
+                    id: id.clone(),
+                    state: TargetState::Pending,
+                    tags: request.tags.clone(),
+                    ..ImageInfo::default()
+                };
+                t.track_new(&key, scope, placeholder, src_region);
+            }
+            // Some EC2 peers ignore TagSpecifications; the image ID just
+            // returned is certainly ours, so tag it explicitly.
+            let tagged = ctx
+                .ec2
+                .create_tags(scope, std::slice::from_ref(&id), &request.tags)
+                .await;
+            let started = Outcome::CopyStarted {
+                region: region.to_owned(),
+                image_id: id,
+                source_image_id: request.source_image_id.clone(),
+            };
+            (started, tagged.err().map(Error::from))
+        }
+        Err(e) => {
+            let failure = CopyFailure::of(&e);
+            if let Some(t) = &ctx.tracker {
+                t.release(scope, src_region);
+                if failure == CopyFailure::Quota {
+                    t.lower_limit(scope);
+                }
+            }
+            let retry = failure.backs_off(ctx.tracker.is_some());
+            let retry = retry.then(|| Error::from(e.clone()));
+            let region = region.to_owned();
+            (Outcome::CopyFailed { region, error: e }, retry)
+        }
+    }
+}
+
+/// Adds and removes an image's launch permissions and its snapshots'
+/// createVolumePermission.
+async fn share<E: Ec2>(
+    ec2: &E,
+    scope: &Scope,
+    image_id: &str,
+    snapshot_ids: &[String],
+    add: &[Grant],
+    remove: &[Grant],
+) -> Result<()> {
+    let (launch_add, volume_add) = split(add);
+    let (launch_remove, volume_remove) = split(remove);
+    if !launch_add.is_empty() || !launch_remove.is_empty() {
+        ec2.set_launch_permissions(scope, image_id, &launch_add, &launch_remove)
+            .await?;
+    }
+    if !volume_add.is_empty() || !volume_remove.is_empty() {
+        for snap in snapshot_ids {
+            ec2.set_snapshot_permissions(scope, snap, &volume_add, &volume_remove)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Launch permissions, and the accounts given createVolumePermission.
+fn split(grants: &[Grant]) -> (Vec<Permission>, Vec<String>) {
+    let mut launch = Vec::new();
+    let mut volume = Vec::new();
+    for g in grants {
+        match g {
+            Grant::Launch(p) => launch.push(p.clone()),
+            Grant::CreateVolume(account) => volume.push(account.clone()),
+        }
+    }
+    (launch, volume)
+}
+
+/// A retired or released target leaves the tracker.
+fn untrack<E>(ctx: &Context<E>, scope: &Scope, image_id: &str) {
+    if let Some(t) = &ctx.tracker {
+        t.untrack(scope, image_id);
+    }
+}
+
+/// Tags those of an owned image's snapshots that carry no owner's UID tag yet
+/// (peers that ignore TagSpecifications on copy); never re-tags another
+/// owner's snapshot.
+pub(super) async fn claim_snapshots<E: Ec2>(
+    ec2: &E,
+    scope: &Scope,
+    image_id: &str,
+    snapshot_ids: &[String],
+    tags: &BTreeMap<String, String>,
+) -> Result<()> {
+    let unclaimed: Vec<String> = ec2
+        .describe_snapshots(scope, snapshot_ids)
+        .await?
+        .into_iter()
+        .filter(|s| !s.tags.contains_key(UID_TAG))
+        .map(|s| s.id)
+        .collect();
+    if !unclaimed.is_empty() {
+        info!(region = %scope.region, image = %image_id, snapshots = ?unclaimed, "tagging the snapshots of a target image");
+        ec2.create_tags(scope, &unclaimed, tags).await?;
+    }
+    Ok(())
+}
+
+/// Snapshots of `image` that carry this object's UID tag.
+async fn owned_snapshot_ids<E: Ec2>(
+    ec2: &E,
+    uid: &str,
+    scope: &Scope,
+    image: &ImageInfo,
+) -> Result<Vec<String>> {
+    let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+    Ok(ec2
+        .describe_snapshots(scope, &ids)
+        .await?
+        .into_iter()
+        .filter(|s| s.tags.get(UID_TAG).map(String::as_str) == Some(uid))
+        .map(|s| s.id)
+        .collect())
+}
+
+/// Deregisters an owned image and deletes its owned snapshots. Refuses an
+/// image without this object's UID tag, whatever anyone says about it.
+async fn retire<E: Ec2>(ec2: &E, uid: &str, scope: &Scope, image: &ImageInfo) -> Result<()> {
+    if !image.owned_by(uid) {
+        warn!(region = %scope.region, image = %image.id, "refusing to deregister an image this object does not own");
+        return Ok(());
+    }
+    let snapshots = owned_snapshot_ids(ec2, uid, scope, image).await?;
+    ec2.deregister_image(scope, &image.id).await?;
+    info!(region = %scope.region, image = %image.id, "deregistered");
+    for snap in snapshots {
+        ec2.delete_snapshot(scope, &snap).await?;
+    }
+    Ok(())
+}
+
+/// `Retain`: the image and its owned snapshots lose the ownership tags.
+async fn release<E: Ec2>(ec2: &E, uid: &str, scope: &Scope, image: &ImageInfo) -> Result<()> {
+    let mut ids = vec![image.id.clone()];
+    ids.extend(owned_snapshot_ids(ec2, uid, scope, image).await?);
+    let keys = [UID_TAG, OWNER_TAG, SOURCE_TAG].map(String::from);
+    ec2.delete_tags(scope, &ids, &keys).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::ec2::fake::FakeEc2;
+    use crate::ec2::{SnapshotInfo, SnapshotRef};
+
+    const UID: &str = "uid-1";
+
+    fn world(image_tags: &[(&str, &str)]) -> (FakeEc2, ImageInfo) {
+        let ec2 = FakeEc2::default();
+        let image = ImageInfo {
+            id: "ami-00000000000000001".into(),
+            state: TargetState::Available,
+            snapshots: ["snap-ours", "snap-untagged", "snap-other-owner"]
+                .into_iter()
+                .map(|id| SnapshotRef {
+                    id: id.into(),
+                    ..SnapshotRef::default()
+                })
+                .collect(),
+            tags: image_tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..ImageInfo::default()
+        };
+        ec2.images
+            .lock()
+            .unwrap()
+            .insert(("eu-west-1".into(), image.id.clone()), image.clone());
+        for (id, uid) in [
+            ("snap-ours", Some(UID)),
+            ("snap-untagged", None),
+            ("snap-other-owner", Some("uid-2")),
+        ] {
+            let tags = uid
+                .map(|u| BTreeMap::from([(UID_TAG.to_string(), u.to_string())]))
+                .unwrap_or_default();
+            ec2.snapshots.lock().unwrap().insert(
+                ("eu-west-1".into(), id.into()),
+                SnapshotInfo {
+                    id: id.into(),
+                    tags,
+                },
+            );
+        }
+        (ec2, image)
+    }
+
+    #[tokio::test]
+    async fn retire_deletes_only_what_carries_this_objects_uid() {
+        let (ec2, image) = world(&[(UID_TAG, UID)]);
+        retire(&ec2, UID, &Scope::region("eu-west-1"), &image)
+            .await
+            .unwrap();
+        assert!(
+            ec2.images.lock().unwrap().is_empty(),
+            "the owned image is deregistered"
+        );
+        let left: Vec<String> = ec2
+            .snapshots
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.id.clone())
+            .collect();
+        assert_eq!(
+            left,
+            vec!["snap-other-owner".to_string(), "snap-untagged".to_string()]
+        );
+    }
+
+    #[tokio::test]
+    async fn retire_refuses_an_image_without_this_objects_uid() {
+        for tags in [&[][..], &[(UID_TAG, "uid-2")][..]] {
+            let (ec2, image) = world(tags);
+            retire(&ec2, UID, &Scope::region("eu-west-1"), &image)
+                .await
+                .unwrap();
+            assert!(
+                ec2.calls.lock().unwrap().is_empty(),
+                "no call at all: {:?}",
+                ec2.calls.lock().unwrap()
+            );
+            assert_eq!(ec2.images.lock().unwrap().len(), 1);
+            assert_eq!(ec2.snapshots.lock().unwrap().len(), 3);
+        }
+    }
+}

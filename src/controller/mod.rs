@@ -1,0 +1,159 @@
+//! The controller: kube-runtime wiring around one reconcile pipeline.
+//!
+//! - [`intake`]: the watch, read untyped so that one object the types cannot
+//!   read never breaks it; unreadable objects are reported on;
+//! - [`reconcile`]: the pipeline, observe → plan → act → record → report,
+//!   behind kube-runtime's finalizer helper, and the retry policy;
+//! - [`observe`]: what Kubernetes and EC2 say about one object;
+//! - [`act`]: the side effects of a plan, each returning a typed outcome;
+//! - [`cleanup`]: the finalizer's clean-up when an object is deleted;
+//! - [`report`]: the status write, Events.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt, future};
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use crate::api::AmiCopy;
+use crate::ec2::Ec2;
+use crate::events::Events;
+use crate::metrics::Metrics;
+use crate::tracker::Tracker;
+
+mod act;
+mod cleanup;
+mod intake;
+mod observe;
+mod reconcile;
+mod report;
+
+pub use crate::config::Config;
+pub use reconcile::backoff;
+
+/// Field manager of the status written by server-side apply.
+pub const FIELD_MANAGER: &str = "ami-copy-operator";
+
+/// Shared state of every reconcile.
+pub struct Context<E> {
+    pub client: Client,
+    pub ec2: E,
+    events: Events,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+    /// Shared batched tracking; `None` when each object polls its own targets.
+    pub tracker: Option<Tracker>,
+    wake: tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>>>,
+    failures: Mutex<HashMap<ObjectRef<AmiCopy>, u32>>,
+}
+
+impl<E: Ec2> Context<E> {
+    pub fn new(client: Client, ec2: E, metrics: Arc<Metrics>, config: Config) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let (tracker, wake) = if config.batched() {
+            let (tracker, wake) = Tracker::new(config.clone());
+            (Some(tracker), Some(wake))
+        } else {
+            (None, None)
+        };
+        Self {
+            events: Events::new(client.clone(), reporter),
+            client,
+            ec2,
+            metrics,
+            config,
+            tracker,
+            wake: tokio::sync::Mutex::new(wake),
+            failures: Mutex::default(),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run<E: Ec2>(
+    ctx: Arc<Context<E>>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    // Listed and watched untyped: one object the AmiCopy types cannot read
+    // would otherwise fail every list of the watch, and no object would be
+    // served (see `intake`).
+    let ar = ApiResource::erase::<AmiCopy>(&());
+    let api: Api<DynamicObject> = match &namespace {
+        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &ar),
+        None => Api::all_with(ctx.client.clone(), &ar),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // Objects whose targets changed, as the tracker sees them. The receiver
+    // stays in the context so that a later run (a new leadership) gets it.
+    let woken = futures::stream::unfold(ctx.clone(), |ctx| async move {
+        let next = ctx.wake.lock().await.as_mut()?.recv().await?;
+        Some((next, ctx))
+    });
+    let writer = reflector::store::Writer::<AmiCopy>::default();
+    let reader = writer.as_reader();
+    let cached = reader.clone();
+    let (unreadable_tx, unreadable_rx) = futures::channel::mpsc::unbounded();
+    // Listed in pages of 500 (the default) with the most recent semantic: a
+    // list from resourceVersion 0 may ignore the page size and bring every
+    // object at once, a burst of memory with tens of thousands of objects.
+    let objects = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| {
+            future::ready(match event {
+                Ok(event) => intake::read_event(event, &cached, &unreadable_tx).map(Ok),
+                Err(e) => Some(Err(e)),
+            })
+        })
+        .reflect(writer)
+        .touched_objects();
+    let controller = Controller::for_stream(objects, reader)
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
+        )
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .reconcile_on(woken)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .for_each(|res| {
+            if let Err(e) = res {
+                // One failed reconcile never stops the others.
+                warn!(error = %e, "reconcile failed");
+            }
+            future::ready(())
+        });
+    let reporting = unreadable_rx
+        .take_until(stopped(stop_rx.clone()))
+        .for_each_concurrent(4, |unread| {
+            let ctx = ctx.clone();
+            async move { intake::report_unreadable(unread, &ctx).await }
+        });
+    let tracking = async {
+        if let Some(tracker) = &ctx.tracker {
+            tracker
+                .run(&ctx.ec2, &ctx.metrics, stopped(stop_rx.clone()))
+                .await;
+        }
+    };
+    let stop = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    future::join4(controller, reporting, tracking, stop).await;
+}
+
+/// The cache key of the object `m` describes.
+fn object_ref(m: &crate::plan::Meta) -> ObjectRef<AmiCopy> {
+    ObjectRef::new(&m.name).within(&m.namespace)
+}

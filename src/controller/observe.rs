@@ -1,0 +1,228 @@
+//! Observe: what EC2 holds for one object, from the tracker's cache when it
+//! knows every target the status names, else by asking EC2 (and tracking
+//! what it says).
+
+use std::collections::BTreeMap;
+
+use futures::future;
+use k8s_openapi::jiff::Timestamp;
+use tracing::warn;
+
+use super::{Context, object_ref};
+use crate::api::{AmiCopy, ResolvedSource, TargetState};
+use crate::ec2::{Ec2, Ec2Error, ImageInfo, ImageQuery};
+use crate::error::Result;
+use crate::plan::{self, Meta, Observed, Scopes};
+use crate::tracker::{Known, Tracker};
+
+pub(super) async fn observe<E: Ec2>(
+    obj: &AmiCopy,
+    m: &Meta,
+    scopes: &Scopes,
+    ctx: &Context<E>,
+) -> Result<Observed> {
+    let spec = &obj.spec;
+    let tracker = ctx.tracker.as_ref();
+    let resolved = match &spec.source.selector {
+        Some(_) if spec.source.image_id.is_none() => resolve_source(obj, m, ctx).await?,
+        _ => None,
+    };
+    let source_id = spec
+        .source
+        .image_id
+        .as_deref()
+        .or(resolved.as_ref().map(|r| r.image_id.as_str()));
+    let source = match source_id {
+        Some(id) => observe_source(&spec.source.region, id, &ctx.ec2, tracker).await,
+        None => Ok(None),
+    };
+    if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, source_id?, scopes, t))
+    {
+        return Ok(Observed {
+            source: Some(source),
+            owned,
+            recorded,
+            unreachable: BTreeMap::new(),
+            resolved,
+        });
+    }
+    let (owned, unreachable) = list_owned(obj, m, scopes, ctx).await;
+    let recorded = look_up_recorded(obj, &owned, scopes, &ctx.ec2).await?;
+    if let Some(t) = tracker {
+        let key = object_ref(m);
+        for (region, images) in &owned {
+            let scope = scopes.of(region);
+            for img in images {
+                t.track(&key, &scope, img.clone(), &spec.source.region);
+            }
+        }
+    }
+    Ok(Observed {
+        source: Some(source),
+        owned,
+        recorded,
+        unreachable,
+        resolved,
+    })
+}
+
+type Owned = BTreeMap<String, Vec<ImageInfo>>;
+
+/// The object's images in every region of interest, by its UID tag. A region
+/// EC2 cannot be asked about is reported on its destination; the others go
+/// on.
+async fn list_owned<E: Ec2>(
+    obj: &AmiCopy,
+    m: &Meta,
+    scopes: &Scopes,
+    ctx: &Context<E>,
+) -> (Owned, BTreeMap<String, Ec2Error>) {
+    let regions = plan::regions_of_interest(&obj.spec, obj.status.as_ref());
+    let listed = future::join_all(regions.into_iter().map(|r| async move {
+        let res = ctx.ec2.owned_images(&scopes.of(&r), &m.uid).await;
+        (r, res)
+    }))
+    .await;
+    let mut owned = BTreeMap::new();
+    let mut unreachable = BTreeMap::new();
+    for (region, res) in listed {
+        match res {
+            Ok(images) => {
+                owned.insert(region, images);
+            }
+            Err(e) => {
+                warn!(%region, error = %e, "cannot list this object's images in the region");
+                unreachable.insert(region, e);
+            }
+        }
+    }
+    (owned, unreachable)
+}
+
+/// The images the last status names that the listing did not return, by ID.
+async fn look_up_recorded<E: Ec2>(
+    obj: &AmiCopy,
+    owned: &Owned,
+    scopes: &Scopes,
+    ec2: &E,
+) -> Result<BTreeMap<String, Option<ImageInfo>>> {
+    let to_check = plan::recorded_to_check(obj.status.as_ref(), owned);
+    let found = future::try_join_all(to_check.into_iter().map(|(r, id)| async move {
+        let img = ec2.describe_image(&scopes.of(&r), &id).await?;
+        Ok::<_, Ec2Error>((id, img))
+    }))
+    .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// The most recent available image matching `spec.source.selector`: the one
+/// the last status recorded while that is fresh, else asked of EC2.
+async fn resolve_source<E: Ec2>(
+    obj: &AmiCopy,
+    m: &Meta,
+    ctx: &Context<E>,
+) -> Result<Option<ResolvedSource>> {
+    let Some(selector) = &obj.spec.source.selector else {
+        return Ok(None);
+    };
+    let now = Timestamp::now();
+    let last = obj
+        .status
+        .as_ref()
+        .filter(|s| s.observed_generation == m.generation)
+        .and_then(|s| s.resolved_source.clone());
+    if let Some(last) = last {
+        let fresh = last.resolved_at.parse::<Timestamp>().is_ok_and(|at| {
+            now.duration_since(at).unsigned_abs() < ctx.config.source_refresh_interval
+        });
+        if fresh {
+            return Ok(Some(last));
+        }
+    }
+    let query = ImageQuery {
+        owners: selector.owners.clone(),
+        name: selector.name.clone(),
+        tags: selector.tags.clone().unwrap_or_default(),
+    };
+    let region = crate::ec2::Scope::region(obj.spec.source.region.as_str());
+    let images = ctx.ec2.find_images(&region, &query).await?;
+    // Newest first; EC2's creation dates sort as text.
+    let newest = images
+        .into_iter()
+        .filter(|i| i.state == TargetState::Available)
+        .max_by(|a, b| a.creation_date.cmp(&b.creation_date).then(a.id.cmp(&b.id)));
+    Ok(newest.map(|img| ResolvedSource {
+        image_id: img.id,
+        name: img.name,
+        resolved_at: now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    }))
+}
+
+/// The source image; EC2's refusals (not found, access denied) become part
+/// of the observation, transient errors end the reconcile.
+async fn observe_source<E: Ec2>(
+    region: &str,
+    id: &str,
+    ec2: &E,
+    tracker: Option<&Tracker>,
+) -> std::result::Result<Option<ImageInfo>, Ec2Error> {
+    if let Some(hit) = tracker.and_then(|t| t.source(region, id)) {
+        return Ok(hit);
+    }
+    match ec2
+        .describe_image(&crate::ec2::Scope::region(region), id)
+        .await
+    {
+        Ok(img) => {
+            if let Some(t) = tracker {
+                t.remember_source(region, id, img.clone());
+            }
+            Ok(img)
+        }
+        Err(e) => {
+            warn!(%region, error = %e, "cannot read the source image");
+            Err(e)
+        }
+    }
+}
+
+/// The targets as the tracker knows them, if it knows every one the status
+/// names and the spec has not changed since that status.
+fn from_cache(
+    obj: &AmiCopy,
+    m: &Meta,
+    source_id: &str,
+    scopes: &Scopes,
+    tracker: &Tracker,
+) -> Option<(Owned, BTreeMap<String, Option<ImageInfo>>)> {
+    let prev = obj.status.as_ref()?;
+    if prev.observed_generation != m.generation
+        || prev.source_image_id.as_deref() != Some(source_id)
+    {
+        return None;
+    }
+    for d in &obj.spec.destinations {
+        let t = prev.destinations.iter().find(|t| t.region == d.region)?;
+        if t.image_id.is_none() && !t.state.is_unstarted() {
+            return None;
+        }
+    }
+    let mut owned: Owned = plan::regions_of_interest(&obj.spec, Some(prev))
+        .into_iter()
+        .map(|r| (r, Vec::new()))
+        .collect();
+    let mut recorded = BTreeMap::new();
+    for t in prev.targets() {
+        let Some(id) = &t.image_id else { continue };
+        match tracker.lookup(&scopes.of(&t.region), id) {
+            Known::Unknown => return None,
+            Known::Image(Some(info)) if info.owned_by(&m.uid) => {
+                owned.entry(t.region.clone()).or_default().push(info)
+            }
+            Known::Image(other) => {
+                recorded.insert(id.clone(), other);
+            }
+        }
+    }
+    Some((owned, recorded))
+}

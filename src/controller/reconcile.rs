@@ -1,0 +1,154 @@
+//! One reconcile, as its stages: observe (what Kubernetes and EC2 say) →
+//! plan (pure) → act (side effects, typed outcomes) → record (pure) →
+//! report (status, Events, requeue). And what happens when one fails.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use rand::Rng;
+use tracing::{instrument, warn};
+
+use super::{Context, act, cleanup, observe, report};
+use crate::api::{AmiCopy, FINALIZER, PINNED_ANNOTATION};
+use crate::config::Config;
+use crate::ec2::Ec2;
+use crate::error::{Error, Result};
+use crate::plan::{self, Meta, Scopes, requeue};
+
+#[instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -> Result<Requeue> {
+    let start = Instant::now();
+    let ns = obj
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<AmiCopy> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = ObjectRef::from_obj(obj.as_ref());
+    let res = finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Finalizer::Apply(obj) => apply(&obj, &api, &ctx).await,
+            Finalizer::Cleanup(obj) => cleanup::cleanup(&obj, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let outcome = match &res {
+        Ok(_) => {
+            ctx.failures.lock().expect("failures lock").remove(&key);
+            "ok"
+        }
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics.reconciled(outcome, start.elapsed());
+    res
+}
+
+/// One pass over a live object.
+async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
+    let m = meta(obj, &ctx.config)?;
+    let scopes = Scopes::new(&obj.spec, obj.status.as_ref());
+    let observed = observe::observe(obj, &m, &scopes, ctx).await?;
+    let now = Time(Timestamp::now());
+    let plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);
+    let acted = act::act(&plan, &m, &scopes, ctx).await;
+    let previous = obj
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let recorded = plan::record(plan, acted.outcomes, previous, &now);
+    report::report(obj, api, ctx, &recorded).await?;
+    // EC2 faults still back off, after the status says what is going on.
+    if let Some(e) = acted
+        .error
+        .or_else(|| observed.transient_error().cloned().map(Error::from))
+    {
+        return Err(e);
+    }
+    let wait = requeue::after(&ctx.config, &obj.spec, &recorded.status, recorded.busy);
+    Ok(Requeue::requeue(wait))
+}
+
+/// Exponential backoff with jitter, per object; throttling starts higher.
+/// An object that cannot be read waits for a change instead.
+pub(super) fn error_policy<E: Ec2>(
+    obj: Arc<AmiCopy>,
+    err: &Error,
+    ctx: Arc<Context<E>>,
+) -> Requeue {
+    if err.is_terminal() {
+        warn!(error = %err, category = err.metric_label(), "reconcile failed; waiting for a change to the object");
+        return Requeue::await_change();
+    }
+    let key = ObjectRef::from_obj(obj.as_ref());
+    let n = {
+        let mut failures = ctx.failures.lock().expect("failures lock");
+        let n = failures.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = backoff(
+        &ctx.config,
+        n + u32::from(err.is_throttling()) * 2,
+        rand::rng().random_range(0.5..1.5),
+    );
+    warn!(error = %err, category = err.metric_label(), retry_in = ?delay, "reconcile failed");
+    Requeue::requeue(delay)
+}
+
+/// The `n`th retry delay (n ≥ 1), scaled by `jitter`.
+pub fn backoff(config: &Config, n: u32, jitter: f64) -> Duration {
+    let exp = config
+        .min_backoff
+        .saturating_mul(1u32 << n.saturating_sub(1).min(20));
+    exp.min(config.max_backoff).mul_f64(jitter)
+}
+
+/// The object's identity and the settings the planner needs.
+pub(super) fn meta(obj: &AmiCopy, config: &Config) -> Result<Meta> {
+    let pinned = obj
+        .annotations()
+        .get(PINNED_ANNOTATION)
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Meta {
+        pinned,
+        allow_public: config.allow_public_images,
+        namespace: obj
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?,
+        name: obj.name_any(),
+        uid: obj.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        generation: obj.meta().generation,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let c = Config {
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            ..Config::default()
+        };
+        assert_eq!(backoff(&c, 1, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff(&c, 2, 1.0), Duration::from_secs(2));
+        assert_eq!(backoff(&c, 4, 1.0), Duration::from_secs(8));
+        assert_eq!(backoff(&c, 30, 1.0), Duration::from_secs(60));
+        assert_eq!(backoff(&c, 2, 0.5), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,403 @@
+//! The EC2 seam: the handful of EC2 calls the operator makes, behind a small
+//! trait ([`Ec2`]), with the aws-sdk-ec2 implementation in [`aws`].
+//!
+//! Everything above this module sees plain Rust values ([`ImageInfo`],
+//! [`Ec2Error`]), so the planner and most of the reconciler are tested with an
+//! in-memory fake and the SDK is exercised against real EC2 API peers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+
+use crate::api::{TargetState, UID_TAG};
+
+mod aws;
+
+pub use aws::AwsEc2;
+
+/// What the operator needs to know about an AMI.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub id: String,
+    pub name: Option<String>,
+    /// EC2's image state: `pending`, `available`, `failed`, `invalid`, ...
+    pub state: TargetState,
+    /// EC2's StateReason message, if any.
+    pub state_reason: Option<String>,
+    pub owner_id: Option<String>,
+    /// `ebs` or `instance-store`.
+    pub root_device_type: Option<String>,
+    /// `hvm` or `paravirtual`.
+    pub virtualization_type: Option<String>,
+    pub snapshots: Vec<SnapshotRef>,
+    pub tags: BTreeMap<String, String>,
+    /// Marketplace product codes: such images cannot be copied across accounts.
+    pub product_codes: Vec<String>,
+    /// When EC2 created the image (RFC 3339).
+    pub creation_date: Option<String>,
+    /// When EC2 deprecates the image (RFC 3339), if set.
+    pub deprecation_time: Option<String>,
+}
+
+impl ImageInfo {
+    pub fn encrypted(&self) -> Option<bool> {
+        if self.snapshots.is_empty() {
+            None
+        } else {
+            Some(self.snapshots.iter().any(|s| s.encrypted))
+        }
+    }
+
+    pub fn kms_key_id(&self) -> Option<&str> {
+        self.snapshots.iter().find_map(|s| s.kms_key_id.as_deref())
+    }
+
+    pub fn instance_store(&self) -> bool {
+        self.root_device_type.as_deref() == Some("instance-store")
+    }
+
+    pub fn owned_by(&self, uid: &str) -> bool {
+        self.tags.get(UID_TAG).map(String::as_str) == Some(uid)
+    }
+}
+
+/// An EBS snapshot behind an image's block device mapping.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub id: String,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+}
+
+/// A snapshot and its tags.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Where EC2 calls go: a region of this account, or a region of another
+/// account reached through an IAM role.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Scope {
+    pub region: String,
+    pub role: Option<Role>,
+}
+
+/// An IAM role of another account, and the external ID its trust policy
+/// asks for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Role {
+    pub arn: String,
+    pub external_id: Option<String>,
+}
+
+impl Scope {
+    /// A region of the operator's own account.
+    pub fn region(region: impl Into<String>) -> Self {
+        Self {
+            region: region.into(),
+            role: None,
+        }
+    }
+
+    /// A region reached through `role_arn` when there is one, else a region
+    /// of the operator's own account.
+    pub fn through(region: &str, role_arn: Option<&str>, external_id: Option<&str>) -> Self {
+        Self {
+            region: region.to_owned(),
+            role: role_arn.map(|arn| Role {
+                arn: arn.to_owned(),
+                external_id: external_id.map(str::to_owned),
+            }),
+        }
+    }
+
+    pub fn role_arn(&self) -> Option<&str> {
+        self.role.as_ref().map(|r| r.arn.as_str())
+    }
+
+    pub fn external_id(&self) -> Option<&str> {
+        self.role.as_ref().and_then(|r| r.external_id.as_deref())
+    }
+}
+
+/// `region`, `region roleArn` or `region roleArn externalId`: how logs and
+/// metrics name a scope.
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.region)?;
+        if let Some(role) = &self.role {
+            write!(f, " {}", role.arn)?;
+            if let Some(id) = &role.external_id {
+                write!(f, " {id}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A launch permission on an image.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    Account(String),
+    Organization(String),
+    OrganizationalUnit(String),
+    Public,
+}
+
+impl Permission {
+    /// How status lists it: `account:<id>`, `organization:<arn>`, `ou:<arn>`, `public`.
+    pub fn key(&self) -> String {
+        match self {
+            Permission::Account(id) => format!("account:{id}"),
+            Permission::Organization(arn) => format!("organization:{arn}"),
+            Permission::OrganizationalUnit(arn) => format!("ou:{arn}"),
+            Permission::Public => "public".into(),
+        }
+    }
+}
+
+/// One permission a copy grants: to launch the image, or (for an account)
+/// to create volumes from its snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Grant {
+    Launch(Permission),
+    CreateVolume(String),
+}
+
+impl Grant {
+    /// How `status.destinations[].sharedWith` lists it: a launch
+    /// permission's key, or `volume:<account>`.
+    pub fn key(&self) -> String {
+        match self {
+            Grant::Launch(p) => p.key(),
+            Grant::CreateVolume(account) => format!("volume:{account}"),
+        }
+    }
+
+    /// The grant a status key names; `None` for a key no version of the
+    /// operator writes.
+    pub fn from_key(key: &str) -> Option<Self> {
+        let (kind, value) = key.split_once(':').unwrap_or((key, ""));
+        let launch = |p| Some(Grant::Launch(p));
+        match kind {
+            "account" => launch(Permission::Account(value.into())),
+            "organization" => launch(Permission::Organization(value.into())),
+            "ou" => launch(Permission::OrganizationalUnit(value.into())),
+            "public" => launch(Permission::Public),
+            "volume" => Some(Grant::CreateVolume(value.into())),
+            _ => None,
+        }
+    }
+}
+
+/// Which images a source selector asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageQuery {
+    pub owners: Vec<String>,
+    pub name: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Everything `CopyImage` is called with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyRequest {
+    pub source_region: String,
+    pub source_image_id: String,
+    pub name: String,
+    pub description: String,
+    pub encrypted: Option<bool>,
+    pub kms_key_id: Option<String>,
+    pub copy_image_tags: bool,
+    pub client_token: String,
+    /// Tags for the new image and its snapshots (ownership tags included).
+    pub tags: BTreeMap<String, String>,
+    /// Time-based copy: minutes EC2 may take.
+    pub completion_minutes: Option<i64>,
+}
+
+/// How an EC2 error should be handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The resource does not exist (or is not visible to this account).
+    NotFound,
+    /// Throttling: slow down and retry.
+    Throttled,
+    /// 5xx, timeouts, dropped connections: retry with backoff.
+    Transient,
+    /// EC2 refused the request; retrying the same request will not help.
+    Rejected,
+}
+
+/// An EC2 error reduced to what the operator acts on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("EC2 {code}: {message}")]
+pub struct Ec2Error {
+    pub kind: ErrorKind,
+    pub code: String,
+    pub message: String,
+}
+
+impl Ec2Error {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        let code = code.into();
+        Self {
+            kind: classify(&code),
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.kind == ErrorKind::NotFound
+    }
+
+    /// Throttling, 5xx, timeouts: worth retrying soon.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.kind, ErrorKind::Throttled | ErrorKind::Transient)
+    }
+}
+
+/// Maps an EC2 error code to how it is handled.
+pub fn classify(code: &str) -> ErrorKind {
+    match code {
+        c if c.ends_with(".NotFound") || c == "InvalidAMIID.Unavailable" => ErrorKind::NotFound,
+        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "ResourceLimitExceeded" => {
+            ErrorKind::Throttled
+        }
+        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
+        | "RequestTimeout" | "RequestExpired" | "Dispatch" | "Timeout" | "Response" => {
+            ErrorKind::Transient
+        }
+        _ => ErrorKind::Rejected,
+    }
+}
+
+/// IDs per batched DescribeImages call (EC2 allows 200 filter values).
+pub const MAX_IDS_PER_CALL: usize = 100;
+
+/// The EC2 calls the operator makes. Every method acts in one scope: one
+/// region of one account.
+pub trait Ec2: Send + Sync + 'static {
+    /// One image by ID; `None` when EC2 says it does not exist.
+    fn describe_image(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+    ) -> impl Future<Output = Result<Option<ImageInfo>, Ec2Error>> + Send;
+
+    /// The images among `image_ids` that exist (one call, for batches of up
+    /// to [`MAX_IDS_PER_CALL`] IDs); missing ones are left out, not an error.
+    fn describe_images_by_ids(
+        &self,
+        scope: &Scope,
+        image_ids: &[String],
+    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
+
+    /// Images owned by this account that carry `amicopy.dev/uid=<uid>`.
+    fn owned_images(
+        &self,
+        scope: &Scope,
+        uid: &str,
+    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
+
+    /// Starts a copy into the scope's region; returns the new image ID.
+    fn copy_image(
+        &self,
+        scope: &Scope,
+        req: &CopyRequest,
+    ) -> impl Future<Output = Result<String, Ec2Error>> + Send;
+
+    fn create_tags(
+        &self,
+        scope: &Scope,
+        resource_ids: &[String],
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    fn delete_tags(
+        &self,
+        scope: &Scope,
+        resource_ids: &[String],
+        keys: &[String],
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Deregisters an image (stopping a pending copy).
+    fn deregister_image(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// The given snapshots that exist, with their tags.
+    fn describe_snapshots(
+        &self,
+        scope: &Scope,
+        snapshot_ids: &[String],
+    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, Ec2Error>> + Send;
+
+    /// Snapshots owned by this account that carry `amicopy.dev/uid=<uid>`.
+    fn owned_snapshots(
+        &self,
+        scope: &Scope,
+        uid: &str,
+    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, Ec2Error>> + Send;
+
+    fn delete_snapshot(
+        &self,
+        scope: &Scope,
+        snapshot_id: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Adds and removes launch permissions (ModifyImageAttribute).
+    fn set_launch_permissions(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+        add: &[Permission],
+        remove: &[Permission],
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Adds and removes createVolumePermission for accounts on a snapshot.
+    fn set_snapshot_permissions(
+        &self,
+        scope: &Scope,
+        snapshot_id: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Deprecates an image at `at` (RFC 3339).
+    fn deprecate_image(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+        at: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Available images matching `query` (all pages).
+    fn find_images(
+        &self,
+        scope: &Scope,
+        query: &ImageQuery,
+    ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
+}
+
+/// Every EC2 operation [`AwsEc2`] calls: exactly the `ec2:` actions of the
+/// IAM policy in `docs/iam-policy.json` (unit tests hold both to this list).
+pub const OPERATIONS: &[&str] = &[
+    "CopyImage",
+    "CreateTags",
+    "DeleteSnapshot",
+    "DeleteTags",
+    "DeregisterImage",
+    "DescribeImages",
+    "DescribeSnapshots",
+    "EnableImageDeprecation",
+    "ModifyImageAttribute",
+    "ModifySnapshotAttribute",
+];
+
+#[cfg(test)]
+pub(crate) mod fake;

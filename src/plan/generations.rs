@@ -1,0 +1,128 @@
+//! Everything an object owns besides its current copies. Duplicates of the
+//! current source are retired at once, and so is everything in regions no
+//! longer listed; older generations stay until the current copy in their
+//! region is available, then the newest `retain - 1` (and pinned ones) are
+//! kept and the rest retired.
+
+use std::collections::BTreeSet;
+
+use super::destinations::target_status;
+use super::upkeep::upkeep;
+use super::{Action, Draft, Input};
+use crate::api::{DeletionPolicy, SOURCE_TAG, TargetState, TargetStatus};
+use crate::ec2::ImageInfo;
+
+/// What becomes of an older copy.
+#[derive(Debug, PartialEq, Eq)]
+enum Fate {
+    /// Kept by `spec.retain` or pinned: a generation, kept in line.
+    Keep(String),
+    /// Retired (or released, with `Retain`) now.
+    Retire(&'static str),
+    /// Retired once the current copy of its region is available.
+    Wait,
+}
+
+/// The copies being retired and the generations kept.
+pub fn plan(
+    input: &Input,
+    destinations: &[TargetStatus],
+    draft: &mut Draft,
+) -> (Vec<TargetStatus>, Vec<TargetStatus>) {
+    let current: BTreeSet<&str> = destinations
+        .iter()
+        .filter_map(|d| d.image_id.as_deref())
+        .collect();
+    let mut retiring = Vec::new();
+    let mut generations = Vec::new();
+    for (region, images) in &input.observed.owned {
+        let current_available = destinations
+            .iter()
+            .any(|d| &d.region == region && d.state == TargetState::Available);
+        let mut older: Vec<&ImageInfo> = images
+            .iter()
+            .filter(|i| !current.contains(i.id.as_str()))
+            .collect();
+        // Newest first (EC2's creation dates sort as text).
+        older.sort_by(|a, b| b.creation_date.cmp(&a.creation_date).then(a.id.cmp(&b.id)));
+        let mut region_plan = Region {
+            input,
+            listed: input.spec.destinations.iter().any(|d| &d.region == region),
+            current_available,
+            kept: 0,
+        };
+        for img in older {
+            let mut ts = target_status(region, img, source_of(img), 0);
+            if let Some(l) = input.last_entry(&img.id) {
+                ts.shared_with = l.shared_with.clone();
+            }
+            match region_plan.fate(img) {
+                Fate::Keep(message) => {
+                    ts.message = message;
+                    upkeep(input, region, img, &mut ts, &mut draft.actions);
+                    generations.push(ts);
+                }
+                Fate::Retire(message) => {
+                    ts.message = message.into();
+                    draft.actions.push(retire(input, region, img));
+                    retiring.push(ts);
+                }
+                Fate::Wait => {
+                    ts.message = "kept until the copy of the current source is available".into();
+                    retiring.push(ts);
+                }
+            }
+        }
+    }
+    (retiring, generations)
+}
+
+fn source_of(img: &ImageInfo) -> &str {
+    img.tags.get(SOURCE_TAG).map(String::as_str).unwrap_or("")
+}
+
+/// The older copies of one region, newest first.
+struct Region<'a> {
+    input: &'a Input<'a>,
+    listed: bool,
+    current_available: bool,
+    /// Generations kept so far by `spec.retain`.
+    kept: usize,
+}
+
+impl Region<'_> {
+    fn fate(&mut self, img: &ImageInfo) -> Fate {
+        let input = self.input;
+        let from = source_of(img);
+        let duplicate = !input.source_id.is_empty() && from == input.source_id;
+        let pinned = input.meta.pinned.contains(from);
+        let keep_older = input.spec.retain.unwrap_or(1).saturating_sub(1) as usize;
+        if self.listed && !duplicate && self.current_available && (pinned || self.kept < keep_older)
+        {
+            self.kept += usize::from(!pinned);
+            return Fate::Keep(if pinned {
+                format!("kept: its source {from} is pinned")
+            } else {
+                "kept by spec.retain".into()
+            });
+        }
+        if duplicate {
+            Fate::Retire("duplicate copy of the current source")
+        } else if !self.listed {
+            Fate::Retire("region removed from spec.destinations")
+        } else if self.current_available {
+            Fate::Retire("replaced by a copy of the current source")
+        } else {
+            Fate::Wait
+        }
+    }
+}
+
+/// Retire under `Delete`, release under `Retain`.
+fn retire(input: &Input, region: &str, img: &ImageInfo) -> Action {
+    let (region, image) = (region.to_owned(), img.clone());
+    match input.spec.deletion_policy {
+        DeletionPolicy::Delete => Action::Retire { region, image },
+        DeletionPolicy::Retain => Action::Release { region, image },
+    }
+}

@@ -1,0 +1,349 @@
+//! The pure decision logic: from the spec, the last status and what EC2
+//! reports, the next actions and the status they lead to ([`plan`]); then,
+//! from what the actions did, the status to write ([`record`]). No client,
+//! no I/O.
+//!
+//! - [`source`]: whether the source can be copied at all;
+//! - [`destinations`]: each destination's current copy, or the copy to start;
+//! - [`generations`]: older copies, kept or retired;
+//! - [`upkeep`]: tags, sharing and deprecation of a copy that exists;
+//! - [`naming`]: names, tags and idempotency tokens of new copies;
+//! - [`scopes`]: which account and role each region is reached through;
+//! - [`record`]: the actions' outcomes folded into the status, conditions;
+//! - [`requeue`]: when to look at the object again.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{AmiCopySpec, AmiCopyStatus, ResolvedSource, TargetStatus};
+use crate::ec2::{CopyRequest, Ec2Error, Grant, ImageInfo};
+
+pub mod destinations;
+pub mod generations;
+pub mod naming;
+pub mod record;
+pub mod requeue;
+pub mod scopes;
+pub mod source;
+pub mod upkeep;
+
+pub use naming::{client_token, desired_tags, target_name};
+pub use record::{CopyFailure, Outcome, Recorded, record};
+pub use scopes::Scopes;
+
+/// Identity of the object being reconciled.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: Option<i64>,
+    /// Source AMI IDs whose copies are kept whatever `retain` says (the
+    /// `amicopy.dev/pinned-sources` annotation).
+    pub pinned: BTreeSet<String>,
+    /// The operator allows `sharing.public` (`--allow-public-images`).
+    pub allow_public: bool,
+}
+
+/// What EC2 reported for one reconcile.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The source image: `Ok(None)` when EC2 says it does not exist, `Err`
+    /// when EC2 refused to tell (access denied, ...).
+    pub source: Option<Result<Option<ImageInfo>, Ec2Error>>,
+    /// Per region, every image this object owns (by its UID tag).
+    pub owned: BTreeMap<String, Vec<ImageInfo>>,
+    /// Images named in the last status but absent from `owned`, looked up by
+    /// ID: `None` when EC2 no longer has them.
+    pub recorded: BTreeMap<String, Option<ImageInfo>>,
+    /// Regions EC2 could not be asked about, and why: nothing is copied or
+    /// retired there this time.
+    pub unreachable: BTreeMap<String, Ec2Error>,
+    /// What `spec.source.selector` resolved to (`None` with a selector: no
+    /// image matches). Without a selector, `spec.source.imageId` is the source.
+    pub resolved: Option<ResolvedSource>,
+}
+
+impl Observed {
+    /// The first error worth retrying soon (throttling, 5xx, timeouts).
+    pub fn transient_error(&self) -> Option<&Ec2Error> {
+        let source = match &self.source {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        };
+        source
+            .into_iter()
+            .chain(self.unreachable.values())
+            .find(|e| e.is_transient())
+    }
+}
+
+/// One side effect for the reconciler to perform. Each names its region;
+/// the reconciler reaches it through the object's [`Scopes`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start a copy into `region`, the current copy of that destination.
+    Copy {
+        region: String,
+        request: CopyRequest,
+    },
+    /// Make sure an owned image (and its snapshots) carry these tags.
+    TagImage {
+        region: String,
+        image_id: String,
+        resource_ids: Vec<String>,
+        tags: BTreeMap<String, String>,
+    },
+    /// Remove tag keys that `spec.tags` no longer lists.
+    Untag {
+        region: String,
+        resource_ids: Vec<String>,
+        keys: Vec<String>,
+    },
+    /// Bring an available copy's launch permissions (and its snapshots'
+    /// createVolumePermission) to `want`, from what status says was applied.
+    Share {
+        region: String,
+        image_id: String,
+        snapshot_ids: Vec<String>,
+        add: Vec<Grant>,
+        remove: Vec<Grant>,
+        want: Vec<Grant>,
+    },
+    /// Deprecate an available copy at `at` (RFC 3339).
+    Deprecate {
+        region: String,
+        image_id: String,
+        at: String,
+    },
+    /// Deregister an owned image and delete its owned snapshots.
+    Retire { region: String, image: ImageInfo },
+    /// `Retain`: leave an image in place, remove the ownership tags.
+    Release { region: String, image: ImageInfo },
+}
+
+impl Action {
+    /// The region the action is about.
+    pub fn region(&self) -> &str {
+        match self {
+            Action::Copy { region, .. }
+            | Action::TagImage { region, .. }
+            | Action::Untag { region, .. }
+            | Action::Share { region, .. }
+            | Action::Deprecate { region, .. }
+            | Action::Retire { region, .. }
+            | Action::Release { region, .. } => region,
+        }
+    }
+}
+
+/// Tag the snapshots of an owned copy that just turned available and lack
+/// the ownership tags (peers that ignore TagSpecifications on copy). Claims
+/// touch only snapshots of images already ours, so they all run at once,
+/// before the actions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub region: String,
+    pub image_id: String,
+    pub snapshot_ids: Vec<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A Kubernetes Event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    /// Region the note is about; empty for the object as a whole.
+    pub region: String,
+    pub message: String,
+}
+
+impl Note {
+    pub fn normal(reason: &'static str, region: &str, message: String) -> Self {
+        Self {
+            warning: false,
+            reason,
+            region: region.to_owned(),
+            message,
+        }
+    }
+
+    pub fn warning(reason: &'static str, region: &str, message: String) -> Self {
+        Self {
+            warning: true,
+            ..Self::normal(reason, region, message)
+        }
+    }
+}
+
+/// One note per kind of news: notes with the same reason (copies started,
+/// copies available, ...) become one Event whose message names every
+/// region, in the order they came. Thousands of objects whose copies all
+/// turn available at once then cost one Event each, not one per region.
+pub fn merge_notes(notes: &[Note]) -> Vec<Note> {
+    let mut merged: Vec<Note> = Vec::new();
+    for note in notes {
+        match merged
+            .iter_mut()
+            .find(|m| m.reason == note.reason && m.warning == note.warning)
+        {
+            Some(m) => {
+                if m.region != note.region {
+                    m.region.clear();
+                }
+                m.message = format!("{}; {}", m.message, note.message);
+            }
+            None => merged.push(note.clone()),
+        }
+    }
+    merged
+}
+
+/// The planner's answer: what to do, and the status that leads to before
+/// the actions' outcomes are known (conditions not yet summarized).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub claims: Vec<Claim>,
+    pub status: AmiCopyStatus,
+    pub notes: Vec<Note>,
+    /// A problem of the whole object (the source), not of one destination.
+    pub global: Option<(&'static str, String)>,
+}
+
+/// What every stage of one plan reads.
+pub struct Input<'a> {
+    pub spec: &'a AmiCopySpec,
+    pub meta: &'a Meta,
+    pub prev: &'a AmiCopyStatus,
+    pub observed: &'a Observed,
+    pub now: &'a Time,
+    /// The source the copies are made from now; empty when a selector
+    /// matched nothing.
+    pub source_id: &'a str,
+    /// Tags of the copies of the current source.
+    pub tags: BTreeMap<String, String>,
+    /// Snapshots of the source image: never claimed, tagged or shared.
+    pub source_snapshots: BTreeSet<&'a str>,
+    /// Keys the last status applied that `spec.tags` no longer lists.
+    pub removed_tags: Vec<String>,
+}
+
+impl<'a> Input<'a> {
+    /// The last status entry for an image, wherever it was listed.
+    pub fn last_entry(&self, image_id: &str) -> Option<&'a TargetStatus> {
+        self.prev
+            .targets()
+            .find(|t| t.image_id.as_deref() == Some(image_id))
+    }
+}
+
+/// What the stages add up as they go.
+#[derive(Default)]
+pub struct Draft {
+    pub actions: Vec<Action>,
+    pub claims: Vec<Claim>,
+    pub notes: Vec<Note>,
+}
+
+/// Decides what to do next. `now` dates deprecations.
+pub fn plan(
+    spec: &AmiCopySpec,
+    meta: &Meta,
+    previous: Option<&AmiCopyStatus>,
+    observed: &Observed,
+    now: &Time,
+) -> Plan {
+    let empty = AmiCopyStatus::default();
+    let prev = previous.unwrap_or(&empty);
+    let source_id = match (&spec.source.image_id, &observed.resolved) {
+        (Some(id), _) => id.as_str(),
+        (None, Some(r)) => r.image_id.as_str(),
+        (None, None) => "",
+    };
+    let verdict = source::assess(spec, meta, observed, source_id);
+    let input = Input {
+        spec,
+        meta,
+        prev,
+        observed,
+        now,
+        source_id,
+        tags: desired_tags(spec, meta, source_id),
+        source_snapshots: verdict
+            .image
+            .map(|s| s.snapshots.iter().map(|x| x.id.as_str()).collect())
+            .unwrap_or_default(),
+        removed_tags: prev
+            .tag_keys
+            .iter()
+            .filter(|k| !spec.tags.contains_key(*k))
+            .cloned()
+            .collect(),
+    };
+    let mut draft = Draft::default();
+    let destinations: Vec<TargetStatus> = spec
+        .destinations
+        .iter()
+        .map(|dest| destinations::plan(&input, &verdict, dest, &mut draft))
+        .collect();
+    let (retiring, generations) = generations::plan(&input, &destinations, &mut draft);
+    let mut status = AmiCopyStatus {
+        observed_generation: meta.generation,
+        source_image_id: (!source_id.is_empty()).then(|| source_id.into()),
+        resolved_source: observed.resolved.clone(),
+        available: None,
+        destinations,
+        retiring,
+        generations,
+        tag_keys: spec.tags.keys().cloned().collect(),
+        conditions: Vec::new(),
+    };
+    let scopes = Scopes::new(spec, previous);
+    for t in status.targets_mut() {
+        scopes.record(t);
+    }
+    Plan {
+        actions: draft.actions,
+        claims: draft.claims,
+        status,
+        notes: draft.notes,
+        global: verdict.problem,
+    }
+}
+
+/// Regions where this object may own images: listed now, or named in status.
+pub fn regions_of_interest(
+    spec: &AmiCopySpec,
+    previous: Option<&AmiCopyStatus>,
+) -> BTreeSet<String> {
+    let mut regions: BTreeSet<String> =
+        spec.destinations.iter().map(|d| d.region.clone()).collect();
+    if let Some(p) = previous {
+        regions.extend(p.targets().map(|d| d.region.clone()));
+    }
+    regions
+}
+
+/// Image IDs the last status names that the tag query did not return: they
+/// are looked up by ID (late listing, deregistration, or a foreign image).
+pub fn recorded_to_check(
+    previous: Option<&AmiCopyStatus>,
+    owned: &BTreeMap<String, Vec<ImageInfo>>,
+) -> Vec<(String, String)> {
+    let Some(p) = previous else { return Vec::new() };
+    p.destinations
+        .iter()
+        .filter_map(|d| Some((d.region.clone(), d.image_id.clone()?)))
+        .filter(|(region, id)| {
+            !owned
+                .get(region)
+                .is_some_and(|imgs| imgs.iter().any(|i| &i.id == id))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

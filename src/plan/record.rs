@@ -1,0 +1,390 @@
+//! Folding what the actions did into the status the plan led to, and
+//! summarizing it once: `available` and the conditions.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::{Note, Plan};
+use crate::api::{AmiCopyStatus, TargetState, TargetStatus};
+use crate::ec2::{Ec2Error, ErrorKind, Grant};
+use crate::status::{self, Summary, reason};
+
+/// What one action did, as far as the status and the Events care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// CopyImage returned the new image's ID.
+    CopyStarted {
+        region: String,
+        image_id: String,
+        source_image_id: String,
+    },
+    /// No copy slot was free; the object is woken when one is.
+    CopyQueued { region: String, message: String },
+    /// EC2 refused or failed the CopyImage call.
+    CopyFailed { region: String, error: Ec2Error },
+    /// The permissions of a copy are now `want`.
+    Shared {
+        region: String,
+        image_id: String,
+        add: Vec<Grant>,
+        remove: Vec<Grant>,
+        want: Vec<Grant>,
+    },
+    /// A copy is deprecated from `at`.
+    Deprecated {
+        region: String,
+        image_id: String,
+        at: String,
+    },
+    /// A copy was deregistered and its snapshots deleted.
+    Retired { region: String, image_id: String },
+    /// A copy was left in place without the ownership tags.
+    Released { region: String, image_id: String },
+    /// Nothing the status shows (tags), or the action failed.
+    Done,
+}
+
+/// How a failed CopyImage is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyFailure {
+    /// EC2's quota of concurrent copies is reached: queue, and slow down.
+    Quota,
+    /// Throttling, 5xx, timeouts: wait and retry.
+    Busy,
+    /// EC2 refused this copy; it stays refused until the spec changes.
+    Rejected,
+}
+
+impl CopyFailure {
+    pub fn of(e: &Ec2Error) -> Self {
+        match e.kind {
+            ErrorKind::Throttled if e.code == "ResourceLimitExceeded" => CopyFailure::Quota,
+            ErrorKind::Throttled | ErrorKind::Transient => CopyFailure::Busy,
+            ErrorKind::NotFound | ErrorKind::Rejected => CopyFailure::Rejected,
+        }
+    }
+
+    /// Whether the reconcile backs off: EC2 was busy, or its quota was
+    /// reached and no tracker queues the copy for a free slot.
+    pub fn backs_off(self, batched: bool) -> bool {
+        match self {
+            CopyFailure::Quota => !batched,
+            CopyFailure::Busy => true,
+            CopyFailure::Rejected => false,
+        }
+    }
+
+    /// The destination's state, reason and message.
+    pub fn entry(self, region: &str, e: &Ec2Error) -> (TargetState, &'static str, String) {
+        match self {
+            CopyFailure::Quota => (
+                TargetState::Queued,
+                reason::COPY_QUOTA,
+                format!(
+                    "EC2's copy quota in {region} is reached; the operator slows down and retries"
+                ),
+            ),
+            CopyFailure::Busy => (
+                TargetState::Waiting,
+                reason::WAITING,
+                format!("EC2 is busy ({}); retrying", e.code),
+            ),
+            CopyFailure::Rejected => {
+                let (why, message) = status::copy_error(e);
+                (TargetState::Error, why, message)
+            }
+        }
+    }
+}
+
+/// The status to write, the Events to publish, and whether anything is
+/// still in flight.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub status: AmiCopyStatus,
+    pub notes: Vec<Note>,
+    pub busy: bool,
+}
+
+/// Folds `outcomes` into the plan's status and summarizes it.
+pub fn record(plan: Plan, outcomes: Vec<Outcome>, previous: &[Condition], now: &Time) -> Recorded {
+    let planned_busy = busy(&plan.status);
+    let (mut status, mut notes) = (plan.status, plan.notes);
+    for outcome in outcomes {
+        notes.extend(fold(&mut status, outcome));
+    }
+    summarize(&mut status, plan.global, previous, now);
+    let busy = planned_busy || busy(&status);
+    Recorded {
+        status,
+        notes,
+        busy,
+    }
+}
+
+/// Copies in flight, or older copies still to retire.
+fn busy(status: &AmiCopyStatus) -> bool {
+    status.destinations.iter().any(|d| d.state.is_underway()) || !status.retiring.is_empty()
+}
+
+/// One outcome into the status; the Event it is worth, if any.
+fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
+    match outcome {
+        Outcome::CopyStarted {
+            region,
+            image_id,
+            source_image_id,
+        } => {
+            let message = format!("copying {source_image_id} to {region} as {image_id}");
+            destination(status, &region)?.image_id = Some(image_id);
+            Some(Note::normal(reason::COPY_STARTED, &region, message))
+        }
+        Outcome::CopyQueued { region, message } => {
+            let entry = destination(status, &region)?;
+            entry.state = TargetState::Queued;
+            entry.reason = Some(reason::COPY_QUEUED.into());
+            entry.message = message;
+            None
+        }
+        Outcome::CopyFailed { region, error } => {
+            let failure = CopyFailure::of(&error);
+            let (state, why, message) = failure.entry(&region, &error);
+            let entry = destination(status, &region)?;
+            (entry.state, entry.reason) = (state, Some(why.into()));
+            entry.message = message.clone();
+            (failure == CopyFailure::Rejected).then(|| {
+                Note::warning(
+                    reason::COPY_REJECTED,
+                    &region,
+                    format!("{region}: {message}"),
+                )
+            })
+        }
+        Outcome::Shared {
+            region,
+            image_id,
+            add,
+            remove,
+            want,
+        } => {
+            if let Some(t) = current_or_kept(status, &image_id) {
+                t.shared_with = want.iter().map(Grant::key).collect();
+            }
+            let keys = |g: &[Grant]| g.iter().map(Grant::key).collect::<Vec<_>>();
+            let message = format!(
+                "{image_id} in {region}: permissions added {:?}, removed {:?}",
+                keys(&add),
+                keys(&remove)
+            );
+            Some(Note::normal(reason::SHARED, &region, message))
+        }
+        Outcome::Deprecated {
+            region,
+            image_id,
+            at,
+        } => {
+            let message = format!("{image_id} in {region} is deprecated from {at}");
+            if let Some(t) = current_or_kept(status, &image_id) {
+                t.deprecation_time = Some(at);
+            }
+            Some(Note::normal(reason::DEPRECATED, &region, message))
+        }
+        Outcome::Retired { region, image_id } => {
+            forget(status, &region, &image_id);
+            let message = format!("deregistered {image_id} in {region} and deleted its snapshots");
+            Some(Note::normal(reason::DEREGISTERED, &region, message))
+        }
+        Outcome::Released { region, image_id } => {
+            forget(status, &region, &image_id);
+            let message = format!("{image_id} in {region} is retained and no longer managed");
+            Some(Note::normal(reason::RETAINED, &region, message))
+        }
+        Outcome::Done => None,
+    }
+}
+
+fn destination<'a>(status: &'a mut AmiCopyStatus, region: &str) -> Option<&'a mut TargetStatus> {
+    status.destinations.iter_mut().find(|d| d.region == region)
+}
+
+/// The status entry of a current or kept copy.
+fn current_or_kept<'a>(
+    status: &'a mut AmiCopyStatus,
+    image_id: &str,
+) -> Option<&'a mut TargetStatus> {
+    status
+        .destinations
+        .iter_mut()
+        .chain(status.generations.iter_mut())
+        .find(|t| t.image_id.as_deref() == Some(image_id))
+}
+
+/// A retired or released copy leaves the status.
+fn forget(status: &mut AmiCopyStatus, region: &str, image_id: &str) {
+    status
+        .retiring
+        .retain(|r| !(r.region == region && r.image_id.as_deref() == Some(image_id)));
+}
+
+/// Fills in `available` and the conditions from the destination states.
+pub fn summarize(
+    status: &mut AmiCopyStatus,
+    global: Option<(&'static str, String)>,
+    previous: &[Condition],
+    now: &Time,
+) {
+    let available = status
+        .destinations
+        .iter()
+        .filter(|d| d.state == TargetState::Available)
+        .count();
+    status.available = Some(format!("{available}/{}", status.destinations.len()));
+    let summary = Summary {
+        destinations: &status.destinations,
+        retiring: &status.retiring,
+        global,
+    };
+    status.conditions = status::conditions(&summary, previous, status.observed_generation, now);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_copyimage_error_leads_to_its_state_and_retry() {
+        // (code, state, reason, backs off with a tracker, without one)
+        let cases = [
+            (
+                "ResourceLimitExceeded",
+                TargetState::Queued,
+                reason::COPY_QUOTA,
+                false,
+                true,
+            ),
+            (
+                "RequestLimitExceeded",
+                TargetState::Waiting,
+                reason::WAITING,
+                true,
+                true,
+            ),
+            (
+                "InternalError",
+                TargetState::Waiting,
+                reason::WAITING,
+                true,
+                true,
+            ),
+            (
+                "Dispatch",
+                TargetState::Waiting,
+                reason::WAITING,
+                true,
+                true,
+            ),
+            (
+                "InvalidAMIName.Duplicate",
+                TargetState::Error,
+                reason::DUPLICATE_NAME,
+                false,
+                false,
+            ),
+            (
+                "InvalidSnapshot.NotFound",
+                TargetState::Error,
+                reason::SNAPSHOT_NOT_SHARED,
+                false,
+                false,
+            ),
+            (
+                "UnauthorizedOperation",
+                TargetState::Error,
+                reason::ACCESS_DENIED,
+                false,
+                false,
+            ),
+            (
+                "KMSKeyNotAccessible",
+                TargetState::Error,
+                reason::INVALID_KMS_KEY,
+                false,
+                false,
+            ),
+        ];
+        for (code, state, why, batched, alone) in cases {
+            let e = Ec2Error::new(code, "message");
+            let failure = CopyFailure::of(&e);
+            let (s, r, m) = failure.entry("eu-west-1", &e);
+            assert_eq!((s, r), (state, why), "{code}");
+            assert!(!m.is_empty(), "{code}: a message says what to do");
+            assert_eq!(failure.backs_off(true), batched, "{code} with a tracker");
+            assert_eq!(failure.backs_off(false), alone, "{code} without a tracker");
+        }
+    }
+
+    fn pending(region: &str) -> TargetStatus {
+        TargetStatus {
+            region: region.into(),
+            state: TargetState::Pending,
+            ..TargetStatus::default()
+        }
+    }
+
+    fn planned() -> Plan {
+        Plan {
+            actions: Vec::new(),
+            claims: Vec::new(),
+            status: AmiCopyStatus {
+                destinations: vec![pending("eu-west-1"), pending("us-west-2")],
+                retiring: vec![TargetStatus {
+                    image_id: Some("ami-0000000000000000a".into()),
+                    ..pending("eu-west-1")
+                }],
+                ..AmiCopyStatus::default()
+            },
+            notes: Vec::new(),
+            global: None,
+        }
+    }
+
+    #[test]
+    fn outcomes_fill_in_the_planned_status_and_say_so_in_notes() {
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap());
+        let outcomes = vec![
+            Outcome::CopyStarted {
+                region: "eu-west-1".into(),
+                image_id: "ami-00000000000000042".into(),
+                source_image_id: "ami-00000000000000001".into(),
+            },
+            Outcome::CopyFailed {
+                region: "us-west-2".into(),
+                error: Ec2Error::new("InvalidAMIName.Duplicate", "taken"),
+            },
+            Outcome::Retired {
+                region: "eu-west-1".into(),
+                image_id: "ami-0000000000000000a".into(),
+            },
+        ];
+        let r = record(planned(), outcomes, &[], &now);
+        let [eu, us] = &r.status.destinations[..] else {
+            panic!("two destinations: {:?}", r.status.destinations)
+        };
+        assert_eq!(eu.image_id.as_deref(), Some("ami-00000000000000042"));
+        assert_eq!(eu.state, TargetState::Pending);
+        assert_eq!(us.state, TargetState::Error);
+        assert_eq!(us.reason.as_deref(), Some(reason::DUPLICATE_NAME));
+        assert!(r.status.retiring.is_empty(), "the retired copy leaves");
+        let reasons: Vec<&str> = r.notes.iter().map(|n| n.reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                reason::COPY_STARTED,
+                reason::COPY_REJECTED,
+                reason::DEREGISTERED
+            ]
+        );
+        assert_eq!(r.status.available.as_deref(), Some("0/2"));
+        assert_eq!(r.status.conditions.len(), 3, "summarized once, at the end");
+        assert!(r.busy, "a copy is pending");
+    }
+}

@@ -1,0 +1,100 @@
+//! When to look at an object again after a reconcile that went through.
+
+use std::time::Duration;
+
+use crate::api::{AmiCopySpec, AmiCopyStatus, TargetState};
+use crate::config::Config;
+
+/// The wait before the next reconcile of an object whose status is `status`
+/// (`busy`: something is in flight).
+pub fn after(config: &Config, spec: &AmiCopySpec, status: &AmiCopyStatus, busy: bool) -> Duration {
+    // With the tracker, pending copies wake their object when they change;
+    // only copies that have not started yet are looked at on a timer.
+    let unstarted = status
+        .destinations
+        .iter()
+        .any(|d| matches!(d.state, TargetState::Waiting | TargetState::Queued));
+    let next = if busy && (!config.batched() || unstarted) {
+        config.poll_interval
+    } else if config.batched() {
+        // The tracker re-checks every target each drift period and wakes the
+        // object on a change; this is only a safety net, so that thousands of
+        // settled objects do not all wake up every period for nothing.
+        config.resync_interval * 6
+    } else {
+        config.resync_interval
+    };
+    // A selector is resolved again on its own schedule.
+    if spec.source.image_id.is_none() {
+        next.min(config.source_refresh_interval)
+    } else {
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::TargetStatus;
+    use crate::config::Tracking;
+
+    fn spec(selector: bool) -> AmiCopySpec {
+        serde_json::from_value(serde_json::json!({
+            "source": if selector {
+                serde_json::json!({"region": "us-east-1", "selector": {"name": "golden-*"}})
+            } else {
+                serde_json::json!({"region": "us-east-1", "imageId": "ami-12345678"})
+            },
+            "destinations": [{"region": "eu-west-1"}],
+        }))
+        .unwrap()
+    }
+
+    fn status(state: TargetState) -> AmiCopyStatus {
+        AmiCopyStatus {
+            destinations: vec![TargetStatus {
+                region: "eu-west-1".into(),
+                state,
+                ..TargetStatus::default()
+            }],
+            ..AmiCopyStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_wait_follows_what_is_in_flight_and_how_it_is_tracked() {
+        let secs = Duration::from_secs;
+        let config = |tracking| Config {
+            poll_interval: secs(15),
+            resync_interval: secs(600),
+            source_refresh_interval: secs(300),
+            tracking,
+            ..Config::default()
+        };
+        let (batched, alone) = (Tracking::Batched, Tracking::PerObject);
+        // (tracking, state, busy, selector, wait)
+        let cases = [
+            (batched, TargetState::Pending, true, false, secs(3600)),
+            (batched, TargetState::Queued, true, false, secs(15)),
+            (batched, TargetState::Waiting, true, false, secs(15)),
+            (batched, TargetState::Available, false, false, secs(3600)),
+            (batched, TargetState::Available, false, true, secs(300)),
+            (alone, TargetState::Pending, true, false, secs(15)),
+            (alone, TargetState::Available, false, false, secs(600)),
+            (alone, TargetState::Available, false, true, secs(300)),
+            (alone, TargetState::Error, false, false, secs(600)),
+        ];
+        for (tracking, state, busy, selector, want) in cases {
+            let got = after(
+                &config(tracking),
+                &spec(selector),
+                &status(state.clone()),
+                busy,
+            );
+            assert_eq!(
+                got, want,
+                "{tracking:?} {state} busy={busy} selector={selector}"
+            );
+        }
+    }
+}
