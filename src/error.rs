@@ -16,6 +16,9 @@ pub enum Error {
     #[error("the object has no {0}")]
     MissingField(&'static str),
 
+    #[error("EC2 did not return {image} in {region} to this account just now; looking again")]
+    Unconfirmed { region: String, image: String },
+
     #[error("cleanup not finished in {region}: {what}")]
     CleanupPending { region: String, what: String },
 }
@@ -38,6 +41,7 @@ impl Error {
             },
             Error::MissingField(_) => "invalid_object",
             Error::CleanupPending { .. } => "cleanup_pending",
+            Error::Unconfirmed { .. } => "unconfirmed",
         }
     }
 
@@ -52,7 +56,10 @@ impl Error {
                 F::UnnamedObject | F::InvalidFinalizer => true,
                 F::AddFinalizer(_) | F::RemoveFinalizer(_) => false,
             },
-            Error::Kube(_) | Error::Ec2(_) | Error::CleanupPending { .. } => false,
+            Error::Kube(_)
+            | Error::Ec2(_)
+            | Error::CleanupPending { .. }
+            | Error::Unconfirmed { .. } => false,
         }
     }
 

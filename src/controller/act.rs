@@ -11,6 +11,7 @@ use super::{Context, object_ref};
 use crate::api::{OWNER_TAG, SOURCE_TAG, TargetState, UID_TAG};
 use crate::ec2::{CopyRequest, Ec2, Grant, ImageInfo, Permission, Scope};
 use crate::error::{Error, Result};
+use crate::plan::ownership::{self, Ownership};
 use crate::plan::{Action, Claim, CopyFailure, Meta, Outcome, Plan, Scopes};
 
 /// What the actions of one plan did, and the first error among them.
@@ -51,6 +52,39 @@ async fn claim<E: Ec2>(c: &Claim, scopes: &Scopes, ec2: &E) -> Result<()> {
 fn finish(res: Result<()>, outcome: impl FnOnce() -> Outcome) -> (Outcome, Option<Error>) {
     match res {
         Ok(()) => (outcome(), None),
+        Err(e) => (Outcome::Done, Some(e)),
+    }
+}
+
+/// The outcome of a destructive call on an image read fresh just before:
+/// done when it was this object's, an Event when it was someone else's, and
+/// a retry when EC2 did not return it (never taken as gone).
+fn verified(
+    res: Result<Ownership>,
+    region: &str,
+    image_id: &str,
+    done: impl FnOnce() -> Outcome,
+) -> (Outcome, Option<Error>) {
+    match res {
+        Ok(Ownership::Ours) => (done(), None),
+        Ok(Ownership::Unseen) => {
+            let error = Error::Unconfirmed {
+                region: region.to_owned(),
+                image: image_id.to_owned(),
+            };
+            (Outcome::Done, Some(error))
+        }
+        Ok(Ownership::Foreign(why)) => {
+            let (region, image_id) = (region.to_owned(), image_id.to_owned());
+            (
+                Outcome::ForeignIgnored {
+                    region,
+                    image_id,
+                    why,
+                },
+                None,
+            )
+        }
         Err(e) => (Outcome::Done, Some(e)),
     }
 }
@@ -114,8 +148,8 @@ async fn perform<E: Ec2>(
             })
         }
         Action::Retire { region, image } => {
-            let res = retire(ec2, &m.uid, scope, image).await;
-            finish(res, || {
+            let res = retire(ec2, &m.uid, scope, &image.id).await;
+            verified(res, region, &image.id, || {
                 untrack(ctx, scope, &image.id);
                 Outcome::Retired {
                     region: region.clone(),
@@ -124,8 +158,8 @@ async fn perform<E: Ec2>(
             })
         }
         Action::Release { region, image } => {
-            let res = release(ec2, &m.uid, scope, image).await;
-            finish(res, || {
+            let res = release(ec2, &m.uid, scope, &image.id).await;
+            verified(res, region, &image.id, || {
                 untrack(ctx, scope, &image.id);
                 Outcome::Released {
                     region: region.clone(),
@@ -281,29 +315,61 @@ async fn owned_snapshot_ids<E: Ec2>(
         .collect())
 }
 
-/// Deregisters an owned image and deletes its owned snapshots. Refuses an
-/// image without this object's UID tag, whatever anyone says about it.
-async fn retire<E: Ec2>(ec2: &E, uid: &str, scope: &Scope, image: &ImageInfo) -> Result<()> {
-    if !image.owned_by(uid) {
-        warn!(region = %scope.region, image = %image.id, "refusing to deregister an image this object does not own");
-        return Ok(());
-    }
-    let snapshots = owned_snapshot_ids(ec2, uid, scope, image).await?;
+/// Reads an image fresh and judges whether it is this object's.
+pub(super) async fn verify<E: Ec2>(
+    ec2: &E,
+    uid: &str,
+    scope: &Scope,
+    image_id: &str,
+) -> Result<(Ownership, Option<ImageInfo>)> {
+    let fresh = ec2.owned_image(scope, image_id).await?;
+    Ok((ownership::check(fresh.as_ref(), uid), fresh))
+}
+
+/// Deregisters an image and deletes its owned snapshots, once a fresh read
+/// shows the image is this object's; otherwise touches nothing.
+pub(super) async fn retire<E: Ec2>(
+    ec2: &E,
+    uid: &str,
+    scope: &Scope,
+    image_id: &str,
+) -> Result<Ownership> {
+    let (verdict, fresh) = verify(ec2, uid, scope, image_id).await?;
+    let (Ownership::Ours, Some(image)) = (&verdict, fresh) else {
+        warn!(region = %scope.region, image = %image_id, ?verdict, "not deregistering an image not confirmed as this object's");
+        return Ok(verdict);
+    };
+    let snapshots = owned_snapshot_ids(ec2, uid, scope, &image).await?;
     ec2.deregister_image(scope, &image.id).await?;
     info!(region = %scope.region, image = %image.id, "deregistered");
     for snap in snapshots {
         ec2.delete_snapshot(scope, &snap).await?;
     }
-    Ok(())
+    Ok(verdict)
 }
 
-/// `Retain`: the image and its owned snapshots lose the ownership tags.
-async fn release<E: Ec2>(ec2: &E, uid: &str, scope: &Scope, image: &ImageInfo) -> Result<()> {
+/// `Retain`: once a fresh read shows the image is this object's, the image
+/// and its owned snapshots lose the ownership tags, so that nothing of the
+/// operator's can delete them later.
+pub(super) async fn release<E: Ec2>(
+    ec2: &E,
+    uid: &str,
+    scope: &Scope,
+    image_id: &str,
+) -> Result<Ownership> {
+    let (verdict, fresh) = verify(ec2, uid, scope, image_id).await?;
+    let (Ownership::Ours, Some(image)) = (&verdict, fresh) else {
+        return Ok(verdict);
+    };
     let mut ids = vec![image.id.clone()];
-    ids.extend(owned_snapshot_ids(ec2, uid, scope, image).await?);
-    let keys = [UID_TAG, OWNER_TAG, SOURCE_TAG].map(String::from);
-    ec2.delete_tags(scope, &ids, &keys).await?;
-    Ok(())
+    ids.extend(owned_snapshot_ids(ec2, uid, scope, &image).await?);
+    ec2.delete_tags(scope, &ids, &ownership_keys()).await?;
+    Ok(verdict)
+}
+
+/// The tags that make an image or snapshot the operator's.
+pub(super) fn ownership_keys() -> [String; 3] {
+    [UID_TAG, OWNER_TAG, SOURCE_TAG].map(String::from)
 }
 
 #[cfg(test)]
@@ -316,7 +382,10 @@ mod tests {
 
     const UID: &str = "uid-1";
 
-    fn world(image_tags: &[(&str, &str)]) -> (FakeEc2, ImageInfo) {
+    /// An image with `image_tags`, that EC2 says was copied from
+    /// `copied_from`, and three snapshots: this object's, untagged, and
+    /// another object's.
+    fn world(image_tags: &[(&str, &str)], copied_from: Option<&str>) -> (FakeEc2, ImageInfo) {
         let ec2 = FakeEc2::default();
         let image = ImageInfo {
             id: "ami-00000000000000001".into(),
@@ -332,6 +401,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            source_image_id: copied_from.map(str::to_owned),
             ..ImageInfo::default()
         };
         ec2.images
@@ -359,10 +429,12 @@ mod tests {
 
     #[tokio::test]
     async fn retire_deletes_only_what_carries_this_objects_uid() {
-        let (ec2, image) = world(&[(UID_TAG, UID)]);
-        retire(&ec2, UID, &Scope::region("eu-west-1"), &image)
+        const SRC: &str = "ami-00000000000000009";
+        let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
+        let verdict = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id)
             .await
             .unwrap();
+        assert_eq!(verdict, Ownership::Ours);
         assert!(
             ec2.images.lock().unwrap().is_empty(),
             "the owned image is deregistered"
@@ -381,12 +453,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn retire_refuses_an_image_without_this_objects_uid() {
-        for tags in [&[][..], &[(UID_TAG, "uid-2")][..]] {
-            let (ec2, image) = world(tags);
-            retire(&ec2, UID, &Scope::region("eu-west-1"), &image)
+    async fn retire_refuses_an_image_not_confirmed_as_this_objects() {
+        const SRC: &str = "ami-00000000000000009";
+        // The last: a copy of one of this object's copies, tags and all.
+        for (tags, copied_from) in [
+            (&[][..], None),
+            (&[(UID_TAG, "uid-2")][..], None),
+            (&[(UID_TAG, UID)][..], None),
+            (
+                &[(UID_TAG, UID), (SOURCE_TAG, SRC)][..],
+                Some("ami-0000000000000000b"),
+            ),
+        ] {
+            let (ec2, image) = world(tags, copied_from);
+            let verdict = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id)
                 .await
                 .unwrap();
+            assert_ne!(verdict, Ownership::Ours, "{tags:?}");
             assert!(
                 ec2.calls.lock().unwrap().is_empty(),
                 "no call at all: {:?}",

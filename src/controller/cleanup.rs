@@ -1,6 +1,9 @@
-//! The finalizer's clean-up: with `Delete`, deregister every owned image and
-//! delete every owned snapshot in every region of interest; the finalizer
-//! goes only when that succeeded. With `Retain`, leave everything.
+//! The finalizer's clean-up, in every region of interest: with `Delete`,
+//! deregister every owned image and delete every owned snapshot; with
+//! `Retain`, leave them in place without the ownership tags, so that nothing
+//! of the operator's can delete them later. The finalizer goes only when
+//! that succeeded. An image listed by this object's tag that is not its own
+//! (see `plan::ownership`) is left untouched.
 
 use std::collections::BTreeMap;
 
@@ -8,12 +11,13 @@ use futures::future;
 use kube::runtime::controller::Action as Requeue;
 use tracing::{info, warn};
 
-use super::act::claim_snapshots;
+use super::act::{claim_snapshots, ownership_keys};
 use super::reconcile::meta;
 use super::{Context, object_ref};
 use crate::api::{AmiCopy, DeletionPolicy};
-use crate::ec2::{Ec2, Scope};
+use crate::ec2::{Ec2, ImageInfo, Scope};
 use crate::error::{Error, Result};
+use crate::plan::ownership::{self, Ownership};
 use crate::plan::{self, Meta, Note, Scopes};
 use crate::status::{self, reason};
 
@@ -21,12 +25,6 @@ pub(super) async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<R
     let m = meta(obj, &ctx.config)?;
     if let Some(t) = &ctx.tracker {
         t.forget(&object_ref(&m));
-    }
-    if obj.spec.deletion_policy == DeletionPolicy::Retain {
-        let message = "deletionPolicy is Retain: target images are left in place".into();
-        ctx.publish(obj, &Note::normal(reason::RETAINED, "", message))
-            .await;
-        return Ok(Requeue::await_change());
     }
     let source = obj
         .spec
@@ -63,7 +61,16 @@ pub(super) async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<R
     if let Some(e) = first {
         return Err(e);
     }
-    info!("all target images deregistered and snapshots deleted");
+    if obj.spec.deletion_policy == DeletionPolicy::Retain {
+        let message =
+            "deletionPolicy is Retain: target images are left in place, without the operator's tags"
+                .into();
+        ctx.publish(obj, &Note::normal(reason::RETAINED, "", message))
+            .await;
+        info!("all target images and snapshots released");
+    } else {
+        info!("all target images deregistered and snapshots deleted");
+    }
     Ok(Requeue::await_change())
 }
 
@@ -76,12 +83,13 @@ struct Region<'a, E> {
 }
 
 impl<E: Ec2> Region<'_, E> {
-    /// Deregisters this object's images in one region and deletes their
-    /// snapshots; an error once the region is known to still hold some.
+    /// Deregisters (or releases) this object's images in one region and
+    /// deletes (or releases) their snapshots; an error once the region is
+    /// known to still hold some.
     async fn clean(&self, region: &str, scope: &Scope) -> Result<()> {
         let ec2 = &self.ctx.ec2;
         let uid = &self.m.uid;
-        let images = match ec2.owned_images(scope, uid).await {
+        let listed = match ec2.owned_images(scope, uid).await {
             // A region that does not exist for this account holds nothing of
             // ours unless the status says a copy was made there.
             Err(e) if status::region_refused(&e) && !self.copied_to(region) => {
@@ -90,27 +98,79 @@ impl<E: Ec2> Region<'_, E> {
             }
             res => res?,
         };
-        for image in images {
-            // Claim this image's untagged snapshots first, so the sweep below
-            // finds them even on peers that ignore TagSpecifications.
-            let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-            claim_snapshots(ec2, scope, &image.id, &ids, self.tags).await?;
-            ec2.deregister_image(scope, &image.id).await?;
-            let message = format!("deregistered {} in {region}", image.id);
-            let note = Note::normal(reason::DEREGISTERED, region, message);
-            self.ctx.publish(self.obj, &note).await;
+        for image in self.own(region, listed).await {
+            self.clean_image(region, scope, &image).await?;
         }
-        for snap in ec2.owned_snapshots(scope, uid).await? {
-            ec2.delete_snapshot(scope, &snap.id).await?;
+        let snapshots: Vec<String> = ec2
+            .owned_snapshots(scope, uid)
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        match self.obj.spec.deletion_policy {
+            DeletionPolicy::Delete => {
+                for snap in &snapshots {
+                    ec2.delete_snapshot(scope, snap).await?;
+                }
+            }
+            DeletionPolicy::Retain if !snapshots.is_empty() => {
+                ec2.delete_tags(scope, &snapshots, &ownership_keys())
+                    .await?;
+            }
+            DeletionPolicy::Retain => {}
         }
         let left = ec2.owned_images(scope, uid).await?;
+        let left: Vec<&str> = left
+            .iter()
+            .filter(|i| ownership::check(Some(i), uid) == Ownership::Ours)
+            .map(|i| i.id.as_str())
+            .collect();
         if !left.is_empty() {
-            let ids: Vec<&str> = left.iter().map(|i| i.id.as_str()).collect();
             return Err(Error::CleanupPending {
                 region: region.to_owned(),
-                what: format!("images still listed: {}", ids.join(", ")),
+                what: format!("images still listed: {}", left.join(", ")),
             });
         }
+        Ok(())
+    }
+
+    /// The listed images that are this object's own; an Event for each of
+    /// the others.
+    async fn own(&self, region: &str, listed: Vec<ImageInfo>) -> Vec<ImageInfo> {
+        let mut own = Vec::with_capacity(listed.len());
+        for image in listed {
+            match ownership::check(Some(&image), &self.m.uid) {
+                Ownership::Foreign(why) => {
+                    let message = format!("{} in {region} is left untouched: {why}", image.id);
+                    let note = Note::warning(reason::FOREIGN_IMAGE_IGNORED, region, message);
+                    self.ctx.publish(self.obj, &note).await;
+                }
+                _ => own.push(image),
+            }
+        }
+        own
+    }
+
+    async fn clean_image(&self, region: &str, scope: &Scope, image: &ImageInfo) -> Result<()> {
+        let ec2 = &self.ctx.ec2;
+        // Claim this image's untagged snapshots first, so the sweep that
+        // follows finds them even on peers that ignore TagSpecifications.
+        let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+        claim_snapshots(ec2, scope, &image.id, &ids, self.tags).await?;
+        let note = match self.obj.spec.deletion_policy {
+            DeletionPolicy::Delete => {
+                ec2.deregister_image(scope, &image.id).await?;
+                let message = format!("deregistered {} in {region}", image.id);
+                Note::normal(reason::DEREGISTERED, region, message)
+            }
+            DeletionPolicy::Retain => {
+                let ids = [image.id.clone()];
+                ec2.delete_tags(scope, &ids, &ownership_keys()).await?;
+                let message = format!("{} in {region} is retained and no longer managed", image.id);
+                Note::normal(reason::RETAINED, region, message)
+            }
+        };
+        self.ctx.publish(self.obj, &note).await;
         Ok(())
     }
 

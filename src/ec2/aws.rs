@@ -275,6 +275,7 @@ fn image_info(img: &Image) -> ImageInfo {
             .collect(),
         creation_date: img.creation_date().map(str::to_owned),
         deprecation_time: img.deprecation_time().map(str::to_owned),
+        source_image_id: img.source_image_id().map(str::to_owned),
     }
 }
 
@@ -323,6 +324,29 @@ impl Ec2 for AwsEc2 {
             .send();
         let out = self.call("DescribeImages", scope, req).await?;
         Ok(out.images().iter().map(image_info).collect())
+    }
+
+    async fn owned_image(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+    ) -> Result<Option<ImageInfo>, Ec2Error> {
+        let req = self
+            .client(scope)
+            .await
+            .describe_images()
+            .owners("self")
+            .image_ids(image_id)
+            .send();
+        match self.call("DescribeImages", scope, req).await {
+            Ok(out) => Ok(out
+                .images()
+                .iter()
+                .find(|i| i.image_id() == Some(image_id))
+                .map(image_info)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn owned_images(&self, scope: &Scope, uid: &str) -> Result<Vec<ImageInfo>, Ec2Error> {

@@ -45,6 +45,9 @@ impl Ec2 for FakeEc2 {
             .get(&(scope.region.clone(), id.into()))
             .cloned())
     }
+    async fn owned_image(&self, scope: &Scope, id: &str) -> Result<Option<ImageInfo>, Ec2Error> {
+        self.describe_image(scope, id).await
+    }
     async fn describe_images_by_ids(
         &self,
         scope: &Scope,

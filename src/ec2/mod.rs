@@ -37,6 +37,9 @@ pub struct ImageInfo {
     pub creation_date: Option<String>,
     /// When EC2 deprecates the image (RFC 3339), if set.
     pub deprecation_time: Option<String>,
+    /// For a copy, the image it was copied from, as EC2 reports it (EC2
+    /// does; some peers do not).
+    pub source_image_id: Option<String>,
 }
 
 impl ImageInfo {
@@ -294,6 +297,15 @@ pub trait Ec2: Send + Sync + 'static {
         scope: &Scope,
         image_ids: &[String],
     ) -> impl Future<Output = Result<Vec<ImageInfo>, Ec2Error>> + Send;
+
+    /// One image by ID, read fresh, if this scope's account owns it; `None`
+    /// when EC2 does not return it to this account (not listed yet, gone,
+    /// or someone else's).
+    fn owned_image(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+    ) -> impl Future<Output = Result<Option<ImageInfo>, Ec2Error>> + Send;
 
     /// Images owned by this account that carry `amicopy.dev/uid=<uid>`.
     fn owned_images(

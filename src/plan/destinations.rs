@@ -1,6 +1,7 @@
 //! Each destination: the copy that is current there (followed and kept in
 //! line), or why none can start, or the copy to start.
 
+use super::ownership::{self, Ownership};
 use super::source::Verdict;
 use super::{Action, Claim, Draft, Input, Note, target_name, upkeep::upkeep};
 use crate::api::{Destination, SOURCE_TAG, TargetState, TargetStatus};
@@ -47,7 +48,6 @@ fn current<'a>(
 ) -> Option<&'a ImageInfo> {
     let recorded_id = last.and_then(|d| d.image_id.as_deref());
     let owned = input
-        .observed
         .owned
         .get(region)
         .map(Vec::as_slice)
@@ -59,6 +59,7 @@ fn current<'a>(
     };
     let best = owned
         .iter()
+        .copied()
         .filter(|i| {
             !input.source_id.is_empty()
                 && i.tags.get(SOURCE_TAG).map(String::as_str) == Some(input.source_id)
@@ -70,7 +71,7 @@ fn current<'a>(
             .recorded
             .get(recorded_id?)?
             .as_ref()
-            .filter(|i| i.owned_by(&input.meta.uid))
+            .filter(|i| ownership::check(Some(i), &input.meta.uid) == Ownership::Ours)
     })
 }
 
@@ -158,7 +159,7 @@ fn gone(input: &Input, region: &str, last: Option<&TargetStatus>, draft: &mut Dr
         return false;
     };
     match input.observed.recorded.get(id) {
-        Some(Some(foreign)) if !foreign.owned_by(&input.meta.uid) => {
+        Some(Some(img)) if ownership::check(Some(img), &input.meta.uid) != Ownership::Ours => {
             let message = format!(
                 "status named {id} in {region}, which this object does not own; it is left untouched"
             );

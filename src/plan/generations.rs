@@ -35,19 +35,20 @@ pub fn plan(
         .collect();
     let mut retiring = Vec::new();
     let mut generations = Vec::new();
-    for (region, images) in &input.observed.owned {
+    for (&region, images) in &input.owned {
         let current_available = destinations
             .iter()
-            .any(|d| &d.region == region && d.state == TargetState::Available);
+            .any(|d| d.region == region && d.state == TargetState::Available);
         let mut older: Vec<&ImageInfo> = images
             .iter()
+            .copied()
             .filter(|i| !current.contains(i.id.as_str()))
             .collect();
         // Newest first (EC2's creation dates sort as text).
         older.sort_by(|a, b| b.creation_date.cmp(&a.creation_date).then(a.id.cmp(&b.id)));
         let mut region_plan = Region {
             input,
-            listed: input.spec.destinations.iter().any(|d| &d.region == region),
+            listed: input.spec.destinations.iter().any(|d| d.region == region),
             current_available,
             kept: 0,
         };

@@ -16,12 +16,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::{AmiCopySpec, AmiCopyStatus, ResolvedSource, TargetStatus};
+use crate::api::{AmiCopySpec, AmiCopyStatus, RESERVED_TAG_PREFIX, ResolvedSource, TargetStatus};
 use crate::ec2::{CopyRequest, Ec2Error, Grant, ImageInfo};
+use crate::status::reason;
 
 pub mod destinations;
 pub mod generations;
 pub mod naming;
+pub mod ownership;
 pub mod record;
 pub mod requeue;
 pub mod scopes;
@@ -225,6 +227,9 @@ pub struct Input<'a> {
     pub source_id: &'a str,
     /// Tags of the copies of the current source.
     pub tags: BTreeMap<String, String>,
+    /// Per region, the images this object owns: `Observed::owned` less those
+    /// [`ownership::check`] finds are not its own.
+    pub owned: BTreeMap<&'a str, Vec<&'a ImageInfo>>,
     /// Snapshots of the source image: never claimed, tagged or shared.
     pub source_snapshots: BTreeSet<&'a str>,
     /// Keys the last status applied that `spec.tags` no longer lists.
@@ -264,6 +269,7 @@ pub fn plan(
         (None, None) => "",
     };
     let verdict = source::assess(spec, meta, observed, source_id);
+    let mut draft = Draft::default();
     let input = Input {
         spec,
         meta,
@@ -272,6 +278,7 @@ pub fn plan(
         now,
         source_id,
         tags: desired_tags(spec, meta, source_id),
+        owned: verified(observed, &meta.uid, &mut draft.notes),
         source_snapshots: verdict
             .image
             .map(|s| s.snapshots.iter().map(|x| x.id.as_str()).collect())
@@ -279,11 +286,11 @@ pub fn plan(
         removed_tags: prev
             .tag_keys
             .iter()
-            .filter(|k| !spec.tags.contains_key(*k))
+            // The operator's own keys stay whatever the status says.
+            .filter(|k| !spec.tags.contains_key(*k) && !k.starts_with(RESERVED_TAG_PREFIX))
             .cloned()
             .collect(),
     };
-    let mut draft = Draft::default();
     let destinations: Vec<TargetStatus> = spec
         .destinations
         .iter()
@@ -312,6 +319,30 @@ pub fn plan(
         notes: draft.notes,
         global: verdict.problem,
     }
+}
+
+/// The listed images that are this object's own; a note for each of the
+/// others, which are never touched.
+fn verified<'a>(
+    observed: &'a Observed,
+    uid: &str,
+    notes: &mut Vec<Note>,
+) -> BTreeMap<&'a str, Vec<&'a ImageInfo>> {
+    let mut owned: BTreeMap<&str, Vec<&ImageInfo>> = BTreeMap::new();
+    for (region, images) in &observed.owned {
+        let mine = owned.entry(region.as_str()).or_default();
+        for img in images {
+            match ownership::check(Some(img), uid) {
+                ownership::Ownership::Foreign(why) => notes.push(Note::warning(
+                    reason::FOREIGN_IMAGE_IGNORED,
+                    region,
+                    format!("{} in {region} is left untouched: {why}", img.id),
+                )),
+                _ => mine.push(img),
+            }
+        }
+    }
+    owned
 }
 
 /// Regions where this object may own images: listed now, or named in status.

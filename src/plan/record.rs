@@ -39,6 +39,12 @@ pub enum Outcome {
     Retired { region: String, image_id: String },
     /// A copy was left in place without the ownership tags.
     Released { region: String, image_id: String },
+    /// A fresh read showed the image is not this object's: left untouched.
+    ForeignIgnored {
+        region: String,
+        image_id: String,
+        why: String,
+    },
     /// Nothing the status shows (tags), or the action failed.
     Done,
 }
@@ -197,6 +203,18 @@ fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
             forget(status, &region, &image_id);
             let message = format!("{image_id} in {region} is retained and no longer managed");
             Some(Note::normal(reason::RETAINED, &region, message))
+        }
+        Outcome::ForeignIgnored {
+            region,
+            image_id,
+            why,
+        } => {
+            let message = format!("{image_id} in {region} is left untouched: {why}");
+            Some(Note::warning(
+                reason::FOREIGN_IMAGE_IGNORED,
+                &region,
+                message,
+            ))
         }
         Outcome::Done => None,
     }

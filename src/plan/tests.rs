@@ -8,10 +8,10 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::*;
 use crate::api::{
-    AmiCopySpec, DeletionPolicy, Destination, OWNER_TAG, Source, TargetState, UID_TAG,
+    AmiCopySpec, DeletionPolicy, Destination, OWNER_TAG, SOURCE_TAG, Source, TargetState, UID_TAG,
 };
 use crate::ec2::{ImageInfo, SnapshotRef};
-use crate::status::{DEGRADED, PROGRESSING, READY};
+use crate::status::{DEGRADED, PROGRESSING, READY, reason};
 
 const SRC: &str = "ami-0123456789abcdef0";
 const NEW_SRC: &str = "ami-0fedcba9876543210";
@@ -577,6 +577,43 @@ fn the_status_records_the_role_and_external_id_of_each_copy() {
 }
 
 #[test]
+fn an_image_with_this_objects_tags_copied_from_elsewhere_is_never_touched() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let mut ours = target("ami-00000000000000001", SRC, "available");
+    ours.source_image_id = Some(SRC.into());
+    // A copy of our copy, tags and all (CopyImageTags): EC2 names our copy
+    // as its source.
+    let mut decoy = target("ami-0000000000000000d", SRC, "available");
+    decoy.source_image_id = Some("ami-00000000000000001".into());
+    let p = run(
+        &s,
+        None,
+        &observed(
+            Some(source_image(false)),
+            &[("eu-west-1", vec![ours, decoy])],
+        ),
+    );
+    assert_eq!(
+        p.status.destinations[0].image_id.as_deref(),
+        Some("ami-00000000000000001")
+    );
+    assert!(retired(&p).is_empty(), "{:?}", p.actions);
+    assert!(p.status.retiring.is_empty());
+    assert!(
+        p.actions.iter().all(|a| !matches!(a, Action::TagImage { image_id, .. } | Action::Share { image_id, .. } if image_id == "ami-0000000000000000d")),
+        "{:?}",
+        p.actions
+    );
+    let ignored: Vec<&Note> = p
+        .notes
+        .iter()
+        .filter(|n| n.reason == reason::FOREIGN_IMAGE_IGNORED)
+        .collect();
+    assert_eq!(ignored.len(), 1, "{:?}", p.notes);
+    assert!(ignored[0].message.contains("ami-0000000000000000d"));
+}
+
+#[test]
 fn duplicates_of_the_current_source_are_retired() {
     let s = spec(SRC, &["eu-west-1"]);
     let obs = observed(
@@ -1069,8 +1106,16 @@ fn a_tag_key_dropped_from_the_spec_is_removed_and_others_left_alone() {
     let mut img = target("ami-00000000000000001", SRC, "available");
     img.tags.insert("env".into(), "prod".into());
     img.tags.insert("cost-center".into(), "42".into());
+    // A status that lists the operator's own keys (written by hand, or by
+    // anyone who may write the status) never makes it drop them.
     let prev = AmiCopyStatus {
-        tag_keys: vec!["env".into(), "team".into()],
+        tag_keys: vec![
+            "env".into(),
+            "team".into(),
+            UID_TAG.into(),
+            OWNER_TAG.into(),
+            SOURCE_TAG.into(),
+        ],
         ..AmiCopyStatus::default()
     };
     s.tags.remove("env");

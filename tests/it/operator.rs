@@ -455,11 +455,13 @@ async fn sim_target_deregistered_out_of_band_is_copied_again() {
     s.operator.stop().await;
 }
 
+/// `Retain`: the copy and its snapshots stay, without the operator's tags,
+/// so that nothing of the operator's can delete them later.
 #[tokio::test]
-async fn sim_retain_policy_keeps_targets() {
+async fn sim_retain_policy_keeps_targets_untagged() {
     let s = setup(Peer::sim().await, "retain").await;
     let source = s.peer.seed_source("retain").await;
-    let obj = create(&s.api, "keep", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}], "deletionPolicy": "Retain"})).await;
+    let obj = create(&s.api, "keep", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}], "deletionPolicy": "Retain", "tags": {"team": "platform"}})).await;
     let uid = obj.uid().unwrap();
     let ready = wait_for(&s.api, "keep", "Ready=True", is_ready).await;
     let target = target_of(&ready, "eu-west-1").unwrap();
@@ -471,9 +473,21 @@ async fn sim_retain_policy_keeps_targets() {
         .await
         .expect("target kept");
     assert_eq!(img.state().map(|s| s.as_str()), Some("available"));
-    assert_eq!(s.peer.owned("eu-west-1", &uid).await.len(), 1);
+    assert!(s.peer.owned("eu-west-1", &uid).await.is_empty());
+    let kept = tags(&img);
+    assert!(
+        kept.keys().all(|k| !k.starts_with("amicopy.dev/")),
+        "no ownership tag left: {kept:?}"
+    );
+    assert_eq!(kept.get("team").map(String::as_str), Some("platform"));
     for snap in snapshot_ids(&img) {
         assert!(s.peer.snapshot_exists("eu-west-1", &snap).await);
+        let snapshot = s.peer.control().snapshot(&snap).expect("snapshot kept");
+        assert!(
+            snapshot.tags.keys().all(|k| !k.starts_with("amicopy.dev/")),
+            "{snap}: {:?}",
+            snapshot.tags
+        );
     }
     s.operator.stop().await;
 }
@@ -564,6 +578,80 @@ async fn sim_foreign_image_named_in_status_is_untouched() {
         "its snapshots too"
     );
     s.operator.stop().await;
+}
+
+/// Someone copies one of this object's copies with its tags (CopyImageTags):
+/// the new image carries every `amicopy.dev/*` tag, but EC2 says it was
+/// copied from our copy, not from the source. After a restart (the operator
+/// lists by tag again) it is neither retired as a duplicate nor deleted with
+/// the object.
+#[tokio::test]
+async fn sim_a_copy_of_our_copy_with_its_tags_is_never_touched() {
+    let s = setup(Peer::sim().await, "decoy").await;
+    let ns = s.api.namespace().unwrap().to_owned();
+    let source = s.peer.seed_source("decoy").await;
+    let obj = create(&s.api, "orig", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}]})).await;
+    let uid = obj.uid().unwrap();
+    let ready = wait_for(&s.api, "orig", "Ready=True", is_ready).await;
+    let ours = target_of(&ready, "eu-west-1").unwrap();
+    s.operator.stop().await;
+
+    let decoy = s
+        .peer
+        .ec2("eu-west-1")
+        .copy_image()
+        .source_region("eu-west-1")
+        .source_image_id(&ours)
+        .name(ec2peer::unique("decoy"))
+        .copy_image_tags(true)
+        .send()
+        .await
+        .expect("CopyImage of our copy")
+        .image_id()
+        .expect("an image ID")
+        .to_owned();
+    s.peer.control().finish_copies();
+    let copied = s.peer.image("eu-west-1", &decoy).await.expect("the decoy");
+    assert_eq!(
+        tags(&copied).get(UID_TAG),
+        Some(&uid),
+        "it carries our UID tag"
+    );
+    assert_eq!(copied.source_image_id(), Some(ours.as_str()));
+
+    let operator = Operator::start(&s.kube, &ns, s.peer.env.endpoint()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = events_for(&s.kube, &ns, "orig").await;
+        if events
+            .iter()
+            .any(|(r, note)| r == "ForeignImageIgnored" && note.contains(&decoy))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ForeignImageIgnored Event for {decoy}: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    testbed::delete(&s.api, "orig").await;
+    wait_gone(&s.api, "orig").await;
+    let kept = s
+        .peer
+        .control()
+        .image(&decoy)
+        .expect("the decoy still exists");
+    assert_eq!(kept.state.as_str(), "available");
+    assert!(
+        kept.snapshot_ids()
+            .all(|sn| s.peer.control().snapshot(sn).is_some())
+    );
+    assert!(
+        s.peer.image("eu-west-1", &ours).await.is_none(),
+        "our own copy is deregistered"
+    );
+    operator.stop().await;
 }
 
 #[tokio::test]
