@@ -39,5 +39,6 @@ trap cleanup EXIT
 source "$(hack/testbed/up.sh "$state")"
 
 log "cargo test"
-cargo test --workspace --locked "$@"
+# Every test binary runs even when one fails, so one run shows every failure.
+cargo test --workspace --locked --no-fail-fast "$@"
 log "all tests passed in $((SECONDS - start)) s"

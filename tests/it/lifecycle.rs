@@ -4,6 +4,7 @@
 //! launch and snapshot sharing, deprecation, time-based copies, and tags kept
 //! in step with the spec. Assertions read what the simulator holds.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ami_copy_operator::AmiCopy;
@@ -13,7 +14,8 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use crate::ec2peer::{self, PeerEnv};
-use crate::operator::{Peer, create, patch_spec, target_of};
+use crate::operator::{Peer, create, patch_spec, snapshot_ids, tags, target_of};
+use crate::reliability::harness::until;
 use crate::testbed::{self, Operator, condition, is_ready, wait_for};
 
 const SOURCE_REGION: &str = "us-east-1";
@@ -306,7 +308,18 @@ async fn sim_retain_and_pin_keep_older_generations() {
 /// removed keys; a tag someone else put on the copy stays.
 #[tokio::test]
 async fn sim_tags_follow_the_spec_without_touching_foreign_tags() {
-    let peer = sim(Duration::from_millis(300)).await;
+    tags_follow_the_spec_without_touching_foreign_tags(sim(Duration::from_millis(300)).await).await;
+}
+
+#[tokio::test]
+async fn moto_tags_follow_the_spec_without_touching_foreign_tags() {
+    tags_follow_the_spec_without_touching_foreign_tags(Peer::moto().await).await;
+}
+
+/// Tags changed, added and removed in the spec reach the copy and its
+/// snapshots; a tag someone else put on the copy stays. Read through the
+/// EC2 API, so the same assertions hold for moto and the simulator.
+async fn tags_follow_the_spec_without_touching_foreign_tags(peer: Peer) {
     let (api, op) = operator(&peer, "tags").await;
     let source = peer.seed_source("tags").await;
     create(
@@ -336,27 +349,34 @@ async fn sim_tags_follow_the_spec_without_touching_foreign_tags() {
         json!({"tags": {"team": "security", "env": null, "tier": "gold"}}),
     )
     .await;
-    let control = peer.control();
-    wait_for(&api, "tagged", "tags in step", |o| {
-        let img = control.image(&id).unwrap();
+    wait_for(&api, "tagged", "tag keys recorded", |o| {
         o.status
             .as_ref()
             .is_some_and(|s| s.tag_keys == ["team", "tier"])
-            && img.tags.get("team").map(String::as_str) == Some("security")
-            && img.tags.get("tier").map(String::as_str) == Some("gold")
-            && !img.tags.contains_key("env")
     })
     .await;
-    let img = control.image(&id).unwrap();
+    let in_step = |tags: &BTreeMap<String, String>| {
+        tags.get("team").map(String::as_str) == Some("security")
+            && tags.get("tier").map(String::as_str) == Some("gold")
+            && !tags.contains_key("env")
+    };
+    until("the copy's tags in step with the spec", || async {
+        let img = peer.image("eu-west-1", &id).await.expect("the copy");
+        in_step(&tags(&img))
+    })
+    .await;
+    let img = peer.image("eu-west-1", &id).await.expect("the copy");
     assert_eq!(
-        img.tags.get("cost-center").map(String::as_str),
+        tags(&img).get("cost-center").map(String::as_str),
         Some("42"),
         "a foreign tag stays"
     );
-    for snap in img.snapshot_ids() {
-        let tags = &control.snapshot(snap).unwrap().tags;
-        assert_eq!(tags.get("team").map(String::as_str), Some("security"));
-        assert!(!tags.contains_key("env"));
+    for snap in snapshot_ids(&img) {
+        let tags = peer
+            .snapshot_tags("eu-west-1", &snap)
+            .await
+            .expect("the snapshot");
+        assert!(in_step(&tags), "{snap}: {tags:?}");
     }
     op.stop().await;
 }

@@ -15,6 +15,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::ec2peer::{self, PeerEnv};
+use crate::reliability::harness::until;
 use crate::testbed::{self, Operator, condition, is_ready, wait_for, wait_gone};
 
 const SOURCE_REGION: &str = "us-east-1";
@@ -35,7 +36,7 @@ impl Peer {
         }
     }
 
-    async fn moto() -> Self {
+    pub(crate) async fn moto() -> Self {
         Self {
             env: PeerEnv::start(ec2peer::Peer::Moto).await,
         }
@@ -88,6 +89,30 @@ impl Peer {
 
     pub(crate) async fn image(&self, region: &str, id: &str) -> Option<Image> {
         ec2peer::describe_image(&self.ec2(region), id).await
+    }
+
+    /// A snapshot's tags, read through the EC2 API; `None` when it is gone.
+    pub(crate) async fn snapshot_tags(
+        &self,
+        region: &str,
+        id: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        let out = self
+            .ec2(region)
+            .describe_snapshots()
+            .filters(Filter::builder().name("snapshot-id").values(id).build())
+            .send()
+            .await
+            .expect("DescribeSnapshots");
+        out.snapshots().first().map(|sn| {
+            sn.tags()
+                .iter()
+                .map(|t| {
+                    let key = t.key().unwrap_or_default().to_owned();
+                    (key, t.value().unwrap_or_default().to_owned())
+                })
+                .collect()
+        })
     }
 
     pub(crate) async fn snapshot_exists(&self, region: &str, id: &str) -> bool {
@@ -329,13 +354,31 @@ async fn sim_per_region_kms_keys_are_used_and_reported() {
 
 #[tokio::test]
 async fn sim_source_change_copies_then_retires_old_targets() {
-    let s = setup(Peer::sim().await, "source-change").await;
+    source_change_copies_then_retires_old_targets(Peer::sim().await, true).await;
+}
+
+#[tokio::test]
+async fn moto_source_change_copies_then_retires_old_targets() {
+    source_change_copies_then_retires_old_targets(Peer::moto().await, false).await;
+}
+
+/// A new source: copied beside the old copy (seen pending where the peer
+/// models copy time), then the old copy and its snapshots are retired.
+async fn source_change_copies_then_retires_old_targets(peer: Peer, expect_pending: bool) {
+    let s = setup(peer, "source-change").await;
     let first = s.peer.seed_source("gen-1").await;
     let second = s.peer.seed_source("gen-2").await;
     let obj = create(&s.api, "rolling", json!({"source": {"region": SOURCE_REGION, "imageId": first}, "destinations": [{"region": "eu-west-1"}]})).await;
     let uid = obj.uid().unwrap();
     let v1 = wait_for(&s.api, "rolling", "first copy ready", is_ready).await;
     let old = target_of(&v1, "eu-west-1").unwrap();
+    let old_image = s
+        .peer
+        .image("eu-west-1", &old)
+        .await
+        .expect("the first copy");
+    let old_snaps = snapshot_ids(&old_image);
+    assert!(!old_snaps.is_empty());
 
     patch_spec(
         &s.api,
@@ -343,51 +386,63 @@ async fn sim_source_change_copies_then_retires_old_targets() {
         json!({"source": {"region": SOURCE_REGION, "imageId": second}}),
     )
     .await;
-    let both = wait_for(&s.api, "rolling", "new copy pending beside the old", |o| {
-        o.status.as_ref().is_some_and(|st| {
-            st.source_image_id.as_deref() == Some(second.as_str())
-                && st
-                    .destinations
-                    .iter()
-                    .any(|d| d.image_id.is_some() && d.state == TargetState::Pending)
-                && st
-                    .retiring
-                    .iter()
-                    .any(|r| r.image_id.as_deref() == Some(old.as_str()))
+    if expect_pending {
+        let both = wait_for(&s.api, "rolling", "new copy pending beside the old", |o| {
+            o.status.as_ref().is_some_and(|st| {
+                st.source_image_id.as_deref() == Some(second.as_str())
+                    && st
+                        .destinations
+                        .iter()
+                        .any(|d| d.image_id.is_some() && d.state == TargetState::Pending)
+                    && st
+                        .retiring
+                        .iter()
+                        .any(|r| r.image_id.as_deref() == Some(old.as_str()))
+            })
         })
-    })
-    .await;
-    assert!(
-        s.peer.image("eu-west-1", &old).await.is_some(),
-        "old copy kept while the new one is pending"
-    );
-    let new = target_of(&both, "eu-west-1").unwrap();
-    assert_ne!(new, old);
+        .await;
+        assert!(
+            s.peer.image("eu-west-1", &old).await.is_some(),
+            "old copy kept while the new one is pending"
+        );
+        assert_ne!(target_of(&both, "eu-west-1").unwrap(), old);
+    }
 
     let done = wait_for(&s.api, "rolling", "new copy ready and old retired", |o| {
-        is_ready(o) && o.status.as_ref().is_some_and(|st| st.retiring.is_empty())
+        is_ready(o)
+            && o.status.as_ref().is_some_and(|st| {
+                st.retiring.is_empty() && st.source_image_id.as_deref() == Some(second.as_str())
+            })
     })
     .await;
-    assert_eq!(target_of(&done, "eu-west-1").as_deref(), Some(new.as_str()));
+    let new = target_of(&done, "eu-west-1").unwrap();
+    assert_ne!(new, old);
     assert_eq!(s.peer.owned_ids("eu-west-1", &uid).await, vec![new.clone()]);
     assert!(
         s.peer.image("eu-west-1", &old).await.is_none(),
         "old copy deregistered"
     );
-    let old_snaps: Vec<_> = s
-        .peer
-        .control()
-        .snapshots()
-        .into_iter()
-        .filter(|sn| sn.tags.get("amicopy.dev/source-image") == Some(&first))
-        .collect();
-    assert!(old_snaps.is_empty(), "old snapshots deleted: {old_snaps:?}");
+    for snap in &old_snaps {
+        assert!(
+            !s.peer.snapshot_exists("eu-west-1", snap).await,
+            "old snapshot {snap} deleted"
+        );
+    }
     s.operator.stop().await;
 }
 
 #[tokio::test]
 async fn sim_removed_destination_is_retired() {
-    let s = setup(Peer::sim().await, "remove-dest").await;
+    removed_destination_is_retired(Peer::sim().await).await;
+}
+
+#[tokio::test]
+async fn moto_removed_destination_is_retired() {
+    removed_destination_is_retired(Peer::moto().await).await;
+}
+
+async fn removed_destination_is_retired(peer: Peer) {
+    let s = setup(peer, "remove-dest").await;
     let source = s.peer.seed_source("remove-dest").await;
     let obj = create(&s.api, "shrink", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}, {"region": "eu-central-1"}]})).await;
     let uid = obj.uid().unwrap();
@@ -424,7 +479,16 @@ async fn api_replace_destinations(api: &Api<AmiCopy>, name: &str, destinations: 
 
 #[tokio::test]
 async fn sim_target_deregistered_out_of_band_is_copied_again() {
-    let s = setup(Peer::sim().await, "drift").await;
+    target_deregistered_out_of_band_is_copied_again(Peer::sim().await).await;
+}
+
+#[tokio::test]
+async fn moto_target_deregistered_out_of_band_is_copied_again() {
+    target_deregistered_out_of_band_is_copied_again(Peer::moto().await).await;
+}
+
+async fn target_deregistered_out_of_band_is_copied_again(peer: Peer) {
+    let s = setup(peer, "drift").await;
     let source = s.peer.seed_source("drift").await;
     let obj = create(&s.api, "drift", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}]})).await;
     let uid = obj.uid().unwrap();
@@ -459,7 +523,16 @@ async fn sim_target_deregistered_out_of_band_is_copied_again() {
 /// so that nothing of the operator's can delete them later.
 #[tokio::test]
 async fn sim_retain_policy_keeps_targets_untagged() {
-    let s = setup(Peer::sim().await, "retain").await;
+    retain_policy_keeps_targets_untagged(Peer::sim().await).await;
+}
+
+#[tokio::test]
+async fn moto_retain_policy_keeps_targets_untagged() {
+    retain_policy_keeps_targets_untagged(Peer::moto().await).await;
+}
+
+async fn retain_policy_keeps_targets_untagged(peer: Peer) {
+    let s = setup(peer, "retain").await;
     let source = s.peer.seed_source("retain").await;
     let obj = create(&s.api, "keep", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}], "deletionPolicy": "Retain", "tags": {"team": "platform"}})).await;
     let uid = obj.uid().unwrap();
@@ -481,12 +554,14 @@ async fn sim_retain_policy_keeps_targets_untagged() {
     );
     assert_eq!(kept.get("team").map(String::as_str), Some("platform"));
     for snap in snapshot_ids(&img) {
-        assert!(s.peer.snapshot_exists("eu-west-1", &snap).await);
-        let snapshot = s.peer.control().snapshot(&snap).expect("snapshot kept");
+        let tags = s
+            .peer
+            .snapshot_tags("eu-west-1", &snap)
+            .await
+            .expect("snapshot kept");
         assert!(
-            snapshot.tags.keys().all(|k| !k.starts_with("amicopy.dev/")),
-            "{snap}: {:?}",
-            snapshot.tags
+            tags.keys().all(|k| !k.starts_with("amicopy.dev/")),
+            "{snap}: {tags:?}"
         );
     }
     s.operator.stop().await;
@@ -548,13 +623,26 @@ async fn sim_failed_copy_is_degraded_with_ec2s_reason() {
 
 #[tokio::test]
 async fn sim_foreign_image_named_in_status_is_untouched() {
-    let s = setup(Peer::sim().await, "foreign").await;
+    foreign_image_named_in_status_is_untouched(Peer::sim().await).await;
+}
+
+#[tokio::test]
+async fn moto_foreign_image_named_in_status_is_untouched() {
+    foreign_image_named_in_status_is_untouched(Peer::moto().await).await;
+}
+
+/// A status pointed at someone else's image never gets it deleted.
+async fn foreign_image_named_in_status_is_untouched(peer: Peer) {
+    let s = setup(peer, "foreign").await;
     let source = s.peer.seed_source("foreign-source").await;
-    let foreign = s.peer.control().seed_image(SeedImage {
-        region: "eu-west-1".into(),
-        name: "someone-elses".into(),
-        ..SeedImage::default()
-    });
+    let foreign = ec2peer::seed_image(
+        &s.peer.ec2("eu-west-1"),
+        "eu-west-1",
+        &ec2peer::unique("someone-elses"),
+        &[],
+    )
+    .await
+    .image_id;
     create(&s.api, "victim", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}]})).await;
     wait_for(&s.api, "victim", "Ready=True", is_ready).await;
 
@@ -568,15 +656,16 @@ async fn sim_foreign_image_named_in_status_is_untouched() {
     wait_gone(&s.api, "victim").await;
     let img = s
         .peer
-        .control()
-        .image(&foreign)
+        .image("eu-west-1", &foreign)
+        .await
         .expect("the foreign image still exists");
-    assert_eq!(img.state.as_str(), "available");
-    assert!(
-        img.snapshot_ids()
-            .all(|sn| s.peer.control().snapshot(sn).is_some()),
-        "its snapshots too"
-    );
+    assert_eq!(img.state().map(|s| s.as_str()), Some("available"));
+    for snap in snapshot_ids(&img) {
+        assert!(
+            s.peer.snapshot_exists("eu-west-1", &snap).await,
+            "its snapshot {snap} too"
+        );
+    }
     s.operator.stop().await;
 }
 
@@ -620,21 +709,16 @@ async fn sim_a_copy_of_our_copy_with_its_tags_is_never_touched() {
     assert_eq!(copied.source_image_id(), Some(ours.as_str()));
 
     let operator = Operator::start(&s.kube, &ns, s.peer.env.endpoint()).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let events = events_for(&s.kube, &ns, "orig").await;
-        if events
-            .iter()
-            .any(|(r, note)| r == "ForeignImageIgnored" && note.contains(&decoy))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no ForeignImageIgnored Event for {decoy}: {events:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until(
+        "an Event ForeignImageIgnored naming the copy of our copy",
+        || async {
+            let events = events_for(&s.kube, &ns, "orig").await;
+            events
+                .iter()
+                .any(|(r, note)| r == "ForeignImageIgnored" && note.contains(&decoy))
+        },
+    )
+    .await;
     testbed::delete(&s.api, "orig").await;
     wait_gone(&s.api, "orig").await;
     let kept = s

@@ -7,6 +7,6 @@ mod bad_input;
 mod crash;
 mod deletion;
 mod ec2_faults;
-mod harness;
+pub(crate) mod harness;
 mod kube_faults;
 mod soak;
