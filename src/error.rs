@@ -33,6 +33,7 @@ impl Error {
                 ErrorKind::Transient => "ec2_transient",
                 ErrorKind::NotFound => "ec2_not_found",
                 ErrorKind::Rejected => "ec2_rejected",
+                ErrorKind::Credentials => "ec2_credentials",
             },
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -60,6 +61,17 @@ impl Error {
             | Error::Ec2(_)
             | Error::CleanupPending { .. }
             | Error::Unconfirmed { .. } => false,
+        }
+    }
+
+    /// A fault that passes by itself (throttling, 5xx, timeouts, EC2's lag):
+    /// retried without telling the user.
+    pub fn is_passing(&self) -> bool {
+        match self {
+            Error::Ec2(e) => e.is_transient(),
+            Error::CleanupPending { .. } | Error::Unconfirmed { .. } => true,
+            Error::Kube(_) => true,
+            Error::Finalizer(_) | Error::MissingField(_) => false,
         }
     }
 

@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{TargetState, TargetStatus};
-use crate::ec2::Ec2Error;
+use crate::ec2::{Ec2Error, ErrorKind};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -35,6 +35,11 @@ pub mod reason {
     pub const COPY_REJECTED: &str = "CopyRejected";
     pub const REGION_UNAVAILABLE: &str = "RegionUnavailable";
     pub const PUBLIC_NOT_ALLOWED: &str = "PublicSharingNotAllowed";
+    /// The operator has no credentials for a region or role: none found,
+    /// expired, or STS refused to assume the role.
+    pub const CREDENTIALS_UNAVAILABLE: &str = "CredentialsUnavailable";
+    /// The finalizer cannot finish: what is left where, and why.
+    pub const CLEANUP_BLOCKED: &str = "CleanupBlocked";
     /// The object cannot be read as an AmiCopy (a CRD without validation, a
     /// status written by another tool); it is left alone until it changes.
     pub const INVALID_SPEC: &str = "InvalidSpec";
@@ -56,6 +61,10 @@ pub fn copy_error(err: &Ec2Error) -> (&'static str, String) {
     let code = err.code.as_str();
     let msg = err.message.to_ascii_lowercase();
     let (reason, advice) = match code {
+        crate::ec2::CREDENTIALS_UNAVAILABLE => (
+            reason::CREDENTIALS_UNAVAILABLE,
+            "the operator has no credentials here: check its IAM role (IRSA or Pod Identity), and for a destination with a roleArn, that the role exists, trusts the operator's role and accepts the externalId",
+        ),
         "AuthFailure" | "UnauthorizedOperation" | "AccessDenied" | "Blocked" => (
             reason::ACCESS_DENIED,
             "grant the operator's IAM role the EC2 (and KMS) permissions in docs/iam.md",
@@ -105,22 +114,34 @@ pub fn region_refused(e: &Ec2Error) -> bool {
 
 /// A destination whose region EC2 could not be asked about: waiting when
 /// the error is worth retrying, else an error that names what to check.
-pub fn region_problem(region: &str, source_image_id: &str, e: &Ec2Error) -> TargetStatus {
-    let (state, why, message) = if e.is_transient() {
-        (
+pub fn region_problem(
+    region: &str,
+    role_arn: Option<&str>,
+    source_image_id: &str,
+    e: &Ec2Error,
+) -> TargetStatus {
+    let through = role_arn
+        .map(|r| format!(" through {r}"))
+        .unwrap_or_default();
+    let (state, why, message) = match e.kind {
+        _ if e.is_transient() => (
             TargetState::Waiting,
             reason::WAITING,
             format!("EC2 in {region} did not answer ({}); retrying", e.code),
-        )
-    } else {
-        (
+        ),
+        ErrorKind::Credentials => {
+            let (why, advice) = copy_error(e);
+            let message = format!("no credentials for {region}{through}: {advice}");
+            (TargetState::Error, why, message)
+        }
+        _ => (
             TargetState::Error,
             reason::REGION_UNAVAILABLE,
             format!(
                 "EC2 in {region} refused the operator (EC2 {}: {}): check the region's name, that it is enabled for this account (opt-in regions), and the operator's permissions there",
                 e.code, e.message
             ),
-        )
+        ),
     };
     TargetStatus {
         region: region.to_owned(),

@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 
 use futures::future;
+use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
 use tracing::{info, warn};
 
 use super::act::{claim_snapshots, ownership_keys};
 use super::reconcile::meta;
-use super::{Context, object_ref};
+use super::{Context, object_ref, report};
 use crate::api::{AmiCopy, DeletionPolicy};
 use crate::ec2::{Ec2, ImageInfo, Scope};
 use crate::error::{Error, Result};
@@ -21,7 +22,11 @@ use crate::plan::ownership::{self, Ownership};
 use crate::plan::{self, Meta, Note, Scopes};
 use crate::status::{self, reason};
 
-pub(super) async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<Requeue> {
+pub(super) async fn cleanup<E: Ec2>(
+    obj: &AmiCopy,
+    api: &Api<AmiCopy>,
+    ctx: &Context<E>,
+) -> Result<Requeue> {
     let m = meta(obj, &ctx.config)?;
     if let Some(t) = &ctx.tracker {
         t.forget(&object_ref(&m));
@@ -52,13 +57,20 @@ pub(super) async fn cleanup<E: Ec2>(obj: &AmiCopy, ctx: &Context<E>) -> Result<R
     }))
     .await;
     let mut first = None;
+    let mut blocked = Vec::new();
     for (region, res) in results {
         if let Err(e) = res {
             warn!(%region, error = %e, "clean-up not finished in this region");
+            if !e.is_passing() {
+                blocked.push(format!("{region}: {e}"));
+            }
             first.get_or_insert(e);
         }
     }
     if let Some(e) = first {
+        if !blocked.is_empty() {
+            report::cleanup_blocked(obj, api, ctx, &blocked.join("; ")).await;
+        }
         return Err(e);
     }
     if obj.spec.deletion_policy == DeletionPolicy::Retain {

@@ -33,7 +33,7 @@ pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -
     let res = finalizer(&api, FINALIZER, obj, |event| async {
         match event {
             Finalizer::Apply(obj) => apply(&obj, &api, &ctx).await,
-            Finalizer::Cleanup(obj) => cleanup::cleanup(&obj, &ctx).await,
+            Finalizer::Cleanup(obj) => cleanup::cleanup(&obj, &api, &ctx).await,
         }
     })
     .await

@@ -2,16 +2,20 @@
 //! the Events of one reconcile.
 
 use futures::future;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use tracing::warn;
 
 use super::{Context, FIELD_MANAGER};
 use crate::api::{AmiCopy, AmiCopyStatus};
 use crate::ec2::Ec2;
 use crate::error::{Error, Result};
 use crate::plan::{self, Note, Recorded};
+use crate::status::{self, reason};
 
 /// Writes the status when it changed, then publishes the Events: one per
 /// kind of news.
@@ -25,6 +29,37 @@ pub(super) async fn report<E: Ec2>(
     let notes = plan::merge_notes(&recorded.notes);
     future::join_all(notes.iter().map(|note| ctx.publish(obj, note))).await;
     Ok(())
+}
+
+/// The finalizer cannot finish: `Degraded` says where and why (a status
+/// write only when that changes), and a Warning Event; the other conditions
+/// and the targets recorded stay as they were.
+pub(super) async fn cleanup_blocked<E: Ec2>(
+    obj: &AmiCopy,
+    api: &Api<AmiCopy>,
+    ctx: &Context<E>,
+    why: &str,
+) {
+    let message = format!(
+        "deletion waits for the clean-up of the copies: {why}; fix the cause (see the reason) and it goes on by itself"
+    );
+    let mut status = obj.status.clone().unwrap_or_default();
+    let degraded = status::condition(
+        &status.conditions,
+        status::DEGRADED,
+        true,
+        reason::CLEANUP_BLOCKED,
+        message.clone(),
+        obj.metadata.generation,
+        &Time(Timestamp::now()),
+    );
+    status.conditions.retain(|c| c.type_ != status::DEGRADED);
+    status.conditions.push(degraded);
+    if let Err(e) = write_status(api, obj, &status).await {
+        warn!(error = %e, "could not report a blocked clean-up in the status");
+    }
+    let note = Note::warning(reason::CLEANUP_BLOCKED, "", message);
+    ctx.publish(obj, &note).await;
 }
 
 /// Writes status by server-side apply, unless nothing changed.

@@ -153,6 +153,7 @@ impl AwsEc2 {
                 ErrorKind::Throttled => "throttled",
                 ErrorKind::Transient => "transient",
                 ErrorKind::Rejected => "rejected",
+                ErrorKind::Credentials => "credentials",
             },
         };
         self.metrics
@@ -205,6 +206,10 @@ where
             }
         }
         SdkError::TimeoutError(_) => Ec2Error::new("Timeout", "the request to EC2 timed out"),
+        SdkError::DispatchFailure(_) if credentials_failed(&err) => Ec2Error::new(
+            super::CREDENTIALS_UNAVAILABLE,
+            aws_sdk_ec2::error::DisplayErrorContext(&err).to_string(),
+        ),
         SdkError::DispatchFailure(d) => {
             Ec2Error::new("Dispatch", format!("could not reach EC2: {d:?}"))
         }
@@ -214,6 +219,19 @@ where
             aws_sdk_ec2::error::DisplayErrorContext(&err).to_string(),
         ),
     }
+}
+
+/// The request never left: no credentials could be had (the chain found
+/// none, they expired, or STS refused to assume the role).
+fn credentials_failed(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<aws_credential_types::provider::error::CredentialsError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn tag_filter(uid: &str) -> Filter {

@@ -231,7 +231,13 @@ pub enum ErrorKind {
     Transient,
     /// EC2 refused the request; retrying the same request will not help.
     Rejected,
+    /// No credentials for the call (none found, expired, AssumeRole
+    /// refused): worth showing, and retrying, since they may come back.
+    Credentials,
 }
+
+/// The code of an [`Ec2Error`] for a call that found no credentials.
+pub const CREDENTIALS_UNAVAILABLE: &str = "CredentialsUnavailable";
 
 /// An EC2 error reduced to what the operator acts on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -265,6 +271,7 @@ impl Ec2Error {
 /// Maps an EC2 error code to how it is handled.
 pub fn classify(code: &str) -> ErrorKind {
     match code {
+        CREDENTIALS_UNAVAILABLE => ErrorKind::Credentials,
         c if c.ends_with(".NotFound") || c == "InvalidAMIID.Unavailable" => ErrorKind::NotFound,
         "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "ResourceLimitExceeded" => {
             ErrorKind::Throttled

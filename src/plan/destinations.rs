@@ -19,7 +19,7 @@ pub fn plan(
 ) -> TargetStatus {
     let region = dest.region.as_str();
     if let Some(e) = input.observed.unreachable.get(region) {
-        return status::region_problem(region, input.source_id, e);
+        return status::region_problem(region, dest.role_arn.as_deref(), input.source_id, e);
     }
     let last = input
         .prev

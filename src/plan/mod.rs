@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{AmiCopySpec, AmiCopyStatus, RESERVED_TAG_PREFIX, ResolvedSource, TargetStatus};
-use crate::ec2::{CopyRequest, Ec2Error, Grant, ImageInfo};
+use crate::ec2::{CopyRequest, Ec2Error, ErrorKind, Grant, ImageInfo};
 use crate::status::reason;
 
 pub mod destinations;
@@ -68,7 +68,8 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// The first error worth retrying soon (throttling, 5xx, timeouts).
+    /// The first error worth retrying with backoff: throttling, 5xx,
+    /// timeouts, and missing credentials (which may come back).
     pub fn transient_error(&self) -> Option<&Ec2Error> {
         let source = match &self.source {
             Some(Err(e)) => Some(e),
@@ -77,7 +78,7 @@ impl Observed {
         source
             .into_iter()
             .chain(self.unreachable.values())
-            .find(|e| e.is_transient())
+            .find(|e| e.is_transient() || e.kind == ErrorKind::Credentials)
     }
 }
 

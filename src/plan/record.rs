@@ -56,6 +56,9 @@ pub enum CopyFailure {
     Quota,
     /// Throttling, 5xx, timeouts: wait and retry.
     Busy,
+    /// No credentials for the destination's account: wait and retry; the
+    /// next look at the region shows the problem.
+    Credentials,
     /// EC2 refused this copy; it stays refused until the spec changes.
     Rejected,
 }
@@ -65,6 +68,7 @@ impl CopyFailure {
         match e.kind {
             ErrorKind::Throttled if e.code == "ResourceLimitExceeded" => CopyFailure::Quota,
             ErrorKind::Throttled | ErrorKind::Transient => CopyFailure::Busy,
+            ErrorKind::Credentials => CopyFailure::Credentials,
             ErrorKind::NotFound | ErrorKind::Rejected => CopyFailure::Rejected,
         }
     }
@@ -74,7 +78,7 @@ impl CopyFailure {
     pub fn backs_off(self, batched: bool) -> bool {
         match self {
             CopyFailure::Quota => !batched,
-            CopyFailure::Busy => true,
+            CopyFailure::Busy | CopyFailure::Credentials => true,
             CopyFailure::Rejected => false,
         }
     }
@@ -94,6 +98,10 @@ impl CopyFailure {
                 reason::WAITING,
                 format!("EC2 is busy ({}); retrying", e.code),
             ),
+            CopyFailure::Credentials => {
+                let (why, message) = status::copy_error(e);
+                (TargetState::Waiting, why, message)
+            }
             CopyFailure::Rejected => {
                 let (why, message) = status::copy_error(e);
                 (TargetState::Error, why, message)

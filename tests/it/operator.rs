@@ -15,7 +15,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::ec2peer::{self, PeerEnv};
-use crate::reliability::harness::until;
+use crate::reliability::harness::{condition_of, until};
 use crate::testbed::{self, Operator, condition, is_ready, wait_for, wait_gone};
 
 const SOURCE_REGION: &str = "us-east-1";
@@ -736,6 +736,67 @@ async fn sim_a_copy_of_our_copy_with_its_tags_is_never_touched() {
         "our own copy is deregistered"
     );
     operator.stop().await;
+}
+
+/// A destination whose role STS refuses to assume: the destination says so
+/// (`CredentialsUnavailable`, naming the role), the other destination is
+/// copied; deleting the object reports the blocked clean-up instead of
+/// hanging silently, and goes on once the role can be assumed.
+#[tokio::test]
+async fn sim_a_role_sts_refuses_is_shown_and_blocks_deletion_visibly() {
+    const ROLE: &str = "arn:aws:iam::210987654321:role/not-yet-trusted";
+    let s = setup(Peer::sim().await, "no-creds").await;
+    let ns = s.api.namespace().unwrap().to_owned();
+    let source = s.peer.seed_source("no-creds").await;
+    create(&s.api, "blocked", json!({"source": {"region": SOURCE_REGION, "imageId": source},
+        "destinations": [{"region": "eu-west-1"},
+                         {"region": "eu-central-1", "roleArn": ROLE, "externalId": "amicopy-test"}]})).await;
+    let shown = wait_for(&s.api, "blocked", "Degraded=CredentialsUnavailable", |o| {
+        condition_of(o, "Degraded").is_some_and(|(_, reason, _)| reason == "CredentialsUnavailable")
+            && o.status.as_ref().is_some_and(|st| {
+                st.destinations
+                    .iter()
+                    .any(|d| d.region == "eu-west-1" && d.state == TargetState::Available)
+            })
+    })
+    .await;
+    let refused = shown
+        .status
+        .as_ref()
+        .and_then(|st| st.destinations.iter().find(|d| d.region == "eu-central-1"))
+        .expect("the destination with the role");
+    assert_eq!(refused.state, TargetState::Error);
+    assert!(
+        refused.message.contains(ROLE) && refused.message.contains("eu-central-1"),
+        "{}",
+        refused.message
+    );
+    let copied = target_of(&shown, "eu-west-1").unwrap();
+
+    testbed::delete(&s.api, "blocked").await;
+    wait_for(&s.api, "blocked", "Degraded=CleanupBlocked", |o| {
+        condition_of(o, "Degraded").is_some_and(|(_, reason, message)| {
+            reason == "CleanupBlocked" && message.contains("eu-central-1")
+        })
+    })
+    .await;
+    until("an Event CleanupBlocked", || async {
+        events_for(&s.kube, &ns, "blocked")
+            .await
+            .iter()
+            .any(|(r, _)| r == "CleanupBlocked")
+    })
+    .await;
+    assert!(
+        s.peer.image("eu-west-1", &copied).await.is_none(),
+        "the reachable region is cleaned meanwhile"
+    );
+
+    s.peer.control().update_config(|c| {
+        c.roles.insert(ROLE.into(), Some("amicopy-test".into()));
+    });
+    wait_gone(&s.api, "blocked").await;
+    s.operator.stop().await;
 }
 
 #[tokio::test]
