@@ -427,6 +427,12 @@ pub struct TargetStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schemars(with = "i32", range(min = 0))]
     pub attempt: u32,
+
+    /// The object's `metadata.generation` when this copy was first planned;
+    /// part of the copy's idempotency token, so that a destination removed
+    /// and added back gets a fresh copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
 }
 
 /// State of a target image: EC2's image states and the operator's own.

@@ -6,7 +6,7 @@ use super::source::Verdict;
 use super::{Action, Claim, Draft, Input, Note, target_name, upkeep::upkeep};
 use crate::api::{Destination, SOURCE_TAG, TargetState, TargetStatus};
 use crate::ec2::{CopyRequest, ImageInfo};
-use crate::plan::client_token;
+use crate::plan::{TokenInputs, client_token};
 use crate::status::{self, reason};
 
 /// The status of one destination; the actions and notes it needs go into
@@ -27,14 +27,24 @@ pub fn plan(
         .iter()
         .find(|d| d.region == region && d.source_image_id.as_deref() == Some(input.source_id));
     let attempt = last.map_or(0, |d| d.attempt);
-    if let Some(img) = current(input, region, last) {
-        return follow(input, region, img, last, attempt, draft);
-    }
-    let attempt = attempt + u32::from(gone(input, region, last, draft));
-    let Some(src) = verdict.image else {
-        return waiting_for_source(input, verdict, region, attempt);
+    // A destination new to the status (added, added back, or a new source)
+    // starts at this generation; the status keeps what it recorded, and a
+    // copy recorded without one keeps the token it was made with.
+    let generation = match last {
+        Some(l) if l.generation.is_some() || l.image_id.is_some() => l.generation,
+        _ => input.meta.generation,
     };
-    start(input, dest, src, last, attempt, draft)
+    let mut ts = if let Some(img) = current(input, region, last) {
+        follow(input, region, img, last, attempt, draft)
+    } else {
+        let attempt = attempt + u32::from(gone(input, region, last, draft));
+        match verdict.image {
+            None => waiting_for_source(input, verdict, region, attempt),
+            Some(src) => start(input, dest, src, last, (attempt, generation), draft),
+        }
+    };
+    ts.generation = generation;
+    ts
 }
 
 /// The current target: an owned copy of this source, preferring the one the
@@ -103,6 +113,7 @@ pub fn target_status(
         role_arn: None,
         external_id: None,
         attempt,
+        generation: None,
     }
 }
 
@@ -263,7 +274,7 @@ fn start(
     dest: &Destination,
     src: &ImageInfo,
     last: Option<&TargetStatus>,
-    attempt: u32,
+    (attempt, generation): (u32, Option<i64>),
     draft: &mut Draft,
 ) -> TargetStatus {
     let region = dest.region.as_str();
@@ -291,7 +302,7 @@ fn start(
     {
         return last.clone();
     }
-    let request = copy_request(input, dest, src, attempt);
+    let request = copy_request(input, dest, src, (attempt, generation));
     draft.actions.push(Action::Copy {
         region: region.into(),
         request,
@@ -306,7 +317,12 @@ fn start(
 }
 
 /// Everything CopyImage is called with for `dest`.
-fn copy_request(input: &Input, dest: &Destination, src: &ImageInfo, attempt: u32) -> CopyRequest {
+fn copy_request(
+    input: &Input,
+    dest: &Destination,
+    src: &ImageInfo,
+    (attempt, generation): (u32, Option<i64>),
+) -> CopyRequest {
     let (spec, meta, source_id) = (input.spec, input.meta, input.source_id);
     let encrypted = spec.encryption_for(dest);
     let kms = if encrypted == Some(true) {
@@ -330,15 +346,16 @@ fn copy_request(input: &Input, dest: &Destination, src: &ImageInfo, attempt: u32
             )
         }),
         encrypted,
-        client_token: client_token(
-            &meta.uid,
-            &dest.region,
-            &spec.source.region,
-            source_id,
+        client_token: client_token(&TokenInputs {
+            uid: &meta.uid,
+            region: &dest.region,
+            source_region: &spec.source.region,
+            source_image_id: source_id,
             encrypted,
-            kms.as_deref(),
+            kms: kms.as_deref(),
             attempt,
-        ),
+            generation,
+        }),
         kms_key_id: kms,
         copy_image_tags: spec.copy_image_tags.unwrap_or(false),
         tags: input.tags.clone(),

@@ -30,7 +30,7 @@ pub mod scopes;
 pub mod source;
 pub mod upkeep;
 
-pub use naming::{client_token, desired_tags, target_name};
+pub use naming::{TokenInputs, client_token, desired_tags, target_name};
 pub use record::{CopyFailure, Outcome, Recorded, record};
 pub use scopes::Scopes;
 

@@ -31,28 +31,43 @@ pub fn target_name(base: &str, source_image_id: &str) -> String {
     format!("{base}-{source_image_id}")
 }
 
-/// The idempotency token of a copy: the same object, region, source,
-/// encryption and attempt always yield the same token, so a retry after a
-/// crash or a lost response returns the copy already started.
-pub fn client_token(
-    uid: &str,
-    region: &str,
-    source_region: &str,
-    source_image_id: &str,
-    encrypted: Option<bool>,
-    kms: Option<&str>,
-    attempt: u32,
-) -> String {
+/// What a copy's idempotency token is made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInputs<'a> {
+    pub uid: &'a str,
+    pub region: &'a str,
+    pub source_region: &'a str,
+    pub source_image_id: &'a str,
+    pub encrypted: Option<bool>,
+    pub kms: Option<&'a str>,
+    /// Copies started after the target went missing.
+    pub attempt: u32,
+    /// The object's generation when this destination's copy was planned;
+    /// `None` for copies planned before the status recorded it, whose
+    /// tokens stay what they were.
+    pub generation: Option<i64>,
+}
+
+/// The idempotency token of a copy: the same inputs always yield the same
+/// token, so a retry after a crash or a lost response returns the copy
+/// already started; a destination removed and added back (a later
+/// generation) gets a fresh copy.
+pub fn client_token(t: &TokenInputs) -> String {
     let mut h = Sha256::new();
-    for part in [
-        uid,
-        region,
-        source_region,
-        source_image_id,
-        &format!("{encrypted:?}"),
-        kms.unwrap_or(""),
-        &attempt.to_string(),
-    ] {
+    let encrypted = format!("{:?}", t.encrypted);
+    let attempt = t.attempt.to_string();
+    let mut parts = vec![
+        t.uid,
+        t.region,
+        t.source_region,
+        t.source_image_id,
+        &encrypted,
+        t.kms.unwrap_or(""),
+        &attempt,
+    ];
+    let generation = t.generation.map(|g| g.to_string());
+    parts.extend(generation.as_deref());
+    for part in parts {
         h.update(part.as_bytes());
         h.update([0]);
     }

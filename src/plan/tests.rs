@@ -204,32 +204,87 @@ fn fresh_object_copies_into_every_region_with_ownership_tags() {
 
 #[test]
 fn client_token_is_deterministic_and_covers_every_input() {
-    let base = client_token(UID, "eu-west-1", "us-east-1", SRC, None, None, 0);
-    assert_eq!(
-        base,
-        client_token(UID, "eu-west-1", "us-east-1", SRC, None, None, 0)
-    );
+    let base = TokenInputs {
+        uid: UID,
+        region: "eu-west-1",
+        source_region: "us-east-1",
+        source_image_id: SRC,
+        encrypted: None,
+        kms: None,
+        attempt: 0,
+        generation: Some(1),
+    };
+    assert_eq!(client_token(&base), client_token(&base.clone()));
     let variants = [
-        client_token("other-uid", "eu-west-1", "us-east-1", SRC, None, None, 0),
-        client_token(UID, "eu-west-2", "us-east-1", SRC, None, None, 0),
-        client_token(UID, "eu-west-1", "us-east-2", SRC, None, None, 0),
-        client_token(UID, "eu-west-1", "us-east-1", NEW_SRC, None, None, 0),
-        client_token(UID, "eu-west-1", "us-east-1", SRC, Some(true), None, 0),
-        client_token(
-            UID,
-            "eu-west-1",
-            "us-east-1",
-            SRC,
-            Some(true),
-            Some("alias/x"),
-            0,
-        ),
-        client_token(UID, "eu-west-1", "us-east-1", SRC, None, None, 1),
+        TokenInputs {
+            uid: "other-uid",
+            ..base.clone()
+        },
+        TokenInputs {
+            region: "eu-west-2",
+            ..base.clone()
+        },
+        TokenInputs {
+            source_region: "us-east-2",
+            ..base.clone()
+        },
+        TokenInputs {
+            source_image_id: NEW_SRC,
+            ..base.clone()
+        },
+        TokenInputs {
+            encrypted: Some(true),
+            ..base.clone()
+        },
+        TokenInputs {
+            encrypted: Some(true),
+            kms: Some("alias/x"),
+            ..base.clone()
+        },
+        TokenInputs {
+            attempt: 1,
+            ..base.clone()
+        },
+        TokenInputs {
+            generation: Some(2),
+            ..base.clone()
+        },
+        TokenInputs {
+            generation: None,
+            ..base.clone()
+        },
     ];
     for v in variants {
-        assert_ne!(v, base);
-        assert!(v.len() <= 64, "EC2 allows 64 characters");
+        let token = client_token(&v);
+        assert_ne!(token, client_token(&base), "{v:?}");
+        assert!(token.len() <= 64, "EC2 allows 64 characters");
     }
+}
+
+#[test]
+fn a_destination_added_back_later_gets_a_fresh_token() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let obs = observed(Some(source_image(false)), &[]);
+    let first = planned(&s, &meta(1), None, &obs, &now());
+    assert_eq!(first.status.destinations[0].generation, Some(1));
+    // Pending at generation 1 and recorded: later passes keep its token.
+    let mut prev = first.status.clone();
+    prev.destinations[0].image_id = Some("ami-00000000000000042".into());
+    let later = planned(&s, &meta(2), Some(&prev), &obs, &now());
+    assert_eq!(later.status.destinations[0].generation, Some(1));
+    // Removed at generation 2, added back at generation 3: a new token.
+    let again = planned(&s, &meta(3), None, &obs, &now());
+    assert_ne!(
+        copies(&again)[0].client_token,
+        copies(&first)[0].client_token
+    );
+    // A copy recorded before the status kept generations keeps its token.
+    let mut legacy = prev.clone();
+    legacy.destinations[0].generation = None;
+    legacy.destinations[0].image_id = None;
+    legacy.destinations[0].state = TargetState::Waiting;
+    let resumed = planned(&s, &meta(5), Some(&legacy), &obs, &now());
+    assert_eq!(resumed.status.destinations[0].generation, Some(5));
 }
 
 #[test]
@@ -660,7 +715,16 @@ fn target_deregistered_out_of_band_is_copied_again_under_a_new_token() {
     assert_eq!(reqs.len(), 1);
     assert_eq!(
         reqs[0].client_token,
-        client_token(UID, "eu-west-1", "us-east-1", SRC, None, None, 1)
+        client_token(&TokenInputs {
+            uid: UID,
+            region: "eu-west-1",
+            source_region: "us-east-1",
+            source_image_id: SRC,
+            encrypted: None,
+            kms: None,
+            attempt: 1,
+            generation: Some(1),
+        })
     );
     assert_eq!(p.status.destinations[0].attempt, 1);
     assert!(p.notes.iter().any(|n| n.reason == "TargetMissing"));
