@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use futures::future;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
 use tracing::{info, warn};
@@ -110,6 +111,7 @@ impl<E: Ec2> Region<'_, E> {
             }
             res => res?,
         };
+        let (listed, unseen) = self.with_recorded(region, scope, listed).await?;
         for image in self.own(region, listed).await {
             self.clean_image(region, scope, &image).await?;
         }
@@ -143,7 +145,55 @@ impl<E: Ec2> Region<'_, E> {
                 what: format!("images still listed: {}", left.join(", ")),
             });
         }
-        Ok(())
+        match unseen {
+            Some(image) => Err(Error::Unconfirmed {
+                region: region.to_owned(),
+                image,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The listing, and the images the status recorded in `region` that it
+    /// does not show, each read fresh by ID (EC2 lists new images, and their
+    /// tags, with a delay). A recorded image EC2 does not return while the
+    /// deletion is younger than the listing grace is looked for again (the
+    /// second value), not taken as gone.
+    async fn with_recorded(
+        &self,
+        region: &str,
+        scope: &Scope,
+        mut listed: Vec<ImageInfo>,
+    ) -> Result<(Vec<ImageInfo>, Option<String>)> {
+        let recorded: Vec<&str> = self
+            .obj
+            .status
+            .iter()
+            .flat_map(|s| s.targets())
+            .filter(|t| t.region == region)
+            .filter_map(|t| t.image_id.as_deref())
+            .filter(|id| !listed.iter().any(|i| i.id == *id))
+            .collect();
+        let mut unseen = None;
+        for id in recorded {
+            match self.ctx.ec2.owned_image(scope, id).await? {
+                Some(image) => listed.push(image),
+                None if self.deletion_is_recent() => {
+                    unseen.get_or_insert_with(|| id.to_owned());
+                }
+                None => {}
+            }
+        }
+        Ok((listed, unseen))
+    }
+
+    /// Whether the object was deleted less than the listing grace ago.
+    fn deletion_is_recent(&self) -> bool {
+        let Some(deleted) = &self.obj.metadata.deletion_timestamp else {
+            return false;
+        };
+        let age = Timestamp::now().duration_since(deleted.0);
+        age.unsigned_abs() < self.ctx.config.listing_grace
     }
 
     /// The listed images that are this object's own; an Event for each of
