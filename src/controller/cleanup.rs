@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::act::{claim_snapshots, ownership_keys};
 use super::reconcile::meta;
 use super::{Context, object_ref, report};
-use crate::api::{AmiCopy, DeletionPolicy};
+use crate::api::{AmiCopy, DeletionPolicy, TargetState};
 use crate::ec2::{Ec2, ImageInfo, Scope};
 use crate::error::{Error, Result};
 use crate::plan::ownership::{self, Ownership};
@@ -156,29 +156,31 @@ impl<E: Ec2> Region<'_, E> {
 
     /// The listing, and the images the status recorded in `region` that it
     /// does not show, each read fresh by ID (EC2 lists new images, and their
-    /// tags, with a delay). A recorded image EC2 does not return while the
-    /// deletion is younger than the listing grace is looked for again (the
-    /// second value), not taken as gone.
+    /// tags, with a delay). A copy recorded as pending that EC2 does not
+    /// return while the deletion is younger than the listing grace is looked
+    /// for again (the second value), not taken as gone.
     async fn with_recorded(
         &self,
         region: &str,
         scope: &Scope,
         mut listed: Vec<ImageInfo>,
     ) -> Result<(Vec<ImageInfo>, Option<String>)> {
-        let recorded: Vec<&str> = self
+        let recorded: Vec<(&str, bool)> = self
             .obj
             .status
             .iter()
             .flat_map(|s| s.targets())
             .filter(|t| t.region == region)
-            .filter_map(|t| t.image_id.as_deref())
-            .filter(|id| !listed.iter().any(|i| i.id == *id))
+            .filter_map(|t| Some((t.image_id.as_deref()?, t.state == TargetState::Pending)))
+            .filter(|(id, _)| !listed.iter().any(|i| i.id == *id))
             .collect();
         let mut unseen = None;
-        for id in recorded {
+        for (id, pending) in recorded {
             match self.ctx.ec2.owned_image(scope, id).await? {
                 Some(image) => listed.push(image),
-                None if self.deletion_is_recent() => {
+                // A copy started just before the deletion may not be listed
+                // yet; one that was available was listed long ago.
+                None if pending && self.deletion_is_recent() => {
                     unseen.get_or_insert_with(|| id.to_owned());
                 }
                 None => {}
