@@ -428,6 +428,11 @@ pub struct TargetStatus {
     #[schemars(with = "i32", range(min = 0))]
     pub attempt: u32,
 
+    /// Snapshots of this deregistered copy that are not deleted yet; the
+    /// operator retries until they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots_to_delete: Vec<String>,
+
     /// The object's `metadata.generation` when this copy was first planned;
     /// part of the copy's idempotency token, so that a destination removed
     /// and added back gets a fresh copy.

@@ -148,14 +148,35 @@ async fn perform<E: Ec2>(
             })
         }
         Action::Retire { region, image } => {
-            let res = retire(ec2, &m.uid, scope, &image.id).await;
-            verified(res, region, &image.id, || {
+            let (res, sweep) = match retire(ec2, &m.uid, scope, &image.id).await {
+                Ok((verdict, sweep)) => (Ok(verdict), sweep),
+                Err(e) => (Err(e), Sweep::default()),
+            };
+            let (outcome, error) = verified(res, region, &image.id, || {
                 untrack(ctx, scope, &image.id);
                 Outcome::Retired {
                     region: region.clone(),
                     image_id: image.id.clone(),
+                    snapshots_left: sweep.left,
                 }
-            })
+            });
+            (outcome, error.or(sweep.error))
+        }
+        Action::DeleteSnapshots {
+            region,
+            image_id,
+            snapshot_ids,
+        } => {
+            let sweep = match owned_snapshots_among(ec2, &m.uid, scope, snapshot_ids).await {
+                Ok(ours) => delete_snapshots(ec2, scope, ours).await,
+                Err(e) => return (Outcome::Done, Some(e)),
+            };
+            let outcome = Outcome::SnapshotsDeleted {
+                region: region.clone(),
+                image_id: image_id.clone(),
+                left: sweep.left,
+            };
+            (outcome, sweep.error)
         }
         Action::Release { region, image } => {
             let res = release(ec2, &m.uid, scope, &image.id).await;
@@ -306,13 +327,43 @@ async fn owned_snapshot_ids<E: Ec2>(
     image: &ImageInfo,
 ) -> Result<Vec<String>> {
     let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+    owned_snapshots_among(ec2, uid, scope, &ids).await
+}
+
+/// Those of `ids` that exist and carry this object's UID tag, read fresh.
+async fn owned_snapshots_among<E: Ec2>(
+    ec2: &E,
+    uid: &str,
+    scope: &Scope,
+    ids: &[String],
+) -> Result<Vec<String>> {
     Ok(ec2
-        .describe_snapshots(scope, &ids)
+        .describe_snapshots(scope, ids)
         .await?
         .into_iter()
         .filter(|s| s.tags.get(UID_TAG).map(String::as_str) == Some(uid))
         .map(|s| s.id)
         .collect())
+}
+
+/// What deleting some snapshots came to: those left, and the first error.
+#[derive(Debug, Default)]
+pub(super) struct Sweep {
+    pub left: Vec<String>,
+    pub error: Option<Error>,
+}
+
+/// Deletes every snapshot it can; one failure does not stop the others.
+async fn delete_snapshots<E: Ec2>(ec2: &E, scope: &Scope, ids: Vec<String>) -> Sweep {
+    let mut sweep = Sweep::default();
+    for id in ids {
+        if let Err(e) = ec2.delete_snapshot(scope, &id).await {
+            warn!(region = %scope.region, snapshot = %id, error = %e, "could not delete a snapshot; retrying later");
+            sweep.error.get_or_insert(e.into());
+            sweep.left.push(id);
+        }
+    }
+    sweep
 }
 
 /// Reads an image fresh and judges whether it is this object's.
@@ -327,25 +378,23 @@ pub(super) async fn verify<E: Ec2>(
 }
 
 /// Deregisters an image and deletes its owned snapshots, once a fresh read
-/// shows the image is this object's; otherwise touches nothing.
+/// shows the image is this object's; otherwise touches nothing. The
+/// snapshots it could not delete are in the sweep.
 pub(super) async fn retire<E: Ec2>(
     ec2: &E,
     uid: &str,
     scope: &Scope,
     image_id: &str,
-) -> Result<Ownership> {
+) -> Result<(Ownership, Sweep)> {
     let (verdict, fresh) = verify(ec2, uid, scope, image_id).await?;
     let (Ownership::Ours, Some(image)) = (&verdict, fresh) else {
         warn!(region = %scope.region, image = %image_id, ?verdict, "not deregistering an image not confirmed as this object's");
-        return Ok(verdict);
+        return Ok((verdict, Sweep::default()));
     };
     let snapshots = owned_snapshot_ids(ec2, uid, scope, &image).await?;
     ec2.deregister_image(scope, &image.id).await?;
     info!(region = %scope.region, image = %image.id, "deregistered");
-    for snap in snapshots {
-        ec2.delete_snapshot(scope, &snap).await?;
-    }
-    Ok(verdict)
+    Ok((verdict, delete_snapshots(ec2, scope, snapshots).await))
 }
 
 /// `Retain`: once a fresh read shows the image is this object's, the image
@@ -431,10 +480,11 @@ mod tests {
     async fn retire_deletes_only_what_carries_this_objects_uid() {
         const SRC: &str = "ami-00000000000000009";
         let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
-        let verdict = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id)
+        let (verdict, sweep) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id)
             .await
             .unwrap();
         assert_eq!(verdict, Ownership::Ours);
+        assert!(sweep.left.is_empty() && sweep.error.is_none(), "{sweep:?}");
         assert!(
             ec2.images.lock().unwrap().is_empty(),
             "the owned image is deregistered"
@@ -466,7 +516,7 @@ mod tests {
             ),
         ] {
             let (ec2, image) = world(tags, copied_from);
-            let verdict = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id)
+            let (verdict, _) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id)
                 .await
                 .unwrap();
             assert_ne!(verdict, Ownership::Ours, "{tags:?}");

@@ -113,6 +113,7 @@ pub fn target_status(
         role_arn: None,
         external_id: None,
         attempt,
+        snapshots_to_delete: Vec::new(),
         generation: None,
     }
 }

@@ -75,7 +75,33 @@ pub fn plan(
             }
         }
     }
+    retiring.extend(leftovers(input, draft));
     (retiring, generations)
+}
+
+/// Deregistered copies whose snapshots are not all deleted yet: they stay
+/// in the status, and their region of interest, until they are.
+fn leftovers(input: &Input, draft: &mut Draft) -> Vec<TargetStatus> {
+    let listed = |region: &str, id: &str| {
+        input
+            .owned
+            .get(region)
+            .is_some_and(|imgs| imgs.iter().any(|i| i.id == id))
+    };
+    let mut left = Vec::new();
+    for t in &input.prev.retiring {
+        let Some(id) = &t.image_id else { continue };
+        if t.snapshots_to_delete.is_empty() || listed(&t.region, id) {
+            continue;
+        }
+        draft.actions.push(Action::DeleteSnapshots {
+            region: t.region.clone(),
+            image_id: id.clone(),
+            snapshot_ids: t.snapshots_to_delete.clone(),
+        });
+        left.push(t.clone());
+    }
+    left
 }
 
 fn source_of(img: &ImageInfo) -> &str {

@@ -122,6 +122,12 @@ pub enum Action {
     },
     /// Deregister an owned image and delete its owned snapshots.
     Retire { region: String, image: ImageInfo },
+    /// Delete the snapshots a deregistered copy left behind.
+    DeleteSnapshots {
+        region: String,
+        image_id: String,
+        snapshot_ids: Vec<String>,
+    },
     /// `Retain`: leave an image in place, remove the ownership tags.
     Release { region: String, image: ImageInfo },
 }
@@ -136,6 +142,7 @@ impl Action {
             | Action::Share { region, .. }
             | Action::Deprecate { region, .. }
             | Action::Retire { region, .. }
+            | Action::DeleteSnapshots { region, .. }
             | Action::Release { region, .. } => region,
         }
     }

@@ -35,8 +35,19 @@ pub enum Outcome {
         image_id: String,
         at: String,
     },
-    /// A copy was deregistered and its snapshots deleted.
-    Retired { region: String, image_id: String },
+    /// A copy was deregistered, and its snapshots deleted but for
+    /// `snapshots_left`.
+    Retired {
+        region: String,
+        image_id: String,
+        snapshots_left: Vec<String>,
+    },
+    /// Snapshots a deregistered copy left were deleted but for `left`.
+    SnapshotsDeleted {
+        region: String,
+        image_id: String,
+        left: Vec<String>,
+    },
     /// A copy was left in place without the ownership tags.
     Released { region: String, image_id: String },
     /// A fresh read showed the image is not this object's: left untouched.
@@ -202,10 +213,26 @@ fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
             }
             Some(Note::normal(reason::DEPRECATED, &region, message))
         }
-        Outcome::Retired { region, image_id } => {
-            forget(status, &region, &image_id);
-            let message = format!("deregistered {image_id} in {region} and deleted its snapshots");
+        Outcome::Retired {
+            region,
+            image_id,
+            snapshots_left,
+        } => {
+            let message = if snapshots_left.is_empty() {
+                format!("deregistered {image_id} in {region} and deleted its snapshots")
+            } else {
+                format!("deregistered {image_id} in {region}; its snapshots are deleted next")
+            };
+            leave_snapshots(status, &region, &image_id, snapshots_left);
             Some(Note::normal(reason::DEREGISTERED, &region, message))
+        }
+        Outcome::SnapshotsDeleted {
+            region,
+            image_id,
+            left,
+        } => {
+            leave_snapshots(status, &region, &image_id, left);
+            None
         }
         Outcome::Released { region, image_id } => {
             forget(status, &region, &image_id);
@@ -242,6 +269,23 @@ fn current_or_kept<'a>(
         .iter_mut()
         .chain(status.generations.iter_mut())
         .find(|t| t.image_id.as_deref() == Some(image_id))
+}
+
+/// A deregistered copy leaves the status once no snapshot of it is left to
+/// delete; until then it stays among those retiring, with what is left.
+fn leave_snapshots(status: &mut AmiCopyStatus, region: &str, image_id: &str, left: Vec<String>) {
+    if left.is_empty() {
+        return forget(status, region, image_id);
+    }
+    let entry = status
+        .retiring
+        .iter_mut()
+        .find(|r| r.region == region && r.image_id.as_deref() == Some(image_id));
+    if let Some(entry) = entry {
+        entry.state = TargetState::Other("deregistered".into());
+        entry.message = format!("deregistered; deleting its snapshots {}", left.join(", "));
+        entry.snapshots_to_delete = left;
+    }
 }
 
 /// A retired or released copy leaves the status.
@@ -389,6 +433,7 @@ mod tests {
             Outcome::Retired {
                 region: "eu-west-1".into(),
                 image_id: "ami-0000000000000000a".into(),
+                snapshots_left: Vec::new(),
             },
         ];
         let r = record(planned(), outcomes, &[], &now);
@@ -412,5 +457,22 @@ mod tests {
         assert_eq!(r.status.available.as_deref(), Some("0/2"));
         assert_eq!(r.status.conditions.len(), 3, "summarized once, at the end");
         assert!(r.busy, "a copy is pending");
+
+        // A snapshot that could not be deleted keeps the copy in the status.
+        let left = record(
+            planned(),
+            vec![Outcome::Retired {
+                region: "eu-west-1".into(),
+                image_id: "ami-0000000000000000a".into(),
+                snapshots_left: vec!["snap-left".into()],
+            }],
+            &[],
+            &now,
+        );
+        let [kept] = &left.status.retiring[..] else {
+            panic!("{:?}", left.status.retiring)
+        };
+        assert_eq!(kept.snapshots_to_delete, ["snap-left"]);
+        assert_eq!(kept.state, TargetState::Other("deregistered".into()));
     }
 }

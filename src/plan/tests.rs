@@ -1273,3 +1273,38 @@ fn notes_of_one_reason_become_one_event_naming_every_region() {
         "a single note is left as it is"
     );
 }
+
+#[test]
+fn snapshots_a_deregistered_copy_left_are_deleted_until_none_is_left() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let prev = AmiCopyStatus {
+        retiring: vec![TargetStatus {
+            region: "ap-south-1".into(),
+            image_id: Some("ami-0000000000000000a".into()),
+            state: TargetState::Other("deregistered".into()),
+            snapshots_to_delete: vec!["snap-left".into()],
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    assert!(regions_of_interest(&s, Some(&prev)).contains("ap-south-1"));
+    let obs = observed(Some(source_image(false)), &[("ap-south-1", vec![])]);
+    let p = run(&s, Some(&prev), &obs);
+    assert_eq!(p.status.retiring, prev.retiring, "kept until deleted");
+    assert!(p.actions.contains(&Action::DeleteSnapshots {
+        region: "ap-south-1".into(),
+        image_id: "ami-0000000000000000a".into(),
+        snapshot_ids: vec!["snap-left".into()],
+    }));
+    let done = record(
+        p,
+        vec![Outcome::SnapshotsDeleted {
+            region: "ap-south-1".into(),
+            image_id: "ami-0000000000000000a".into(),
+            left: Vec::new(),
+        }],
+        &[],
+        &now(),
+    );
+    assert!(done.status.retiring.is_empty());
+}

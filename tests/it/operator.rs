@@ -471,6 +471,58 @@ async fn removed_destination_is_retired(peer: Peer) {
     s.operator.stop().await;
 }
 
+/// EC2 will not delete the snapshots of a copy retired from a region removed
+/// from the spec: the status keeps the copy, deregistered, with the
+/// snapshots still to delete (and so the region), until a later pass
+/// deletes them.
+#[tokio::test]
+async fn sim_snapshots_a_retired_copy_left_are_deleted_later() {
+    let s = setup(Peer::sim().await, "snap-left").await;
+    let source = s.peer.seed_source("snap-left").await;
+    create(&s.api, "shrink", json!({"source": {"region": SOURCE_REGION, "imageId": source}, "destinations": [{"region": "eu-west-1"}, {"region": "eu-central-1"}]})).await;
+    let ready = wait_for(&s.api, "shrink", "Ready=True", is_ready).await;
+    let gone = target_of(&ready, "eu-central-1").unwrap();
+    let image = s.peer.image("eu-central-1", &gone).await.expect("the copy");
+    let snaps = snapshot_ids(&image);
+    assert!(!snaps.is_empty());
+    s.peer.control().add_fault(FaultRule {
+        region: Some("eu-central-1".into()),
+        action: Some("DeleteSnapshot".into()),
+        ..FaultRule::new(FaultKind::InternalError, Trigger::Always)
+    });
+    api_replace_destinations(&s.api, "shrink", json!([{"region": "eu-west-1"}])).await;
+    let left = wait_for(
+        &s.api,
+        "shrink",
+        "a deregistered copy with snapshots to delete",
+        |o| {
+            o.status.as_ref().is_some_and(|st| {
+                st.retiring
+                    .iter()
+                    .any(|r| r.region == "eu-central-1" && !r.snapshots_to_delete.is_empty())
+            })
+        },
+    )
+    .await;
+    let entry = &left.status.as_ref().unwrap().retiring[0];
+    assert_eq!(entry.snapshots_to_delete, snaps);
+    assert!(s.peer.image("eu-central-1", &gone).await.is_none());
+    assert!(s.peer.snapshot_exists("eu-central-1", &snaps[0]).await);
+
+    s.peer.control().clear_faults();
+    wait_for(&s.api, "shrink", "nothing left to retire", |o| {
+        is_ready(o) && o.status.as_ref().is_some_and(|st| st.retiring.is_empty())
+    })
+    .await;
+    for snap in &snaps {
+        assert!(
+            !s.peer.snapshot_exists("eu-central-1", snap).await,
+            "{snap} deleted"
+        );
+    }
+    s.operator.stop().await;
+}
+
 async fn api_replace_destinations(api: &Api<AmiCopy>, name: &str, destinations: serde_json::Value) {
     // A JSON merge patch replaces lists whole, as `kubectl apply` of a
     // shorter list would.
