@@ -12,7 +12,9 @@ use crate::api::{OWNER_TAG, SOURCE_TAG, TargetState, UID_TAG};
 use crate::ec2::{CopyRequest, Ec2, Grant, ImageInfo, Permission, Scope};
 use crate::error::{Error, Result};
 use crate::plan::ownership::{self, Ownership};
-use crate::plan::{Action, Claim, CopyFailure, Meta, Outcome, Plan, Scopes};
+use crate::plan::{
+    Action, Claim, Copied, CopyFailure, Meta, Outcome, Plan, Retirement, Scopes, Sharing,
+};
 
 /// What the actions of one plan did, and the first error among them.
 pub(super) struct Acted {
@@ -76,11 +78,12 @@ fn verified(
         }
         Ok(Ownership::Foreign(why)) => {
             let (region, image_id) = (region.to_owned(), image_id.to_owned());
+            let step = Retirement::Foreign { why };
             (
-                Outcome::ForeignIgnored {
+                Outcome::Retirement {
                     region,
                     image_id,
-                    why,
+                    step,
                 },
                 None,
             )
@@ -115,26 +118,7 @@ async fn perform<E: Ec2>(
             let res = ec2.delete_tags(scope, resource_ids, keys).await;
             finish(res.map_err(Error::from), || Outcome::Done)
         }
-        Action::Share {
-            region,
-            image_id,
-            snapshot_ids,
-            add,
-            remove,
-            want,
-        } => {
-            let res = share(ec2, scope, image_id, snapshot_ids, add, remove).await;
-            if res.is_ok() {
-                info!(%region, image = %image_id, added = ?add, removed = ?remove, "launch permissions updated");
-            }
-            finish(res, || Outcome::Shared {
-                region: region.clone(),
-                image_id: image_id.clone(),
-                add: add.clone(),
-                remove: remove.clone(),
-                want: want.clone(),
-            })
-        }
+        Action::Share(change) => share_copy(change, scope, ec2).await,
         Action::Deprecate {
             region,
             image_id,
@@ -147,48 +131,81 @@ async fn perform<E: Ec2>(
                 at: at.clone(),
             })
         }
-        Action::Retire { region, image } => {
-            let (res, sweep) = match retire(ec2, &m.uid, scope, &image.id).await {
-                Ok((verdict, sweep)) => (Ok(verdict), sweep),
-                Err(e) => (Err(e), Sweep::default()),
-            };
-            let (outcome, error) = verified(res, region, &image.id, || {
-                untrack(ctx, scope, &image.id);
-                Outcome::Retired {
-                    region: region.clone(),
-                    image_id: image.id.clone(),
-                    snapshots_left: sweep.left,
-                }
-            });
-            (outcome, error.or(sweep.error))
-        }
+        Action::Retire { region, image } => retire_copy(region, image, m, scope, ctx).await,
         Action::DeleteSnapshots {
             region,
             image_id,
             snapshot_ids,
-        } => {
-            let sweep = match owned_snapshots_among(ec2, &m.uid, scope, snapshot_ids).await {
-                Ok(ours) => delete_snapshots(ec2, scope, ours).await,
-                Err(e) => return (Outcome::Done, Some(e)),
-            };
-            let outcome = Outcome::SnapshotsDeleted {
-                region: region.clone(),
-                image_id: image_id.clone(),
-                left: sweep.left,
-            };
-            (outcome, sweep.error)
-        }
+        } => delete_left(region, image_id, snapshot_ids, &m.uid, scope, ec2).await,
         Action::Release { region, image } => {
             let res = release(ec2, &m.uid, scope, &image.id).await;
             verified(res, region, &image.id, || {
                 untrack(ctx, scope, &image.id);
-                Outcome::Released {
+                Outcome::Retirement {
                     region: region.clone(),
                     image_id: image.id.clone(),
+                    step: Retirement::Released,
                 }
             })
         }
     }
+}
+
+/// Brings a copy's permissions to what the spec wants.
+async fn share_copy<E: Ec2>(change: &Sharing, scope: &Scope, ec2: &E) -> (Outcome, Option<Error>) {
+    let res = share(ec2, scope, change).await;
+    finish(res, || Outcome::Shared(change.clone()))
+}
+
+/// Deletes the snapshots a deregistered copy left, those still this
+/// object's; the ones that fail stay in the outcome.
+async fn delete_left<E: Ec2>(
+    region: &str,
+    image_id: &str,
+    snapshot_ids: &[String],
+    uid: &str,
+    scope: &Scope,
+    ec2: &E,
+) -> (Outcome, Option<Error>) {
+    let sweep = match owned_snapshots_among(ec2, uid, scope, snapshot_ids).await {
+        Ok(ours) => delete_snapshots(ec2, scope, ours).await,
+        Err(e) => Sweep {
+            left: snapshot_ids.to_vec(),
+            error: Some(e),
+        },
+    };
+    let outcome = Outcome::Retirement {
+        region: region.to_owned(),
+        image_id: image_id.to_owned(),
+        step: Retirement::SnapshotsDeleted { left: sweep.left },
+    };
+    (outcome, sweep.error)
+}
+
+/// Retires a copy confirmed as this object's; the snapshots it could not
+/// delete stay in the outcome.
+async fn retire_copy<E: Ec2>(
+    region: &str,
+    image: &ImageInfo,
+    m: &Meta,
+    scope: &Scope,
+    ctx: &Context<E>,
+) -> (Outcome, Option<Error>) {
+    let (res, sweep) = match retire(&ctx.ec2, &m.uid, scope, &image.id).await {
+        Ok((verdict, sweep)) => (Ok(verdict), sweep),
+        Err(e) => (Err(e), Sweep::default()),
+    };
+    let (outcome, error) = verified(res, region, &image.id, || {
+        untrack(ctx, scope, &image.id);
+        Outcome::Retirement {
+            region: region.to_owned(),
+            image_id: image.id.clone(),
+            step: Retirement::Retired {
+                snapshots_left: sweep.left,
+            },
+        }
+    });
+    (outcome, error.or(sweep.error))
 }
 
 /// Starts a copy once the tracker has a slot for it, tracks it, and tags it.
@@ -206,7 +223,8 @@ async fn copy<E: Ec2>(
     {
         let message = queued.message;
         let region = region.to_owned();
-        return (Outcome::CopyQueued { region, message }, None);
+        let copy = Copied::Queued(message);
+        return (Outcome::Copy { region, copy }, None);
     }
     match ctx.ec2.copy_image(scope, request).await {
         Ok(id) => {
@@ -227,10 +245,12 @@ async fn copy<E: Ec2>(
                 .ec2
                 .create_tags(scope, std::slice::from_ref(&id), &request.tags)
                 .await;
-            let started = Outcome::CopyStarted {
+            let started = Outcome::Copy {
                 region: region.to_owned(),
-                image_id: id,
-                source_image_id: request.source_image_id.clone(),
+                copy: Copied::Started {
+                    image_id: id,
+                    source_image_id: request.source_image_id.clone(),
+                },
             };
             (started, tagged.err().map(Error::from))
         }
@@ -245,33 +265,29 @@ async fn copy<E: Ec2>(
             let retry = failure.backs_off(ctx.tracker.is_some());
             let retry = retry.then(|| Error::from(e.clone()));
             let region = region.to_owned();
-            (Outcome::CopyFailed { region, error: e }, retry)
+            let copy = Copied::Failed(e);
+            (Outcome::Copy { region, copy }, retry)
         }
     }
 }
 
 /// Adds and removes an image's launch permissions and its snapshots'
 /// createVolumePermission.
-async fn share<E: Ec2>(
-    ec2: &E,
-    scope: &Scope,
-    image_id: &str,
-    snapshot_ids: &[String],
-    add: &[Grant],
-    remove: &[Grant],
-) -> Result<()> {
-    let (launch_add, volume_add) = split(add);
-    let (launch_remove, volume_remove) = split(remove);
+async fn share<E: Ec2>(ec2: &E, scope: &Scope, change: &Sharing) -> Result<()> {
+    let (launch_add, volume_add) = split(&change.add);
+    let (launch_remove, volume_remove) = split(&change.remove);
+    let image_id = &change.image_id;
     if !launch_add.is_empty() || !launch_remove.is_empty() {
         ec2.set_launch_permissions(scope, image_id, &launch_add, &launch_remove)
             .await?;
     }
     if !volume_add.is_empty() || !volume_remove.is_empty() {
-        for snap in snapshot_ids {
+        for snap in &change.snapshot_ids {
             ec2.set_snapshot_permissions(scope, snap, &volume_add, &volume_remove)
                 .await?;
         }
     }
+    info!(region = %scope.region, image = %image_id, added = ?change.add, removed = ?change.remove, "launch permissions updated");
     Ok(())
 }
 

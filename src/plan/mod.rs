@@ -31,7 +31,7 @@ pub mod source;
 pub mod upkeep;
 
 pub use naming::{TokenInputs, client_token, desired_tags, target_name};
-pub use record::{CopyFailure, Outcome, Recorded, record};
+pub use record::{Copied, CopyFailure, Outcome, Recorded, Retirement, record};
 pub use scopes::Scopes;
 
 /// Identity of the object being reconciled.
@@ -105,15 +105,8 @@ pub enum Action {
         keys: Vec<String>,
     },
     /// Bring an available copy's launch permissions (and its snapshots'
-    /// createVolumePermission) to `want`, from what status says was applied.
-    Share {
-        region: String,
-        image_id: String,
-        snapshot_ids: Vec<String>,
-        add: Vec<Grant>,
-        remove: Vec<Grant>,
-        want: Vec<Grant>,
-    },
+    /// createVolumePermission) to what the spec wants.
+    Share(Sharing),
     /// Deprecate an available copy at `at` (RFC 3339).
     Deprecate {
         region: String,
@@ -139,13 +132,25 @@ impl Action {
             Action::Copy { region, .. }
             | Action::TagImage { region, .. }
             | Action::Untag { region, .. }
-            | Action::Share { region, .. }
+            | Action::Share(Sharing { region, .. })
             | Action::Deprecate { region, .. }
             | Action::Retire { region, .. }
             | Action::DeleteSnapshots { region, .. }
             | Action::Release { region, .. } => region,
         }
     }
+}
+
+/// A change of a copy's permissions, from what status says was applied to
+/// `want`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sharing {
+    pub region: String,
+    pub image_id: String,
+    pub snapshot_ids: Vec<String>,
+    pub add: Vec<Grant>,
+    pub remove: Vec<Grant>,
+    pub want: Vec<Grant>,
 }
 
 /// Tag the snapshots of an owned copy that just turned available and lack

@@ -3,7 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::{Note, Plan};
+use super::{Note, Plan, Sharing};
 use crate::api::{AmiCopyStatus, TargetState, TargetStatus};
 use crate::ec2::{Ec2Error, ErrorKind, Grant};
 use crate::status::{self, Summary, reason};
@@ -11,53 +11,49 @@ use crate::status::{self, Summary, reason};
 /// What one action did, as far as the status and the Events care.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// CopyImage returned the new image's ID.
-    CopyStarted {
-        region: String,
-        image_id: String,
-        source_image_id: String,
-    },
-    /// No copy slot was free; the object is woken when one is.
-    CopyQueued { region: String, message: String },
-    /// EC2 refused or failed the CopyImage call.
-    CopyFailed { region: String, error: Ec2Error },
+    /// What became of the copy to a destination.
+    Copy { region: String, copy: Copied },
     /// The permissions of a copy are now `want`.
-    Shared {
-        region: String,
-        image_id: String,
-        add: Vec<Grant>,
-        remove: Vec<Grant>,
-        want: Vec<Grant>,
-    },
+    Shared(Sharing),
     /// A copy is deprecated from `at`.
     Deprecated {
         region: String,
         image_id: String,
         at: String,
     },
-    /// A copy was deregistered, and its snapshots deleted but for
-    /// `snapshots_left`.
-    Retired {
+    /// What became of an older copy.
+    Retirement {
         region: String,
         image_id: String,
-        snapshots_left: Vec<String>,
-    },
-    /// Snapshots a deregistered copy left were deleted but for `left`.
-    SnapshotsDeleted {
-        region: String,
-        image_id: String,
-        left: Vec<String>,
-    },
-    /// A copy was left in place without the ownership tags.
-    Released { region: String, image_id: String },
-    /// A fresh read showed the image is not this object's: left untouched.
-    ForeignIgnored {
-        region: String,
-        image_id: String,
-        why: String,
+        step: Retirement,
     },
     /// Nothing the status shows (tags), or the action failed.
     Done,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Copied {
+    /// CopyImage returned the new image's ID.
+    Started {
+        image_id: String,
+        source_image_id: String,
+    },
+    /// No copy slot was free; the object is woken when one is.
+    Queued(String),
+    /// EC2 refused or failed the CopyImage call.
+    Failed(Ec2Error),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Retirement {
+    /// Deregistered, and its snapshots deleted but for `snapshots_left`.
+    Retired { snapshots_left: Vec<String> },
+    /// The snapshots it left were deleted but for `left`.
+    SnapshotsDeleted { left: Vec<String> },
+    /// Left in place without the ownership tags.
+    Released,
+    /// A fresh read showed it is not this object's: left untouched.
+    Foreign { why: String },
 }
 
 /// How a failed CopyImage is handled.
@@ -154,53 +150,20 @@ fn busy(status: &AmiCopyStatus) -> bool {
 /// One outcome into the status; the Event it is worth, if any.
 fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
     match outcome {
-        Outcome::CopyStarted {
-            region,
-            image_id,
-            source_image_id,
-        } => {
-            let message = format!("copying {source_image_id} to {region} as {image_id}");
-            destination(status, &region)?.image_id = Some(image_id);
-            Some(Note::normal(reason::COPY_STARTED, &region, message))
-        }
-        Outcome::CopyQueued { region, message } => {
-            let entry = destination(status, &region)?;
-            entry.state = TargetState::Queued;
-            entry.reason = Some(reason::COPY_QUEUED.into());
-            entry.message = message;
-            None
-        }
-        Outcome::CopyFailed { region, error } => {
-            let failure = CopyFailure::of(&error);
-            let (state, why, message) = failure.entry(&region, &error);
-            let entry = destination(status, &region)?;
-            (entry.state, entry.reason) = (state, Some(why.into()));
-            entry.message = message.clone();
-            (failure == CopyFailure::Rejected).then(|| {
-                Note::warning(
-                    reason::COPY_REJECTED,
-                    &region,
-                    format!("{region}: {message}"),
-                )
-            })
-        }
-        Outcome::Shared {
-            region,
-            image_id,
-            add,
-            remove,
-            want,
-        } => {
-            if let Some(t) = current_or_kept(status, &image_id) {
-                t.shared_with = want.iter().map(Grant::key).collect();
+        Outcome::Copy { region, copy } => fold_copy(status, &region, copy),
+        Outcome::Shared(change) => {
+            if let Some(t) = current_or_kept(status, &change.image_id) {
+                t.shared_with = change.want.iter().map(Grant::key).collect();
             }
             let keys = |g: &[Grant]| g.iter().map(Grant::key).collect::<Vec<_>>();
             let message = format!(
-                "{image_id} in {region}: permissions added {:?}, removed {:?}",
-                keys(&add),
-                keys(&remove)
+                "{} in {}: permissions added {:?}, removed {:?}",
+                change.image_id,
+                change.region,
+                keys(&change.add),
+                keys(&change.remove)
             );
-            Some(Note::normal(reason::SHARED, &region, message))
+            Some(Note::normal(reason::SHARED, &change.region, message))
         }
         Outcome::Deprecated {
             region,
@@ -213,45 +176,80 @@ fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
             }
             Some(Note::normal(reason::DEPRECATED, &region, message))
         }
-        Outcome::Retired {
+        Outcome::Retirement {
             region,
             image_id,
-            snapshots_left,
+            step,
+        } => fold_retirement(status, &region, &image_id, step),
+        Outcome::Done => None,
+    }
+}
+
+/// A copy started, queued or refused: the destination's entry.
+fn fold_copy(status: &mut AmiCopyStatus, region: &str, copy: Copied) -> Option<Note> {
+    let entry = destination(status, region)?;
+    match copy {
+        Copied::Started {
+            image_id,
+            source_image_id,
         } => {
+            let message = format!("copying {source_image_id} to {region} as {image_id}");
+            entry.image_id = Some(image_id);
+            Some(Note::normal(reason::COPY_STARTED, region, message))
+        }
+        Copied::Queued(message) => {
+            entry.state = TargetState::Queued;
+            entry.reason = Some(reason::COPY_QUEUED.into());
+            entry.message = message;
+            None
+        }
+        Copied::Failed(error) => {
+            let failure = CopyFailure::of(&error);
+            let (state, why, message) = failure.entry(region, &error);
+            (entry.state, entry.reason) = (state, Some(why.into()));
+            entry.message = message.clone();
+            let note = format!("{region}: {message}");
+            (failure == CopyFailure::Rejected)
+                .then(|| Note::warning(reason::COPY_REJECTED, region, note))
+        }
+    }
+}
+
+/// An older copy retired, released, cleared of its snapshots, or found not
+/// to be this object's.
+fn fold_retirement(
+    status: &mut AmiCopyStatus,
+    region: &str,
+    image_id: &str,
+    step: Retirement,
+) -> Option<Note> {
+    match step {
+        Retirement::Retired { snapshots_left } => {
             let message = if snapshots_left.is_empty() {
                 format!("deregistered {image_id} in {region} and deleted its snapshots")
             } else {
                 format!("deregistered {image_id} in {region}; its snapshots are deleted next")
             };
-            leave_snapshots(status, &region, &image_id, snapshots_left);
-            Some(Note::normal(reason::DEREGISTERED, &region, message))
+            leave_snapshots(status, region, image_id, snapshots_left);
+            Some(Note::normal(reason::DEREGISTERED, region, message))
         }
-        Outcome::SnapshotsDeleted {
-            region,
-            image_id,
-            left,
-        } => {
-            leave_snapshots(status, &region, &image_id, left);
+        Retirement::SnapshotsDeleted { left } => {
+            leave_snapshots(status, region, image_id, left);
             None
         }
-        Outcome::Released { region, image_id } => {
-            forget(status, &region, &image_id);
+        Retirement::Released => {
+            forget(status, region, image_id);
             let message = format!("{image_id} in {region} is retained and no longer managed");
-            Some(Note::normal(reason::RETAINED, &region, message))
+            Some(Note::normal(reason::RETAINED, region, message))
         }
-        Outcome::ForeignIgnored {
-            region,
-            image_id,
-            why,
-        } => {
+        Retirement::Foreign { why } => {
             let message = format!("{image_id} in {region} is left untouched: {why}");
             Some(Note::warning(
                 reason::FOREIGN_IMAGE_IGNORED,
-                &region,
+                region,
                 message,
             ))
         }
-        Outcome::Done => None,
     }
 }
 
@@ -421,19 +419,23 @@ mod tests {
     fn outcomes_fill_in_the_planned_status_and_say_so_in_notes() {
         let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap());
         let outcomes = vec![
-            Outcome::CopyStarted {
+            Outcome::Copy {
                 region: "eu-west-1".into(),
-                image_id: "ami-00000000000000042".into(),
-                source_image_id: "ami-00000000000000001".into(),
+                copy: Copied::Started {
+                    image_id: "ami-00000000000000042".into(),
+                    source_image_id: "ami-00000000000000001".into(),
+                },
             },
-            Outcome::CopyFailed {
+            Outcome::Copy {
                 region: "us-west-2".into(),
-                error: Ec2Error::new("InvalidAMIName.Duplicate", "taken"),
+                copy: Copied::Failed(Ec2Error::new("InvalidAMIName.Duplicate", "taken")),
             },
-            Outcome::Retired {
+            Outcome::Retirement {
                 region: "eu-west-1".into(),
                 image_id: "ami-0000000000000000a".into(),
-                snapshots_left: Vec::new(),
+                step: Retirement::Retired {
+                    snapshots_left: Vec::new(),
+                },
             },
         ];
         let r = record(planned(), outcomes, &[], &now);
@@ -461,10 +463,12 @@ mod tests {
         // A snapshot that could not be deleted keeps the copy in the status.
         let left = record(
             planned(),
-            vec![Outcome::Retired {
+            vec![Outcome::Retirement {
                 region: "eu-west-1".into(),
                 image_id: "ami-0000000000000000a".into(),
-                snapshots_left: vec!["snap-left".into()],
+                step: Retirement::Retired {
+                    snapshots_left: vec!["snap-left".into()],
+                },
             }],
             &[],
             &now,

@@ -655,7 +655,7 @@ fn an_image_with_this_objects_tags_copied_from_elsewhere_is_never_touched() {
     assert!(retired(&p).is_empty(), "{:?}", p.actions);
     assert!(p.status.retiring.is_empty());
     assert!(
-        p.actions.iter().all(|a| !matches!(a, Action::TagImage { image_id, .. } | Action::Share { image_id, .. } if image_id == "ami-0000000000000000d")),
+        p.actions.iter().all(|a| !matches!(a, Action::TagImage { image_id, .. } | Action::Share(Sharing { image_id, .. }) if image_id == "ami-0000000000000000d")),
         "{:?}",
         p.actions
     );
@@ -958,7 +958,7 @@ fn shares(p: &Plan) -> Vec<(Vec<String>, Vec<String>)> {
     p.actions
         .iter()
         .filter_map(|a| match a {
-            Action::Share { add, remove, .. } => {
+            Action::Share(Sharing { add, remove, .. }) => {
                 let keys = |g: &[Grant]| g.iter().map(Grant::key).collect();
                 Some((keys(add), keys(remove)))
             }
@@ -1298,10 +1298,10 @@ fn snapshots_a_deregistered_copy_left_are_deleted_until_none_is_left() {
     }));
     let done = record(
         p,
-        vec![Outcome::SnapshotsDeleted {
+        vec![Outcome::Retirement {
             region: "ap-south-1".into(),
             image_id: "ami-0000000000000000a".into(),
-            left: Vec::new(),
+            step: Retirement::SnapshotsDeleted { left: Vec::new() },
         }],
         &[],
         &now(),

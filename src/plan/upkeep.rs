@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use super::{Action, Input, Meta, desired_tags};
+use super::{Action, Input, Meta, Sharing, desired_tags};
 use crate::api::{AmiCopySpec, SOURCE_TAG, TargetState, TargetStatus};
 use crate::ec2::{Grant, ImageInfo, Permission};
 
@@ -72,14 +72,14 @@ fn share(
         return None;
     }
     let have: BTreeSet<Grant> = applied.iter().filter_map(|k| Grant::from_key(k)).collect();
-    Some(Action::Share {
+    Some(Action::Share(Sharing {
         region: region.into(),
         image_id: img.id.clone(),
         snapshot_ids: snapshot_ids.to_vec(),
         add: want.difference(&have).cloned().collect(),
         remove: have.difference(&want).cloned().collect(),
         want: want.into_iter().collect(),
-    })
+    }))
 }
 
 fn deprecate(input: &Input, region: &str, img: &ImageInfo) -> Option<Action> {
