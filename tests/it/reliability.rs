@@ -4,6 +4,7 @@
 //! its SDK retry quota kept apart from the other tests' in-process operators.
 
 mod bad_input;
+mod chaos;
 mod crash;
 mod deletion;
 mod ec2_faults;
