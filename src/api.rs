@@ -428,6 +428,13 @@ pub struct TargetStatus {
     #[schemars(with = "i32", range(min = 0))]
     pub attempt: u32,
 
+    /// When the operator decided to start this copy (RFC 3339), kept until
+    /// EC2 returns the copy's image ID: a copy whose start was never
+    /// confirmed (the operator stopped in between) is looked for in its
+    /// region for a while, even if the destination is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_at: Option<String>,
+
     /// Snapshots of this deregistered copy that are not deleted yet; the
     /// operator retries until they are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

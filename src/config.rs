@@ -70,9 +70,10 @@ pub struct Config {
     )]
     pub concurrency: u16,
 
-    /// How long a new copy may be missing from DescribeImages (EC2 lists new
-    /// images with a delay) before it counts as gone.
-    #[arg(skip = Duration::from_secs(60))]
+    /// How long EC2 may take to list a new copy (and its tags): until then a
+    /// copy missing from DescribeImages is looked for again, not taken as
+    /// gone.
+    #[arg(long, env = "AMICOPY_LISTING_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub listing_grace: Duration,
 
     /// How long a copy limit lowered by `ResourceLimitExceeded` stays lowered.

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use futures::future;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
@@ -16,11 +17,11 @@ use tracing::{info, warn};
 use super::act::{claim_snapshots, ownership_keys};
 use super::reconcile::meta;
 use super::{Context, object_ref, report};
-use crate::api::{AmiCopy, DeletionPolicy, TargetState};
+use crate::api::{AmiCopy, DeletionPolicy, TargetState, TargetStatus};
 use crate::ec2::{Ec2, ImageInfo, Scope};
 use crate::error::{Error, Result};
 use crate::plan::ownership::{self, Ownership};
-use crate::plan::{self, Meta, Note, Scopes};
+use crate::plan::{self, Meta, Note, Scopes, generations};
 use crate::status::{self, reason};
 
 pub(super) async fn cleanup<E: Ec2>(
@@ -165,26 +166,40 @@ impl<E: Ec2> Region<'_, E> {
         scope: &Scope,
         mut listed: Vec<ImageInfo>,
     ) -> Result<(Vec<ImageInfo>, Option<String>)> {
-        let recorded: Vec<(&str, bool)> = self
+        let targets: Vec<&TargetStatus> = self
             .obj
             .status
             .iter()
             .flat_map(|s| s.targets())
             .filter(|t| t.region == region)
-            .filter_map(|t| Some((t.image_id.as_deref()?, t.state == TargetState::Pending)))
-            .filter(|(id, _)| !listed.iter().any(|i| i.id == *id))
             .collect();
         let mut unseen = None;
-        for (id, pending) in recorded {
+        for t in &targets {
+            let Some(id) = t.image_id.as_deref() else {
+                continue;
+            };
+            if listed.iter().any(|i| i.id == id) {
+                continue;
+            }
             match self.ctx.ec2.owned_image(scope, id).await? {
                 Some(image) => listed.push(image),
                 // A copy started just before the deletion may not be listed
                 // yet; one that was available was listed long ago.
-                None if pending && self.deletion_is_recent() => {
+                None if t.state == TargetState::Pending && self.deletion_is_recent() => {
                     unseen.get_or_insert_with(|| id.to_owned());
                 }
                 None => {}
             }
+        }
+        // A copy decided on whose image ID never came back (the operator
+        // stopped in between) shows in the listing once EC2 lists it.
+        let now = Time(Timestamp::now());
+        let grace = self.ctx.config.listing_grace;
+        let pending_decision = targets.iter().any(|t| {
+            generations::may_have_started(t) && plan::recent(t.planned_at.as_deref(), &now, grace)
+        });
+        if pending_decision && listed.is_empty() {
+            unseen.get_or_insert_with(|| "a copy that may have started".to_owned());
         }
         Ok((listed, unseen))
     }

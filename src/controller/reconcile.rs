@@ -56,6 +56,19 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     let observed = observe::observe(obj, &m, &scopes, ctx).await?;
     let now = Time(Timestamp::now());
     let plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);
+    // Copies are recorded before they start: a copy whose image ID is lost
+    // (the operator stopped before writing it) is still looked for.
+    let written;
+    let obj = match report::write_ahead(obj, api, &plan, &now).await? {
+        Some(status) => {
+            written = AmiCopy {
+                status: Some(status),
+                ..obj.clone()
+            };
+            &written
+        }
+        None => obj,
+    };
     let acted = act::act(&plan, &m, &scopes, ctx).await;
     let previous = obj
         .status
@@ -125,6 +138,7 @@ pub(super) fn meta(obj: &AmiCopy, config: &Config) -> Result<Meta> {
     Ok(Meta {
         pinned,
         allow_public: config.allow_public_images,
+        listing_grace: config.listing_grace,
         namespace: obj
             .namespace()
             .ok_or(Error::MissingField("metadata.namespace"))?,

@@ -14,7 +14,7 @@ use super::{Context, FIELD_MANAGER};
 use crate::api::{AmiCopy, AmiCopyStatus};
 use crate::ec2::Ec2;
 use crate::error::{Error, Result};
-use crate::plan::{self, Note, Recorded};
+use crate::plan::{self, Action, Note, Plan, Recorded};
 use crate::status::{self, reason};
 
 /// Writes the status when it changed, then publishes the Events: one per
@@ -29,6 +29,35 @@ pub(super) async fn report<E: Ec2>(
     let notes = plan::merge_notes(&recorded.notes);
     future::join_all(notes.iter().map(|note| ctx.publish(obj, note))).await;
     Ok(())
+}
+
+/// Writes the status the plan leads to before any copy starts, when the
+/// plan starts one; the status written, if a write was needed.
+pub(super) async fn write_ahead(
+    obj: &AmiCopy,
+    api: &Api<AmiCopy>,
+    plan: &Plan,
+    now: &Time,
+) -> Result<Option<AmiCopyStatus>> {
+    if !plan
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Copy { .. }))
+    {
+        return Ok(None);
+    }
+    let previous = obj
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let mut status = plan.status.clone();
+    plan::record::summarize(&mut status, plan.global.clone(), previous, now);
+    if obj.status.as_ref() == Some(&status) {
+        return Ok(None);
+    }
+    write_status(api, obj, &status).await?;
+    Ok(Some(status))
 }
 
 /// The finalizer cannot finish: `Degraded` says where and why (a status

@@ -113,9 +113,14 @@ pub fn target_status(
         role_arn: None,
         external_id: None,
         attempt,
+        planned_at: None,
         snapshots_to_delete: Vec::new(),
         generation: None,
     }
+}
+
+pub fn rfc3339(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> String {
+    t.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Follows the current copy: news of its state, snapshots to claim once it
@@ -308,11 +313,18 @@ fn start(
         region: region.into(),
         request,
     });
+    // An earlier decision whose copy was never confirmed keeps its time, so
+    // that the time it is looked for does not grow with each retry.
+    let planned_at = last
+        .filter(|l| l.image_id.is_none())
+        .and_then(|l| l.planned_at.clone())
+        .unwrap_or_else(|| rfc3339(input.now));
     TargetStatus {
         region: region.into(),
         state: TargetState::Pending,
         source_image_id: Some(input.source_id.into()),
         attempt,
+        planned_at: Some(planned_at),
         ..TargetStatus::default()
     }
 }

@@ -76,7 +76,37 @@ pub fn plan(
         }
     }
     retiring.extend(leftovers(input, draft));
+    retiring.extend(unconfirmed(input));
     (retiring, generations)
+}
+
+/// A copy decided on whose image ID never came back: CopyImage was sent, or
+/// failed in a way that may have hidden its success (a lost reply).
+pub fn may_have_started(t: &TargetStatus) -> bool {
+    t.image_id.is_none() && matches!(t.state, TargetState::Pending | TargetState::Waiting)
+}
+
+/// Copies decided on in a region no longer listed whose image ID never came
+/// back (the operator stopped in between): kept in the status, so that the
+/// region is still looked at, until EC2 has had the time to list such a
+/// copy; it is then retired like any other.
+fn unconfirmed(input: &Input) -> Vec<TargetStatus> {
+    let listed = |region: &str| input.spec.destinations.iter().any(|d| d.region == region);
+    let grace = input.meta.listing_grace;
+    input
+        .prev
+        .destinations
+        .iter()
+        .chain(&input.prev.retiring)
+        .filter(|t| !listed(&t.region) && may_have_started(t))
+        .filter(|t| super::recent(t.planned_at.as_deref(), input.now, grace))
+        .map(|t| TargetStatus {
+            message:
+                "region removed from spec.destinations; looking for a copy that may have started"
+                    .into(),
+            ..t.clone()
+        })
+        .collect()
 }
 
 /// Deregistered copies whose snapshots are not all deleted yet: they stay

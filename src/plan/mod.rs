@@ -46,6 +46,8 @@ pub struct Meta {
     pub pinned: BTreeSet<String>,
     /// The operator allows `sharing.public` (`--allow-public-images`).
     pub allow_public: bool,
+    /// How long EC2 may take to list a new copy (and its tags).
+    pub listing_grace: std::time::Duration,
 }
 
 /// What EC2 reported for one reconcile.
@@ -356,6 +358,14 @@ fn verified<'a>(
         }
     }
     owned
+}
+
+/// Whether `at` (RFC 3339) is less than `window` before `now`.
+pub fn recent(at: Option<&str>, now: &Time, window: std::time::Duration) -> bool {
+    let Some(at) = at.and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok()) else {
+        return false;
+    };
+    now.0.duration_since(at).unsigned_abs() < window
 }
 
 /// Regions where this object may own images: listed now, or named in status.

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::generations;
 use crate::api::{AmiCopySpec, AmiCopyStatus, TargetState};
 use crate::config::Config;
 
@@ -23,6 +24,13 @@ pub fn after(config: &Config, spec: &AmiCopySpec, status: &AmiCopyStatus, busy: 
         config.resync_interval * 6
     } else {
         config.resync_interval
+    };
+    // A copy that may have started unseen is looked for once EC2 lists it.
+    let unconfirmed = status.retiring.iter().any(generations::may_have_started);
+    let next = if unconfirmed {
+        next.min(config.listing_grace)
+    } else {
+        next
     };
     // A selector is resolved again on its own schedule.
     if spec.source.image_id.is_none() {

@@ -29,6 +29,7 @@ fn meta(generation: i64) -> Meta {
         generation: Some(generation),
         pinned: BTreeSet::new(),
         allow_public: false,
+        listing_grace: std::time::Duration::from_secs(60),
     }
 }
 
@@ -1307,4 +1308,64 @@ fn snapshots_a_deregistered_copy_left_are_deleted_until_none_is_left() {
         &now(),
     );
     assert!(done.status.retiring.is_empty());
+}
+
+#[test]
+fn a_removed_region_whose_copy_may_have_started_is_looked_at_until_ec2_lists_it() {
+    // The operator decided to copy to ap-south-1 and stopped before the
+    // image ID came back; then ap-south-1 left the spec.
+    let s = spec(SRC, &["eu-west-1"]);
+    let decided = Time(Timestamp::from_second(1_800_000_000 - 30).unwrap());
+    let prev = AmiCopyStatus {
+        destinations: vec![TargetStatus {
+            region: "ap-south-1".into(),
+            state: TargetState::Pending,
+            source_image_id: Some(SRC.into()),
+            planned_at: Some(destinations::rfc3339(&decided)),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    let nothing_listed = observed(Some(source_image(false)), &[("ap-south-1", vec![])]);
+    let p = run(&s, Some(&prev), &nothing_listed);
+    assert_eq!(p.status.retiring.len(), 1, "kept while EC2 may not list it");
+    assert!(regions_of_interest(&s, Some(&p.status)).contains("ap-south-1"));
+    assert!(busy(&p));
+
+    // Listed now: retired like any copy in a region no longer listed.
+    let copy = target("ami-0000000000000000c", SRC, "pending");
+    let listed = observed(Some(source_image(false)), &[("ap-south-1", vec![copy])]);
+    let p = run(&s, Some(&prev), &listed);
+    assert_eq!(retired(&p), ["ami-0000000000000000c"]);
+
+    // Past the grace with nothing listed: no copy was started.
+    let later = Time(Timestamp::from_second(1_800_000_000 + 60).unwrap());
+    let p = planned(&s, &meta(1), Some(&prev), &nothing_listed, &later);
+    assert!(p.status.retiring.is_empty(), "{:?}", p.status.retiring);
+
+    // A queued or refused copy never started: nothing to look for.
+    for state in [TargetState::Queued, TargetState::Error] {
+        let mut never = prev.clone();
+        never.destinations[0].state = state;
+        assert!(
+            run(&s, Some(&never), &nothing_listed)
+                .status
+                .retiring
+                .is_empty()
+        );
+    }
+}
+
+#[test]
+fn a_new_copy_records_when_it_was_decided_and_keeps_it_across_retries() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let obs = observed(Some(source_image(false)), &[]);
+    let first = run(&s, None, &obs);
+    let decided = first.status.destinations[0].planned_at.clone();
+    assert_eq!(decided.as_deref(), Some("2027-01-15T08:00:00Z"));
+    let mut waiting = first.status.clone();
+    waiting.destinations[0].state = TargetState::Waiting;
+    let later = Time(Timestamp::from_second(1_800_000_100).unwrap());
+    let retry = planned(&s, &meta(1), Some(&waiting), &obs, &later);
+    assert_eq!(retry.status.destinations[0].planned_at, decided);
 }

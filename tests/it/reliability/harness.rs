@@ -71,6 +71,7 @@ impl Launch {
             .args(["--poll-interval", "300ms"])
             .args(["--resync-interval", self.resync])
             .args(["--max-retry-delay", "4s"])
+            .args(["--listing-grace", "3s"])
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("KUBECONFIG", &self.kubeconfig)
