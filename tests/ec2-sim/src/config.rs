@@ -84,6 +84,17 @@ pub struct SimConfig {
     /// account is the ARN's), with the external ID each requires, if any.
     #[serde(default)]
     pub roles: BTreeMap<String, Option<String>>,
+    /// EC2's eventual consistency: for this long after a call creates an
+    /// image or snapshot, every other call answers as if its ID did not
+    /// exist; after a call changes tags, tag filters still see the old ones.
+    /// Zero (the default) makes every change visible at once.
+    #[serde(with = "millis")]
+    pub propagation_lag: Duration,
+    /// How long DescribeImages, asked by image ID, still returns an image
+    /// after it was deregistered, in state `deregistered`. Zero (the
+    /// default) answers with an empty result at once.
+    #[serde(with = "millis")]
+    pub deregistered_visibility: Duration,
 }
 
 impl Default for SimConfig {
@@ -98,6 +109,8 @@ impl Default for SimConfig {
             encryption_by_default: Vec::new(),
             seed: None,
             roles: BTreeMap::new(),
+            propagation_lag: Duration::ZERO,
+            deregistered_visibility: Duration::ZERO,
         }
     }
 }

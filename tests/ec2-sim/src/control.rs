@@ -14,7 +14,9 @@ use crate::model::{Caller, Image, SeedImage, Snapshot, State};
 use crate::wire::{ApiResult, Params};
 
 /// Calls counted per (action, region, outcome); outcome is `ok`, an error
-/// code, or `dropped`.
+/// code, or `dropped`; for a call whose action was applied and whose reply
+/// a fault then lost, `applied:` and the error code, `applied:dropped`, or
+/// `applied:delayed`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallCount {
     pub action: String,
@@ -75,6 +77,16 @@ impl Control {
 
     pub fn set_concurrent_copy_limit(&self, limit: usize) {
         self.update_config(|c| c.concurrent_copy_limit = limit);
+    }
+
+    /// See [`SimConfig::propagation_lag`].
+    pub fn set_propagation_lag(&self, lag: Duration) {
+        self.update_config(|c| c.propagation_lag = lag);
+    }
+
+    /// See [`SimConfig::deregistered_visibility`].
+    pub fn set_deregistered_visibility(&self, visibility: Duration) {
+        self.update_config(|c| c.deregistered_visibility = visibility);
     }
 
     pub fn set_encryption_by_default(&self, account: &str, region: &str, enabled: bool) {
@@ -194,6 +206,12 @@ impl Control {
 
     pub(crate) fn judge(&self, action: &str, region: &str) -> Verdict {
         self.lock().faults.judge(action, region, Instant::now())
+    }
+
+    pub(crate) fn judge_after(&self, action: &str, region: &str) -> Verdict {
+        self.lock()
+            .faults
+            .judge_after(action, region, Instant::now())
     }
 
     pub(crate) fn execute(

@@ -1,5 +1,6 @@
-//! Injected misbehaviour: throttling, server errors, latency, dropped
-//! connections and failing copies.
+//! Injected misbehaviour: throttling, server errors, credential failures,
+//! latency, dropped connections and failing copies; before the action, or
+//! after it was applied with its reply lost.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::model::StateReason;
+use crate::wire::ApiError;
 
 /// What a rule does to the requests it hits.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,6 +29,11 @@ pub enum FaultKind {
     },
     /// Closes the connection without answering.
     DropConnection,
+    /// HTTP 401 `AuthFailure`: EC2 could not validate the credentials.
+    AuthFailure,
+    /// HTTP 400 `RequestExpired`, EC2's answer when temporary credentials
+    /// have expired ("Error codes for the Amazon EC2 API").
+    ExpiredCredentials,
     /// Lets `CopyImage` succeed, then the copy ends `failed`.
     CopyFailure { code: String, message: String },
 }
@@ -60,7 +67,27 @@ pub enum Trigger {
     },
 }
 
-/// One fault: what, where (`None` = everywhere) and when.
+/// Whether a rule strikes before the action or after it was applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The request waits, or fails and its action never happens.
+    #[default]
+    Before,
+    /// The action is applied and its reply lost: replaced by the failure,
+    /// or held back by the latency. Only calls whose action succeeded are
+    /// hit; `copy_failure` ignores the phase.
+    After,
+}
+
+impl Phase {
+    fn is_before(&self) -> bool {
+        *self == Self::Before
+    }
+}
+
+/// One fault: what, where (`None` = everywhere), when, and on which side
+/// of the action.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FaultRule {
     #[serde(flatten)]
@@ -71,6 +98,10 @@ pub struct FaultRule {
     pub action: Option<String>,
     #[serde(flatten)]
     pub trigger: Trigger,
+    /// Before the action (the default) or after it.
+    // Left out of the JSON when `before`, so rules read as they always did.
+    #[serde(default, skip_serializing_if = "Phase::is_before")]
+    pub phase: Phase,
 }
 
 impl FaultRule {
@@ -80,7 +111,14 @@ impl FaultRule {
             region: None,
             action: None,
             trigger,
+            phase: Phase::Before,
         }
+    }
+
+    /// Makes the rule strike after the action was applied, losing its reply.
+    pub fn after_action(mut self) -> Self {
+        self.phase = Phase::After;
+        self
     }
 
     pub fn in_region(mut self, region: impl Into<String>) -> Self {
@@ -99,7 +137,7 @@ impl FaultRule {
     }
 }
 
-/// What a request suffers before it reaches the model.
+/// What a request suffers: before its action, or in its reply after it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Verdict {
     pub delay: Duration,
@@ -112,6 +150,31 @@ pub enum Injected {
     InternalError,
     Unavailable,
     Drop,
+    AuthFailure,
+    ExpiredCredentials,
+}
+
+impl Injected {
+    /// The error EC2 answers with; `None` when there is no answer at all.
+    pub fn error(self) -> Option<ApiError> {
+        let (status, code, message) = match self {
+            Self::Drop => return None,
+            Self::Throttle => (503, "RequestLimitExceeded", "Request limit exceeded."),
+            Self::InternalError => (500, "InternalError", "An internal error has occurred"),
+            Self::Unavailable => (
+                503,
+                "Unavailable",
+                "The server is overloaded or under maintenance.",
+            ),
+            Self::AuthFailure => (
+                401,
+                "AuthFailure",
+                "AWS was not able to validate the provided access credentials",
+            ),
+            Self::ExpiredCredentials => (400, "RequestExpired", "Request has expired."),
+        };
+        Some(ApiError::with_status(status, code, message))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -160,17 +223,33 @@ impl Faults {
         self.rules.iter().map(|a| a.rule.clone()).collect()
     }
 
-    /// Decides the fate of a request; every rule that matches is consulted
-    /// so that latency adds up, and the first failure wins.
+    /// Decides the fate of a request before its action; every rule that
+    /// matches is consulted so that latency adds up, and the first failure
+    /// wins.
     pub fn judge(&mut self, action: &str, region: &str, now: Instant) -> Verdict {
+        self.judge_phase(Phase::Before, action, region, now)
+    }
+
+    /// Decides, as `judge` does, what becomes of the reply of an action
+    /// that was applied.
+    pub fn judge_after(&mut self, action: &str, region: &str, now: Instant) -> Verdict {
+        self.judge_phase(Phase::After, action, region, now)
+    }
+
+    fn judge_phase(&mut self, phase: Phase, action: &str, region: &str, now: Instant) -> Verdict {
         let mut verdict = Verdict::default();
         for i in 0..self.rules.len() {
+            if self.rules[i].rule.phase != phase {
+                continue;
+            }
             let kind = self.rules[i].rule.kind.clone();
             let injected = match kind {
                 FaultKind::Throttle => Some(Injected::Throttle),
                 FaultKind::InternalError => Some(Injected::InternalError),
                 FaultKind::Unavailable => Some(Injected::Unavailable),
                 FaultKind::DropConnection => Some(Injected::Drop),
+                FaultKind::AuthFailure => Some(Injected::AuthFailure),
+                FaultKind::ExpiredCredentials => Some(Injected::ExpiredCredentials),
                 FaultKind::Latency { .. } => None,
                 FaultKind::CopyFailure { .. } => continue,
             };
@@ -342,5 +421,76 @@ mod tests {
             serde_json::json!({"kind": "throttle", "when": "next", "count": 3, "region": "x", "action": null})
         );
         assert_eq!(serde_json::from_value::<FaultRule>(json).unwrap(), rule);
+    }
+
+    #[test]
+    fn after_rules_wait_for_the_applied_action() {
+        let mut faults = Faults::new(1);
+        faults.add(
+            FaultRule::new(FaultKind::DropConnection, Trigger::Next { count: 1 })
+                .for_action("CopyImage")
+                .after_action(),
+        );
+        let now = Instant::now();
+        assert_eq!(faults.judge("CopyImage", "r", now), Verdict::default());
+        assert_eq!(
+            faults.judge_after("CreateTags", "r", now),
+            Verdict::default()
+        );
+        assert_eq!(
+            faults.judge_after("CopyImage", "r", now).outcome,
+            Some(Injected::Drop)
+        );
+        assert_eq!(
+            faults.judge_after("CopyImage", "r", now),
+            Verdict::default()
+        );
+    }
+
+    #[test]
+    fn the_phase_defaults_to_before_and_shows_only_when_after() {
+        let before: FaultRule =
+            serde_json::from_value(serde_json::json!({"kind": "internal_error", "when": "always"}))
+                .unwrap();
+        assert_eq!(before.phase, Phase::Before);
+        let after = FaultRule::new(
+            FaultKind::Latency {
+                delay: Duration::from_secs(30),
+            },
+            Trigger::Always,
+        )
+        .after_action();
+        let json = serde_json::to_value(&after).unwrap();
+        assert_eq!(json["phase"], "after");
+        assert_eq!(json["delay"], 30_000);
+        assert_eq!(serde_json::from_value::<FaultRule>(json).unwrap(), after);
+    }
+
+    #[test]
+    fn credential_faults_answer_as_ec2_does() {
+        let mut faults = Faults::new(1);
+        faults.add(FaultRule::new(
+            FaultKind::AuthFailure,
+            Trigger::Next { count: 1 },
+        ));
+        faults.add(FaultRule::new(
+            FaultKind::ExpiredCredentials,
+            Trigger::Next { count: 1 },
+        ));
+        let now = Instant::now();
+        let first = faults.judge("DescribeImages", "r", now).outcome.unwrap();
+        let error = first.error().unwrap();
+        assert_eq!((error.status, error.code.as_str()), (401, "AuthFailure"));
+        assert!(error.message.contains("not able to validate"));
+        let second = faults.judge("DescribeImages", "r", now).outcome.unwrap();
+        let error = second.error().unwrap();
+        assert_eq!((error.status, error.code.as_str()), (400, "RequestExpired"));
+        assert_eq!(Injected::Drop.error(), None);
+        let kinds = serde_json::json!([{"kind": "auth_failure"}, {"kind": "expired_credentials"}]);
+        let parsed: Vec<FaultKind> = serde_json::from_value(kinds).unwrap();
+        assert_eq!(
+            parsed,
+            [FaultKind::AuthFailure, FaultKind::ExpiredCredentials]
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! SigV4, XML responses) well enough for `aws-sdk-ec2` to drive it, and
 //! models the parts of EC2 an AMI copier depends on: images, snapshots,
 //! copies that take time and may fail, ClientToken idempotency, encryption,
-//! sharing, tags, quotas, throttling and faults.
+//! sharing, tags, quotas, throttling, eventual consistency and faults.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 
 pub use config::{AccountRegion, DEFAULT_ACCOUNT, DEFAULT_REGIONS, Identity, SimConfig};
 pub use control::{CallCount, Control};
-pub use faults::{FaultKind, FaultRule, Trigger};
+pub use faults::{FaultKind, FaultRule, Phase, Trigger};
 pub use model::{Image, ImageState, Permission, SeedImage, Snapshot, SnapshotState, StateReason};
 
 /// A running simulator. Dereferences to its [`Control`]; stops when dropped.

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::config::{Identity, SimConfig};
 use crate::control::Control;
-use crate::faults::{FaultRule, Injected};
+use crate::faults::{FaultRule, Verdict};
 use crate::model::{Caller, SeedImage};
 use crate::sigv4::Authorization;
 use crate::wire::{API_VERSION, ApiError, Params};
@@ -161,41 +161,77 @@ async fn ec2(State(control): State<Arc<Control>>, headers: HeaderMap, body: Byte
             &caller.region,
         );
     }
-    let verdict = control.judge(&action, &caller.region);
-    if !verdict.delay.is_zero() {
-        tokio::time::sleep(verdict.delay).await;
-    }
-    let injected = match verdict.outcome {
-        None => None,
-        Some(Injected::Drop) => {
-            control.record(&action, &caller.region, "dropped");
-            return dropped();
-        }
-        Some(Injected::Throttle) => Some(ApiError::with_status(
-            503,
-            "RequestLimitExceeded",
-            "Request limit exceeded.",
-        )),
-        Some(Injected::InternalError) => Some(ApiError::with_status(
-            500,
-            "InternalError",
-            "An internal error has occurred",
-        )),
-        Some(Injected::Unavailable) => Some(ApiError::with_status(
-            503,
-            "Unavailable",
-            "The server is overloaded or under maintenance.",
-        )),
+    let region = caller.region.as_str();
+    let call = Exchange {
+        control: &control,
+        action: &action,
+        region,
+        request_id: &request_id,
     };
-    if let Some(error) = injected {
-        return fail(error, &caller.region);
+    if let Some(failed) = call.before(control.judge(&action, region)).await {
+        return failed;
     }
     match control.execute(&action, &caller, &params, &request_id) {
         Ok(body) => {
-            control.record(&action, &caller.region, "ok");
-            xml(200, body)
+            call.after(control.judge_after(&action, region), xml(200, body))
+                .await
         }
-        Err(error) => fail(error, &caller.region),
+        Err(error) => fail(error, region),
+    }
+}
+
+/// One EC2 call being answered, as the call stats count it.
+struct Exchange<'a> {
+    control: &'a Control,
+    action: &'a str,
+    region: &'a str,
+    request_id: &'a str,
+}
+
+impl Exchange<'_> {
+    fn record(&self, outcome: &str) {
+        self.control.record(self.action, self.region, outcome);
+    }
+
+    /// The failure a verdict injects, if any: what the call stats call it,
+    /// and the response.
+    fn injected(&self, verdict: &Verdict) -> Option<(String, Response)> {
+        let failure = match verdict.outcome?.error() {
+            None => ("dropped".to_string(), dropped()),
+            Some(error) => {
+                let response = xml(error.status, error.to_xml(self.request_id));
+                (error.code, response)
+            }
+        };
+        Some(failure)
+    }
+
+    /// Before the action: waits out the verdict's delay, then fails the
+    /// call if the verdict says so. `None` when the call goes on.
+    async fn before(&self, verdict: Verdict) -> Option<Response> {
+        if !verdict.delay.is_zero() {
+            tokio::time::sleep(verdict.delay).await;
+        }
+        let (outcome, response) = self.injected(&verdict)?;
+        self.record(&outcome);
+        Some(response)
+    }
+
+    /// After the action was applied: `reply`, unless the verdict loses it
+    /// or holds it back. A lost reply is counted as `applied:` and what the
+    /// client got instead, and counted at once: a client that gives up
+    /// waiting closes the connection, and with it this future.
+    async fn after(&self, verdict: Verdict, reply: Response) -> Response {
+        let (outcome, response) = match self.injected(&verdict) {
+            Some((what, lost)) => (format!("applied:{what}"), lost),
+            None if !verdict.delay.is_zero() => ("applied:delayed".to_string(), reply),
+            None => ("ok".to_string(), reply),
+        };
+        self.record(&outcome);
+        if !verdict.delay.is_zero() {
+            tokio::time::sleep(verdict.delay).await;
+        }
+        response
     }
 }
 
@@ -353,4 +389,51 @@ async fn encryption_by_default(
         .unwrap_or_else(|| control.config().default_account);
     control.set_encryption_by_default(&account, &req.region, req.enabled);
     StatusCode::NO_CONTENT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROLE: &str = "arn:aws:iam::210987654321:role/copier";
+
+    fn assume(control: &Control, external_id: Option<&str>) -> Result<String, String> {
+        let mut pairs = vec![("RoleArn", ROLE), ("RoleSessionName", "test")];
+        pairs.extend(external_id.map(|id| ("ExternalId", id)));
+        assume_role(control, "AssumeRole", &Params::from_pairs(pairs), "r-1").map_err(|e| e.code)
+    }
+
+    #[test]
+    fn roles_are_granted_and_revoked_at_runtime() {
+        let control = Control::new(SimConfig::default());
+        let denied = Err("AccessDenied".to_string());
+        assert_eq!(assume(&control, None), denied);
+
+        control.update_config(|c| {
+            c.roles.insert(ROLE.to_string(), None);
+        });
+        let answer = assume(&control, None).unwrap();
+        let key = answer
+            .split_once("<AccessKeyId>")
+            .and_then(|(_, rest)| rest.split_once('<'))
+            .map(|(key, _)| key)
+            .unwrap();
+        assert_eq!(control.config().identity(key).account, "210987654321");
+
+        control.update_config(|c| {
+            c.roles.remove(ROLE);
+        });
+        assert_eq!(assume(&control, None), denied, "revoked");
+
+        control.update_config(|c| {
+            c.roles.insert(ROLE.to_string(), Some("ext-1".to_string()));
+        });
+        assert_eq!(
+            assume(&control, None),
+            denied,
+            "granted anew, with an external ID"
+        );
+        assert_eq!(assume(&control, Some("ext-2")), denied);
+        assert!(assume(&control, Some("ext-1")).is_ok());
+    }
 }

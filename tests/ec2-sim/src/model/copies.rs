@@ -84,8 +84,10 @@ impl State {
         self.tick(now);
     }
 
-    /// Completes the copies whose time has come.
+    /// Completes the copies whose time has come, and lets every call see
+    /// what has propagated by now.
     pub fn tick(&mut self, now: OffsetDateTime) {
+        self.settle(now);
         let due: Vec<(OffsetDateTime, String)> = self
             .copying
             .iter()
@@ -268,6 +270,7 @@ impl State {
             }),
         };
         self.insert_image(image);
+        self.propagate(ctx, &id);
         id
     }
 
@@ -337,6 +340,7 @@ impl State {
                 completion_duration_minutes: plan.req.snapshot_copy_completion_minutes,
             },
         );
+        self.propagate(ctx, &snapshot_id);
         snapshot_id
     }
 }

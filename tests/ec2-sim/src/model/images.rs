@@ -23,6 +23,8 @@ pub enum ImageState {
     Available,
     Failed,
     Disabled,
+    /// Only for the while DescribeImages still returns a deregistered image.
+    Deregistered,
 }
 
 impl ImageState {
@@ -32,6 +34,7 @@ impl ImageState {
             Self::Available => "available",
             Self::Failed => "failed",
             Self::Disabled => "disabled",
+            Self::Deregistered => "deregistered",
         }
     }
 }
@@ -211,9 +214,11 @@ pub fn check_image_name(name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn image_filter_values(image: &Image, name: &str) -> Option<Vec<String>> {
+/// The values a filter named `name` matches on `image`, whose tags it sees
+/// as `tags`.
+fn image_filter_values(image: &Image, tags: &Tags, name: &str) -> Option<Vec<String>> {
     let one = |v: &str| Some(vec![v.to_string()]);
-    if let Some(values) = tag_filter_values(&image.tags, name) {
+    if let Some(values) = tag_filter_values(tags, name) {
         return Some(values);
     }
     let ebs = || image.block_devices.iter().filter_map(|d| d.ebs.as_ref());
@@ -265,12 +270,14 @@ impl State {
         Some(image)
     }
 
-    /// The image `id` in the caller's region, if the caller may use it.
+    /// The image `id` in `region`, if the caller may use it and it is known
+    /// to calls by now.
     pub(super) fn usable_image(&self, ctx: &Ctx, region: &str, id: &str) -> ApiResult<&Image> {
         check_image_id(id)?;
         self.images
             .get(id)
             .filter(|i| i.region == region && i.usable_by(ctx.account()))
+            .filter(|_| self.propagated(id, ctx.now))
             .ok_or_else(|| not_found_image(&[id]))
     }
 
@@ -325,6 +332,9 @@ impl State {
                 .filter_map(|v| self.images_by_tag.get(&(key.to_string(), v.clone())))
                 .flatten()
                 .map(String::as_str)
+                // The index holds tags as they are; a tag filter may still
+                // see what they were.
+                .chain(self.tags_in_flight())
                 .collect();
             if narrowest.as_ref().is_none_or(|n| ids.len() < n.len()) {
                 narrowest = Some(ids);
@@ -400,6 +410,7 @@ impl State {
             copy: None,
         };
         self.insert_image(image);
+        self.propagate(ctx, &id);
         Ok(id)
     }
 
@@ -439,61 +450,38 @@ impl State {
         for id in &query.image_ids {
             check_image_id(id)?;
         }
-        let region = ctx.region();
-        let account = ctx.account();
         let missing: Vec<&str> = query
             .image_ids
             .iter()
             .map(String::as_str)
             .filter(|id| {
-                let live = self
-                    .images
-                    .get(*id)
-                    .is_some_and(|i| i.region == region && i.usable_by(account));
-                !live && !self.deregistered.contains(*id)
+                self.usable_image(ctx, ctx.region(), id).is_err()
+                    && !self.deregistered.contains(*id)
             })
             .collect();
         if !missing.is_empty() {
             return Err(not_found_image(&missing));
         }
-        let owners = resolve_owners(&query.owners, account);
-        let executable_by = resolve_owners(&query.executable_by, account);
+        let selection = Selection::new(*ctx, query);
         let candidates = self.image_candidates(query);
+        let live =
+            among(&self.images, candidates.as_ref()).filter(|(id, _)| self.propagated(id, ctx.now));
+        // A recently deregistered image is returned only to a query that
+        // names it, by ImageIds or an image-id filter.
+        let named = named_ids(&query.image_ids, &query.filters, "image-id");
+        let names_ids =
+            !query.image_ids.is_empty() || query.filters.iter().any(|f| f.name == "image-id");
+        let buried = self
+            .recently_deregistered(named.as_ref(), ctx.now)
+            .filter(|_| names_ids);
         let mut selected = Vec::new();
-        for (id, image) in among(&self.images, candidates.as_ref()) {
-            if image.region != region || !image.usable_by(account) {
-                continue;
+        for (id, image) in live.chain(buried) {
+            if selection.admits(image, self.filter_tags(id, &image.tags, ctx.now))? {
+                selected.push((id, image));
             }
-            if !query.image_ids.is_empty() && !query.image_ids.contains(id) {
-                continue;
-            }
-            if !owners.is_empty() && !owners.contains(&image.owner) {
-                continue;
-            }
-            if !executable_by.is_empty() {
-                let executable = executable_by.iter().any(|who| {
-                    (who == "all" && image.is_public())
-                        || image
-                            .launch_permissions
-                            .contains(&Permission::UserId(who.clone()))
-                        || (who == account && image.is_public())
-                });
-                if !executable {
-                    continue;
-                }
-            }
-            if query.image_ids.is_empty()
-                && !query.include_deprecated
-                && image.owner != account
-                && image.is_deprecated(ctx.now)
-            {
-                continue;
-            }
-            if !matches_filters(image, &query.filters, image_filter_values)? {
-                continue;
-            }
-            selected.push((id, image));
         }
+        // Pages follow ID order; the deregistered images came last.
+        selected.sort_by_key(|(id, _)| *id);
         paginate(selected, &query.page)
     }
 
@@ -542,6 +530,7 @@ impl State {
                 return_code,
             });
         }
+        self.bury(ctx, image);
         Ok(deletions)
     }
 
@@ -586,5 +575,59 @@ impl State {
         }
         self.owned_image_mut(ctx, id)?.deprecation_time = Some(at);
         Ok(())
+    }
+}
+
+/// A DescribeImages query, with its owner lists resolved for the caller.
+struct Selection<'a> {
+    ctx: Ctx<'a>,
+    query: &'a ImageQuery,
+    owners: Vec<String>,
+    executable_by: Vec<String>,
+}
+
+impl<'a> Selection<'a> {
+    fn new(ctx: Ctx<'a>, query: &'a ImageQuery) -> Self {
+        Self {
+            owners: resolve_owners(&query.owners, ctx.account()),
+            executable_by: resolve_owners(&query.executable_by, ctx.account()),
+            ctx,
+            query,
+        }
+    }
+
+    /// Whether the query returns `image`, whose tags its filters see as
+    /// `tags`.
+    fn admits(&self, image: &Image, tags: &Tags) -> ApiResult<bool> {
+        let (account, query) = (self.ctx.account(), self.query);
+        if image.region != self.ctx.region() || !image.usable_by(account) {
+            return Ok(false);
+        }
+        if !query.image_ids.is_empty() && !query.image_ids.contains(&image.id) {
+            return Ok(false);
+        }
+        if !self.owners.is_empty() && !self.owners.contains(&image.owner) {
+            return Ok(false);
+        }
+        let executable = |who: &String| {
+            (who == "all" && image.is_public())
+                || image
+                    .launch_permissions
+                    .contains(&Permission::UserId(who.clone()))
+                || (who == account && image.is_public())
+        };
+        if !self.executable_by.is_empty() && !self.executable_by.iter().any(executable) {
+            return Ok(false);
+        }
+        if query.image_ids.is_empty()
+            && !query.include_deprecated
+            && image.owner != account
+            && image.is_deprecated(self.ctx.now)
+        {
+            return Ok(false);
+        }
+        matches_filters(image, &query.filters, |image, name| {
+            image_filter_values(image, tags, name)
+        })
     }
 }

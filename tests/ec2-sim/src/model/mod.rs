@@ -5,6 +5,7 @@
 //! unit test. Each resource has its own module; this one holds the state they
 //! share and who is asking.
 
+mod consistency;
 mod copies;
 mod images;
 mod kms;
@@ -37,6 +38,7 @@ pub use snapshots::{Snapshot, SnapshotQuery, SnapshotState, check_snapshot_id};
 pub use tags::{TagSpec, Tags};
 pub use volumes::{CreateVolume, Volume};
 
+use consistency::{LaggingTags, Tombstone};
 use copies::TokenKey;
 
 /// Who is calling, and where.
@@ -79,6 +81,12 @@ pub struct State {
     images_by_tag: HashMap<(String, String), BTreeSet<String>>,
     copying: BTreeSet<(OffsetDateTime, String)>,
     copies_in_flight: HashMap<(String, String), usize>,
+    // What eventual consistency keeps from some calls for a while: new
+    // resources by when they are known, tag changes filters do not see yet,
+    // and deregistered images still described.
+    propagating: HashMap<String, OffsetDateTime>,
+    lagging_tags: HashMap<String, LaggingTags>,
+    tombstones: BTreeMap<String, Tombstone>,
 }
 
 impl State {
@@ -93,6 +101,9 @@ impl State {
             images_by_tag: HashMap::new(),
             copying: BTreeSet::new(),
             copies_in_flight: HashMap::new(),
+            propagating: HashMap::new(),
+            lagging_tags: HashMap::new(),
+            tombstones: BTreeMap::new(),
         }
     }
 

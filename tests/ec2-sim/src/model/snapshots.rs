@@ -87,9 +87,11 @@ pub fn check_snapshot_id(id: &str) -> ApiResult<()> {
     }
 }
 
-fn snapshot_filter_values(snapshot: &Snapshot, name: &str) -> Option<Vec<String>> {
+/// The values a filter named `name` matches on `snapshot`, whose tags it
+/// sees as `tags`.
+fn snapshot_filter_values(snapshot: &Snapshot, tags: &Tags, name: &str) -> Option<Vec<String>> {
     let one = |v: &str| Some(vec![v.to_string()]);
-    if let Some(values) = tag_filter_values(&snapshot.tags, name) {
+    if let Some(values) = tag_filter_values(tags, name) {
         return Some(values);
     }
     match name {
@@ -106,11 +108,14 @@ fn snapshot_filter_values(snapshot: &Snapshot, name: &str) -> Option<Vec<String>
 }
 
 impl State {
+    /// The snapshot `id` in the caller's region, if the caller may use it
+    /// and it is known to calls by now.
     pub(super) fn usable_snapshot(&self, ctx: &Ctx, id: &str) -> ApiResult<&Snapshot> {
         check_snapshot_id(id)?;
         self.snapshots
             .get(id)
             .filter(|s| s.region == ctx.region() && s.usable_by(ctx.account()))
+            .filter(|_| self.propagated(id, ctx.now))
             .ok_or_else(|| not_found_snapshot(id))
     }
 
@@ -147,6 +152,7 @@ impl State {
         check_description(description.as_deref())?;
         let tags = tags_for(tag_specs, &["snapshot"], "snapshot")?;
         let id = self.new_id("snap");
+        self.propagate(ctx, &id);
         let snapshot = Snapshot {
             id: id.clone(),
             region: volume.region,
@@ -187,7 +193,10 @@ impl State {
         let named = named_ids(&query.snapshot_ids, &query.filters, "snapshot-id");
         let mut selected = Vec::new();
         for (id, snapshot) in among(&self.snapshots, named.as_ref()) {
-            if snapshot.region != ctx.region() || !snapshot.usable_by(ctx.account()) {
+            if snapshot.region != ctx.region()
+                || !snapshot.usable_by(ctx.account())
+                || !self.propagated(id, ctx.now)
+            {
                 continue;
             }
             if !query.snapshot_ids.is_empty() && !query.snapshot_ids.contains(id) {
@@ -199,7 +208,9 @@ impl State {
             if !restorable_by.is_empty() && !restorable_by.iter().any(|a| snapshot.usable_by(a)) {
                 continue;
             }
-            if !matches_filters(snapshot, &query.filters, snapshot_filter_values)? {
+            let tags = self.filter_tags(id, &snapshot.tags, ctx.now);
+            let values = |s: &Snapshot, name: &str| snapshot_filter_values(s, tags, name);
+            if !matches_filters(snapshot, &query.filters, values)? {
                 continue;
             }
             selected.push((id, snapshot));

@@ -173,7 +173,8 @@ impl State {
         Ok(())
     }
 
-    /// Changes one resource's tags, keeping the image tag index in step.
+    /// Changes one resource's tags, keeping the image tag index in step and
+    /// the change from tag filters for the propagation lag.
     fn retag(
         &mut self,
         ctx: &Ctx,
@@ -188,6 +189,7 @@ impl State {
             self.unindex_tags(id, &before);
             self.index_tags(id, &after);
         }
+        self.lag_tags(ctx, id, &before, &after);
         outcome
     }
 }

@@ -616,6 +616,44 @@ fn deregistering_can_take_snapshots_along_and_stops_copies() {
     assert!(!w.state.snapshots.contains_key(&snap));
 }
 
+/// A snapshot of a new 8 GiB volume, made through the API.
+fn snapshot_of_new_volume(state: &mut State, ctx: &Ctx) -> String {
+    let volume = state
+        .create_volume(
+            ctx,
+            CreateVolume {
+                availability_zone: format!("{}a", ctx.region()),
+                size: Some(8),
+                ..CreateVolume::default()
+            },
+        )
+        .unwrap()
+        .id
+        .clone();
+    state
+        .create_snapshot(ctx, &volume, Some("seed".to_string()), &[])
+        .unwrap()
+        .id
+        .clone()
+}
+
+/// A request to register an EBS image whose root is `snapshot`.
+fn registration_of(snapshot: &str) -> RegisterImage {
+    RegisterImage {
+        name: "registered".to_string(),
+        root_device_name: Some("/dev/xvda".to_string()),
+        block_devices: vec![DeviceRequest {
+            device_name: "/dev/xvda".to_string(),
+            ebs: Some(EbsRequest {
+                snapshot_id: Some(snapshot.to_string()),
+                ..EbsRequest::default()
+            }),
+            ..DeviceRequest::default()
+        }],
+        ..RegisterImage::default()
+    }
+}
+
 #[test]
 fn seeding_through_the_api_matches_ec2_defaults() {
     let mut w = World::new();
@@ -637,38 +675,8 @@ fn seeding_through_the_api_matches_ec2_defaults() {
         )
         .unwrap_err();
     assert_eq!(err.code, "InvalidZone.NotFound");
-    let volume = w
-        .state
-        .create_volume(
-            &ctx,
-            CreateVolume {
-                availability_zone: "us-east-1a".to_string(),
-                size: Some(8),
-                ..CreateVolume::default()
-            },
-        )
-        .unwrap()
-        .id
-        .clone();
-    let snap = w
-        .state
-        .create_snapshot(&ctx, &volume, Some("seed".to_string()), &[])
-        .unwrap()
-        .id
-        .clone();
-    let req = RegisterImage {
-        name: "registered".to_string(),
-        root_device_name: Some("/dev/xvda".to_string()),
-        block_devices: vec![DeviceRequest {
-            device_name: "/dev/xvda".to_string(),
-            ebs: Some(EbsRequest {
-                snapshot_id: Some(snap.clone()),
-                ..EbsRequest::default()
-            }),
-            ..DeviceRequest::default()
-        }],
-        ..RegisterImage::default()
-    };
+    let snap = snapshot_of_new_volume(&mut w.state, &ctx);
+    let req = registration_of(&snap);
     let id = w.state.register_image(&ctx, req.clone()).unwrap();
     let image = &w.state.images[&id];
     assert_eq!(image.architecture, "i386");
@@ -810,4 +818,402 @@ fn a_deregistered_copy_frees_its_slot() {
     let second = w.copy("eu-west-1", copy_of(&src, "n-2")).unwrap();
     w.state.tick(T0 + COPY);
     assert_eq!(w.image(&second).state, ImageState::Available);
+}
+
+const LAG: Duration = Duration::from_secs(10);
+
+fn at<'a>(config: &'a SimConfig, caller: &'a Caller, now: OffsetDateTime) -> Ctx<'a> {
+    Ctx {
+        config,
+        caller,
+        now,
+    }
+}
+
+fn by_ids(ids: &[&str]) -> ImageQuery {
+    ImageQuery {
+        image_ids: ids.iter().map(|id| id.to_string()).collect(),
+        ..ImageQuery::default()
+    }
+}
+
+fn filtered(name: &str, value: &str) -> ImageQuery {
+    ImageQuery {
+        filters: vec![Filter {
+            name: name.to_string(),
+            values: vec![value.to_string()],
+        }],
+        ..ImageQuery::default()
+    }
+}
+
+/// The IDs `query` returns in `region` at `now`, or the error code.
+fn described(
+    w: &World,
+    region: &str,
+    now: OffsetDateTime,
+    query: &ImageQuery,
+) -> Result<Vec<String>, String> {
+    let caller = caller(ME, region);
+    let (images, _) = w
+        .state
+        .describe_images(&at(&w.config, &caller, now), query)
+        .map_err(|e| e.code)?;
+    Ok(images.iter().map(|i| i.id.clone()).collect())
+}
+
+fn snapshots_described(
+    w: &World,
+    now: OffsetDateTime,
+    query: SnapshotQuery,
+) -> Result<Vec<String>, String> {
+    let caller = caller(ME, "us-east-1");
+    let (snapshots, _) = w
+        .state
+        .describe_snapshots(&at(&w.config, &caller, now), &query)
+        .map_err(|e| e.code)?;
+    Ok(snapshots.iter().map(|s| s.id.clone()).collect())
+}
+
+#[test]
+fn a_new_copy_and_its_snapshot_are_unknown_until_they_propagate() {
+    let mut w = World::new();
+    w.config.propagation_lag = LAG;
+    let src = w.seed(SeedImage::new("us-east-1", "base"));
+    let copy = w.copy("us-east-1", copy_of(&src, "fresh")).unwrap();
+    let snap = w.root(&copy).snapshot_id.clone().unwrap();
+    let soon = T0 + LAG - Duration::from_secs(1);
+
+    let not_found = Err("InvalidAMIID.NotFound".to_string());
+    assert_eq!(
+        described(&w, "us-east-1", soon, &by_ids(&[&copy])),
+        not_found
+    );
+    assert_eq!(
+        described(&w, "us-east-1", soon, &filtered("image-id", &copy)),
+        Ok(vec![])
+    );
+    assert_eq!(
+        described(&w, "us-east-1", soon, &ImageQuery::default()),
+        Ok(vec![src.clone()]),
+        "listings leave it out too"
+    );
+    let snap_ids = SnapshotQuery {
+        snapshot_ids: vec![snap.clone()],
+        ..SnapshotQuery::default()
+    };
+    assert_eq!(
+        snapshots_described(&w, soon, snap_ids.clone()),
+        Err("InvalidSnapshot.NotFound".to_string())
+    );
+    let snap_filter = SnapshotQuery {
+        filters: vec![Filter {
+            name: "snapshot-id".to_string(),
+            values: vec![snap.clone()],
+        }],
+        ..SnapshotQuery::default()
+    };
+    assert_eq!(
+        snapshots_described(&w, soon, snap_filter.clone()),
+        Ok(vec![])
+    );
+
+    let me = caller(ME, "us-east-1");
+    let ctx = at(&w.config, &me, soon);
+    let tag = [("k".to_string(), "v".to_string())];
+    let image_calls: [(&str, ApiResult<()>); 6] = [
+        (
+            "CreateTags",
+            w.state.create_tags(&ctx, std::slice::from_ref(&copy), &tag),
+        ),
+        (
+            "DeleteTags",
+            w.state.delete_tags(&ctx, std::slice::from_ref(&copy), &[]),
+        ),
+        (
+            "ModifyImageAttribute",
+            w.state.modify_description(&ctx, &copy, "d".to_string()),
+        ),
+        (
+            "ModifyImageAttribute",
+            w.state.modify_launch_permission(
+                &ctx,
+                &copy,
+                &PermissionChange {
+                    add: vec![Permission::UserId(OTHER.to_string())],
+                    remove: vec![],
+                },
+            ),
+        ),
+        (
+            "EnableImageDeprecation",
+            w.state
+                .enable_image_deprecation(&ctx, &copy, T0 + time::Duration::days(1)),
+        ),
+        (
+            "DeregisterImage",
+            w.state.deregister_image(&ctx, &copy, false).map(|_| ()),
+        ),
+    ];
+    for (action, result) in image_calls {
+        assert_eq!(
+            result.unwrap_err().code,
+            "InvalidAMIID.NotFound",
+            "{action}"
+        );
+    }
+    let snapshot_calls = [
+        (
+            "CreateTags",
+            w.state.create_tags(&ctx, std::slice::from_ref(&snap), &tag),
+        ),
+        ("DeleteSnapshot", w.state.delete_snapshot(&ctx, &snap)),
+        (
+            "ModifySnapshotAttribute",
+            w.state.modify_create_volume_permission(
+                &ctx,
+                &snap,
+                &PermissionChange {
+                    add: vec![Permission::UserId(OTHER.to_string())],
+                    remove: vec![],
+                },
+            ),
+        ),
+    ];
+    for (action, result) in snapshot_calls {
+        assert_eq!(
+            result.unwrap_err().code,
+            "InvalidSnapshot.NotFound",
+            "{action}"
+        );
+    }
+
+    let later = T0 + LAG;
+    assert_eq!(
+        described(&w, "us-east-1", later, &by_ids(&[&copy])),
+        Ok(vec![copy.clone()])
+    );
+    assert_eq!(
+        described(&w, "us-east-1", later, &filtered("image-id", &copy)),
+        Ok(vec![copy.clone()])
+    );
+    assert_eq!(
+        snapshots_described(&w, later, snap_ids),
+        Ok(vec![snap.clone()])
+    );
+    assert_eq!(snapshots_described(&w, later, snap_filter), Ok(vec![snap]));
+    let ctx = at(&w.config, &me, later);
+    w.state.create_tags(&ctx, &[copy], &tag).unwrap();
+}
+
+#[test]
+fn registered_images_and_created_snapshots_propagate_too() {
+    let mut w = World::new();
+    w.config.propagation_lag = LAG;
+    let me = caller(ME, "us-east-1");
+    let ctx = at(&w.config, &me, T0);
+    let req = registration_of(&snapshot_of_new_volume(&mut w.state, &ctx));
+    let err = w.state.register_image(&ctx, req.clone()).unwrap_err();
+    assert_eq!(
+        err.code, "InvalidSnapshot.NotFound",
+        "the snapshot is not known yet"
+    );
+
+    let ctx = at(&w.config, &me, T0 + LAG);
+    let image = w.state.register_image(&ctx, req).unwrap();
+    let err = w
+        .state
+        .copy_image(&ctx, copy_of(&image, "too-soon"), COPY, &mut || None)
+        .unwrap_err();
+    assert_eq!(
+        err.code, "InvalidAMIID.NotFound",
+        "a copy from it waits too"
+    );
+    let ctx = at(&w.config, &me, T0 + LAG * 2);
+    w.state
+        .copy_image(&ctx, copy_of(&image, "in-time"), COPY, &mut || None)
+        .unwrap();
+}
+
+#[test]
+fn tag_filters_see_tag_changes_after_the_lag() {
+    let mut w = World::new();
+    w.config.propagation_lag = LAG;
+    let a = w.seed(SeedImage {
+        tags: [("owner".to_string(), "x".to_string())].into(),
+        ..SeedImage::new("us-east-1", "a")
+    });
+    let b = w.seed(SeedImage::new("us-east-1", "b"));
+    let me = caller(ME, "us-east-1");
+    let owner = |v: &str| [("owner".to_string(), v.to_string())];
+    let second = Duration::from_secs(1);
+    w.state
+        .create_tags(
+            &at(&w.config, &me, T0),
+            std::slice::from_ref(&b),
+            &owner("x"),
+        )
+        .unwrap();
+    w.state
+        .delete_tags(
+            &at(&w.config, &me, T0 + second),
+            std::slice::from_ref(&a),
+            &[("owner".to_string(), None)],
+        )
+        .unwrap();
+    w.state
+        .create_tags(
+            &at(&w.config, &me, T0 + second * 2),
+            std::slice::from_ref(&b),
+            &owner("y"),
+        )
+        .unwrap();
+
+    let tagged = |w: &World, after: Duration, name: &str, value: &str| {
+        described(w, "us-east-1", T0 + after, &filtered(name, value)).unwrap()
+    };
+    assert_eq!(
+        tagged(&w, second * 5, "tag:owner", "x"),
+        [a.as_str()],
+        "the old tags still match"
+    );
+    assert_eq!(tagged(&w, second * 5, "tag-key", "owner"), [a.as_str()]);
+    assert!(tagged(&w, second * 5, "tag:owner", "y").is_empty());
+    assert_eq!(
+        described(&w, "us-east-1", T0 + second * 5, &by_ids(&[&b])).unwrap(),
+        [b.as_str()],
+        "the image itself is listed"
+    );
+    assert_eq!(w.image(&b).tags["owner"], "y", "and carries its tags");
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(tagged(&w, LAG, "tag:owner", "x"), both);
+    assert_eq!(
+        tagged(&w, LAG + second, "tag:owner", "x"),
+        [b.as_str()],
+        "the removal lands"
+    );
+    w.state.tick(T0 + LAG + second * 2);
+    assert!(tagged(&w, LAG + second * 2, "tag:owner", "x").is_empty());
+    assert_eq!(tagged(&w, LAG + second * 2, "tag:owner", "y"), [b]);
+}
+
+#[test]
+fn snapshot_tag_filters_lag_too() {
+    let mut w = World::new();
+    w.config.propagation_lag = LAG;
+    let src = w.seed(SeedImage::new("us-east-1", "base"));
+    let snap = w.root(&src).snapshot_id.clone().unwrap();
+    let me = caller(ME, "us-east-1");
+    let tag = [("team".to_string(), "a".to_string())];
+    w.state
+        .create_tags(&at(&w.config, &me, T0), std::slice::from_ref(&snap), &tag)
+        .unwrap();
+    let by_tag = SnapshotQuery {
+        filters: vec![Filter {
+            name: "tag:team".to_string(),
+            values: vec!["a".to_string()],
+        }],
+        ..SnapshotQuery::default()
+    };
+    assert_eq!(snapshots_described(&w, T0, by_tag.clone()), Ok(vec![]));
+    assert_eq!(snapshots_described(&w, T0 + LAG, by_tag), Ok(vec![snap]));
+}
+
+#[test]
+fn a_change_made_without_lag_overtakes_one_still_in_flight() {
+    let mut w = World::new();
+    w.config.propagation_lag = LAG;
+    let a = w.seed(SeedImage::new("us-east-1", "a"));
+    let me = caller(ME, "us-east-1");
+    let owner = |v: &str| [("owner".to_string(), v.to_string())];
+    w.state
+        .create_tags(
+            &at(&w.config, &me, T0),
+            std::slice::from_ref(&a),
+            &owner("x"),
+        )
+        .unwrap();
+    w.config.propagation_lag = Duration::ZERO;
+    w.state
+        .create_tags(
+            &at(&w.config, &me, T0),
+            std::slice::from_ref(&a),
+            &owner("y"),
+        )
+        .unwrap();
+    let now = described(&w, "us-east-1", T0, &filtered("tag:owner", "y")).unwrap();
+    assert_eq!(now, [a.as_str()]);
+    let later = described(&w, "us-east-1", T0 + LAG, &filtered("tag:owner", "x")).unwrap();
+    assert!(later.is_empty(), "the older change never resurfaces");
+}
+
+#[test]
+fn a_deregistered_image_is_described_by_id_for_a_while() {
+    let mut w = World::new();
+    let keep = Duration::from_secs(30);
+    w.config.deregistered_visibility = keep;
+    let a = w.seed(SeedImage {
+        tags: [("owner".to_string(), "x".to_string())].into(),
+        ..SeedImage::new("us-east-1", "a")
+    });
+    let me = caller(ME, "us-east-1");
+    w.state
+        .deregister_image(&at(&w.config, &me, T0), &a, false)
+        .unwrap();
+    assert!(!w.state.images.contains_key(&a));
+
+    let soon = T0 + keep - Duration::from_secs(1);
+    let ctx = at(&w.config, &me, soon);
+    let (images, _) = w.state.describe_images(&ctx, &by_ids(&[&a])).unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].state, ImageState::Deregistered);
+    assert_eq!(images[0].state.as_str(), "deregistered");
+    assert_eq!(
+        described(&w, "us-east-1", soon, &filtered("image-id", &a)),
+        Ok(vec![a.clone()])
+    );
+    let deregistered_only = ImageQuery {
+        filters: vec![
+            Filter {
+                name: "image-id".to_string(),
+                values: vec![a.clone()],
+            },
+            Filter {
+                name: "state".to_string(),
+                values: vec!["available".to_string()],
+            },
+        ],
+        ..ImageQuery::default()
+    };
+    assert_eq!(
+        described(&w, "us-east-1", soon, &deregistered_only),
+        Ok(vec![])
+    );
+    assert_eq!(
+        described(&w, "us-east-1", soon, &filtered("tag:owner", "x")),
+        Ok(vec![])
+    );
+    let mine = ImageQuery {
+        owners: vec!["self".to_string()],
+        ..ImageQuery::default()
+    };
+    assert_eq!(described(&w, "us-east-1", soon, &mine), Ok(vec![]));
+    assert_eq!(
+        described(&w, "eu-west-1", soon, &filtered("image-id", &a)),
+        Ok(vec![])
+    );
+    let err = w.state.deregister_image(&ctx, &a, false).unwrap_err();
+    assert_eq!(err.code, "InvalidAMIID.Unavailable");
+    let err = w
+        .state
+        .modify_description(&ctx, &a, "d".to_string())
+        .unwrap_err();
+    assert_eq!(err.code, "InvalidAMIID.NotFound");
+
+    w.state.tick(T0 + keep);
+    assert_eq!(
+        described(&w, "us-east-1", T0 + keep, &by_ids(&[&a])),
+        Ok(vec![])
+    );
 }
