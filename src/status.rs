@@ -61,7 +61,7 @@ pub fn copy_error(err: &Ec2Error) -> (&'static str, String) {
     let code = err.code.as_str();
     let msg = err.message.to_ascii_lowercase();
     let (reason, advice) = match code {
-        crate::ec2::CREDENTIALS_UNAVAILABLE => (
+        _ if err.kind == ErrorKind::Credentials => (
             reason::CREDENTIALS_UNAVAILABLE,
             "the operator has no credentials here: check its IAM role (IRSA or Pod Identity), and for a destination with a roleArn, that the role exists, trusts the operator's role and accepts the externalId",
         ),

@@ -31,8 +31,10 @@ pub(super) async fn report<E: Ec2>(
     Ok(())
 }
 
-/// Writes the status the plan leads to before any copy starts, when the
-/// plan starts one; the status written, if a write was needed.
+/// Writes the status the plan leads to before any copy starts or any copy
+/// is retired, when the plan does either: what a copy's ID or a retired
+/// copy's snapshots are must survive the operator stopping half-way. The
+/// status written, if a write was needed.
 pub(super) async fn write_ahead(
     obj: &AmiCopy,
     api: &Api<AmiCopy>,

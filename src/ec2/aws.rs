@@ -695,6 +695,8 @@ mod tests {
             ("InternalError", ErrorKind::Transient),
             ("Unavailable", ErrorKind::Transient),
             ("Dispatch", ErrorKind::Transient),
+            ("CredentialsUnavailable", ErrorKind::Credentials),
+            ("RequestExpired", ErrorKind::Credentials),
             ("InvalidAMIName.Duplicate", ErrorKind::Rejected),
             ("UnauthorizedOperation", ErrorKind::Rejected),
             ("InvalidAMIID.Malformed", ErrorKind::Rejected),

@@ -271,15 +271,15 @@ impl Ec2Error {
 /// Maps an EC2 error code to how it is handled.
 pub fn classify(code: &str) -> ErrorKind {
     match code {
-        CREDENTIALS_UNAVAILABLE => ErrorKind::Credentials,
+        // EC2 answers RequestExpired for expired temporary credentials (and
+        // for a clock far off): either way it needs someone to look.
+        CREDENTIALS_UNAVAILABLE | "RequestExpired" => ErrorKind::Credentials,
         c if c.ends_with(".NotFound") || c == "InvalidAMIID.Unavailable" => ErrorKind::NotFound,
         "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "ResourceLimitExceeded" => {
             ErrorKind::Throttled
         }
         "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
-        | "RequestTimeout" | "RequestExpired" | "Dispatch" | "Timeout" | "Response" => {
-            ErrorKind::Transient
-        }
+        | "RequestTimeout" | "Dispatch" | "Timeout" | "Response" => ErrorKind::Transient,
         _ => ErrorKind::Rejected,
     }
 }

@@ -65,6 +65,17 @@ pub fn plan(
                 }
                 Fate::Retire(message) => {
                     ts.message = message.into();
+                    // Written before the image is deregistered, so that its
+                    // snapshots are still deleted if the operator stops
+                    // between the two.
+                    if input.spec.deletion_policy == DeletionPolicy::Delete {
+                        ts.snapshots_to_delete = img
+                            .snapshots
+                            .iter()
+                            .map(|s| s.id.clone())
+                            .filter(|id| !input.source_snapshots.contains(id.as_str()))
+                            .collect();
+                    }
                     draft.actions.push(retire(input, region, img));
                     retiring.push(ts);
                 }

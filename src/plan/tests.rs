@@ -598,6 +598,11 @@ fn removed_destination_is_retired_at_once() {
     let p = run(&s, Some(&prev), &obs);
     assert_eq!(retired(&p), vec!["ami-00000000000000002"]);
     assert_eq!(p.status.destinations.len(), 1);
+    assert_eq!(
+        p.status.retiring[0].snapshots_to_delete,
+        ["snap-ami-00000000000000002"],
+        "the status names its snapshots before the image is deregistered"
+    );
 }
 
 #[test]

@@ -159,9 +159,16 @@ impl Chaos {
         }
     }
 
-    /// The fault mix before the action, and lost replies after it.
+    /// EC2's propagation lag, the fault mix before the action (about 10 %
+    /// of calls fail), lost replies after it (10 %), and throttling.
     fn unleash(&self) {
-        fault_mix(&self.sim, 1.0);
+        self.sim.set_propagation_lag(Duration::from_millis(300));
+        self.sim.set_deregistered_visibility(Duration::from_secs(2));
+        fault_mix(&self.sim, 0.6);
+        for kind in [FaultKind::DropConnection, FaultKind::InternalError] {
+            let after = FaultRule::new(kind, Trigger::Fraction { probability: 0.05 });
+            self.sim.add_fault(after.after_action());
+        }
         self.sim.add_fault(FaultRule::new(
             FaultKind::Throttle,
             Trigger::RateLimit {

@@ -242,12 +242,14 @@ pub fn total_calls(sim: &Simulator) -> u64 {
     sim.calls().iter().map(|c| c.count).sum()
 }
 
-/// Requests the simulator failed on purpose, by outcome.
+/// Requests the simulator failed on purpose, by outcome (`applied:…` for a
+/// reply lost after the action).
 pub fn injected(sim: &Simulator) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for c in sim.calls() {
+        let failure = c.outcome.strip_prefix("applied:").unwrap_or(&c.outcome);
         if matches!(
-            c.outcome.as_str(),
+            failure,
             "RequestLimitExceeded" | "InternalError" | "Unavailable" | "dropped"
         ) {
             *out.entry(c.outcome).or_default() += c.count;
