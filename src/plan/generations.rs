@@ -87,7 +87,9 @@ pub fn plan(
         }
     }
     retiring.extend(leftovers(input, draft));
-    retiring.extend(unconfirmed(input));
+    let (kept_retiring, kept_generations) = unseen(input);
+    retiring.extend(kept_retiring);
+    generations.extend(kept_generations);
     (retiring, generations)
 }
 
@@ -97,27 +99,55 @@ pub fn may_have_started(t: &TargetStatus) -> bool {
     t.image_id.is_none() && matches!(t.state, TargetState::Pending | TargetState::Waiting)
 }
 
-/// Copies decided on in a region no longer listed whose image ID never came
-/// back (the operator stopped in between): kept in the status, so that the
-/// region is still looked at, until EC2 has had the time to list such a
-/// copy; it is then retired like any other.
-fn unconfirmed(input: &Input) -> Vec<TargetStatus> {
+/// Entries of the last status that this pass's listing cannot speak for,
+/// kept so that their region stays of interest: every entry of a region EC2
+/// did not answer about, and, in a region no longer listed, a copy that may
+/// have started without EC2 listing it yet (it lists new copies late). The
+/// copies being retired, and the generations kept.
+fn unseen(input: &Input) -> (Vec<TargetStatus>, Vec<TargetStatus>) {
     let listed = |region: &str| input.spec.destinations.iter().any(|d| d.region == region);
+    let unreachable = |region: &str| input.observed.unreachable.contains_key(region);
     let grace = input.meta.listing_grace;
-    input
+    let owned = |t: &TargetStatus| {
+        t.image_id.as_ref().is_some_and(|id| {
+            input
+                .owned
+                .get(t.region.as_str())
+                .is_some_and(|imgs| imgs.iter().any(|i| &i.id == id))
+        })
+    };
+    let unlisted_start = |t: &TargetStatus| {
+        matches!(t.state, TargetState::Pending | TargetState::Waiting)
+            && super::recent(t.planned_at.as_deref(), input.now, grace)
+            && !owned(t)
+    };
+    let retiring = input
         .prev
         .destinations
         .iter()
+        .filter(|t| !listed(&t.region))
         .chain(&input.prev.retiring)
-        .filter(|t| !listed(&t.region) && may_have_started(t))
-        .filter(|t| super::recent(t.planned_at.as_deref(), input.now, grace))
+        .filter(|t| {
+            unreachable(&t.region) || (t.snapshots_to_delete.is_empty() && unlisted_start(t))
+        })
         .map(|t| TargetStatus {
-            message:
+            message: if unreachable(&t.region) {
+                format!("EC2 in {} did not answer; kept until it does", t.region)
+            } else {
                 "region removed from spec.destinations; looking for a copy that may have started"
-                    .into(),
+                    .into()
+            },
             ..t.clone()
         })
-        .collect()
+        .collect();
+    let generations = input
+        .prev
+        .generations
+        .iter()
+        .filter(|t| unreachable(&t.region))
+        .cloned()
+        .collect();
+    (retiring, generations)
 }
 
 /// Deregistered copies whose snapshots are not all deleted yet: they stay
@@ -132,7 +162,8 @@ fn leftovers(input: &Input, draft: &mut Draft) -> Vec<TargetStatus> {
     let mut left = Vec::new();
     for t in &input.prev.retiring {
         let Some(id) = &t.image_id else { continue };
-        if t.snapshots_to_delete.is_empty() || listed(&t.region, id) {
+        let unreachable = input.observed.unreachable.contains_key(&t.region);
+        if t.snapshots_to_delete.is_empty() || listed(&t.region, id) || unreachable {
             continue;
         }
         draft.actions.push(Action::DeleteSnapshots {

@@ -1374,3 +1374,58 @@ fn a_new_copy_records_when_it_was_decided_and_keeps_it_across_retries() {
     let retry = planned(&s, &meta(1), Some(&waiting), &obs, &later);
     assert_eq!(retry.status.destinations[0].planned_at, decided);
 }
+
+#[test]
+fn entries_of_a_region_ec2_did_not_answer_about_are_kept() {
+    // ap-south-1 left the spec; EC2 there does not answer this time.
+    let s = spec(SRC, &["eu-west-1"]);
+    let entry = |id: &str, state: TargetState| TargetStatus {
+        region: "ap-south-1".into(),
+        image_id: Some(id.into()),
+        state,
+        source_image_id: Some(SRC.into()),
+        ..TargetStatus::default()
+    };
+    let prev = AmiCopyStatus {
+        destinations: vec![entry("ami-0000000000000000a", TargetState::Available)],
+        generations: vec![entry("ami-0000000000000000b", TargetState::Available)],
+        ..AmiCopyStatus::default()
+    };
+    let mut obs = observed(Some(source_image(false)), &[]);
+    obs.unreachable.insert(
+        "ap-south-1".into(),
+        crate::ec2::Ec2Error::new("InternalError", "try again"),
+    );
+    let p = run(&s, Some(&prev), &obs);
+    let kept: Vec<_> = p
+        .status
+        .retiring
+        .iter()
+        .map(|t| t.image_id.clone())
+        .collect();
+    assert_eq!(kept, [Some("ami-0000000000000000a".to_string())]);
+    assert_eq!(p.status.generations.len(), 1);
+    assert!(regions_of_interest(&s, Some(&p.status)).contains("ap-south-1"));
+    assert!(retired(&p).is_empty(), "nothing is done there this time");
+}
+
+#[test]
+fn a_new_copy_ec2_does_not_list_yet_in_a_removed_region_is_kept() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let decided = Time(Timestamp::from_second(1_800_000_000 - 5).unwrap());
+    let prev = AmiCopyStatus {
+        destinations: vec![TargetStatus {
+            region: "ap-south-1".into(),
+            image_id: Some("ami-0000000000000000a".into()),
+            state: TargetState::Pending,
+            source_image_id: Some(SRC.into()),
+            planned_at: Some(destinations::rfc3339(&decided)),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    let mut obs = observed(Some(source_image(false)), &[("ap-south-1", vec![])]);
+    obs.recorded.insert("ami-0000000000000000a".into(), None);
+    let p = run(&s, Some(&prev), &obs);
+    assert_eq!(p.status.retiring.len(), 1, "not taken as gone");
+}

@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod chaos;
+mod consistency;
 mod crash;
 mod deletion;
 mod ec2_faults;
