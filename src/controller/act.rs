@@ -240,11 +240,14 @@ async fn copy<E: Ec2>(
                 t.track_new(&key, scope, placeholder, src_region);
             }
             // Some EC2 peers ignore TagSpecifications; the image ID just
-            // returned is certainly ours, so tag it explicitly.
+            // returned is certainly ours, so tag it explicitly. EC2, which
+            // applied them, may not know the new image yet (NotFound): that
+            // is no failure.
             let tagged = ctx
                 .ec2
                 .create_tags(scope, std::slice::from_ref(&id), &request.tags)
-                .await;
+                .await
+                .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) });
             let started = Outcome::Copy {
                 region: region.to_owned(),
                 copy: Copied::Started {
@@ -342,8 +345,30 @@ async fn owned_snapshot_ids<E: Ec2>(
     scope: &Scope,
     image: &ImageInfo,
 ) -> Result<Vec<String>> {
+    Ok(snapshots_of(ec2, uid, scope, image).await?.0)
+}
+
+/// The snapshots of `image` that carry this object's UID tag, and those EC2
+/// did not return at all (new snapshots are listed late).
+pub(super) async fn snapshots_of<E: Ec2>(
+    ec2: &E,
+    uid: &str,
+    scope: &Scope,
+    image: &ImageInfo,
+) -> Result<(Vec<String>, Vec<String>)> {
     let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-    owned_snapshots_among(ec2, uid, scope, &ids).await
+    let found = ec2.describe_snapshots(scope, &ids).await?;
+    let unseen = ids
+        .iter()
+        .filter(|id| !found.iter().any(|s| &s.id == *id))
+        .cloned()
+        .collect();
+    let owned = found
+        .into_iter()
+        .filter(|s| s.tags.get(UID_TAG).map(String::as_str) == Some(uid))
+        .map(|s| s.id)
+        .collect();
+    Ok((owned, unseen))
 }
 
 /// Those of `ids` that exist and carry this object's UID tag, read fresh.
@@ -407,10 +432,13 @@ pub(super) async fn retire<E: Ec2>(
         warn!(region = %scope.region, image = %image_id, ?verdict, "not deregistering an image not confirmed as this object's");
         return Ok((verdict, Sweep::default()));
     };
-    let snapshots = owned_snapshot_ids(ec2, uid, scope, &image).await?;
+    let (snapshots, unseen) = snapshots_of(ec2, uid, scope, &image).await?;
     ec2.deregister_image(scope, &image.id).await?;
     info!(region = %scope.region, image = %image.id, "deregistered");
-    Ok((verdict, delete_snapshots(ec2, scope, snapshots).await))
+    let mut sweep = delete_snapshots(ec2, scope, snapshots).await;
+    // Not listed yet: deleted later, once EC2 shows they are this object's.
+    sweep.left.extend(unseen);
+    Ok((verdict, sweep))
 }
 
 /// `Retain`: once a fresh read shows the image is this object's, the image

@@ -14,7 +14,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
 use tracing::{info, warn};
 
-use super::act::{claim_snapshots, ownership_keys};
+use super::act::{claim_snapshots, ownership_keys, snapshots_of};
 use super::reconcile::meta;
 use super::{Context, object_ref, report};
 use crate::api::{AmiCopy, DeletionPolicy, TargetState, TargetStatus};
@@ -112,9 +112,10 @@ impl<E: Ec2> Region<'_, E> {
             }
             res => res?,
         };
-        let (listed, unseen) = self.with_recorded(region, scope, listed).await?;
+        let (listed, mut unseen) = self.with_recorded(region, scope, listed).await?;
+        let mut unlisted_snapshots = Vec::new();
         for image in self.own(region, listed).await {
-            self.clean_image(region, scope, &image).await?;
+            unlisted_snapshots.extend(self.clean_image(region, scope, &image).await?);
         }
         let snapshots: Vec<String> = ec2
             .owned_snapshots(scope, uid)
@@ -145,6 +146,10 @@ impl<E: Ec2> Region<'_, E> {
                 region: region.to_owned(),
                 what: format!("images still listed: {}", left.join(", ")),
             });
+        }
+        if !unlisted_snapshots.is_empty() {
+            let what = format!("snapshots {}", unlisted_snapshots.join(", "));
+            unseen.get_or_insert(what);
         }
         match unseen {
             Some(image) => Err(Error::Unconfirmed {
@@ -230,15 +235,28 @@ impl<E: Ec2> Region<'_, E> {
         own
     }
 
-    async fn clean_image(&self, region: &str, scope: &Scope, image: &ImageInfo) -> Result<()> {
+    /// Deregisters (or releases) one image; the snapshots of it EC2 does not
+    /// list yet, which the sweep cannot find this time.
+    async fn clean_image(
+        &self,
+        region: &str,
+        scope: &Scope,
+        image: &ImageInfo,
+    ) -> Result<Vec<String>> {
         let ec2 = &self.ctx.ec2;
         // Claim this image's untagged snapshots first, so the sweep that
         // follows finds them even on peers that ignore TagSpecifications.
         let ids: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
         claim_snapshots(ec2, scope, &image.id, &ids, self.tags).await?;
+        let mut unseen = Vec::new();
         let note = match self.obj.spec.deletion_policy {
             DeletionPolicy::Delete => {
+                let owned;
+                (owned, unseen) = snapshots_of(ec2, &self.m.uid, scope, image).await?;
                 ec2.deregister_image(scope, &image.id).await?;
+                for snap in &owned {
+                    ec2.delete_snapshot(scope, snap).await?;
+                }
                 let message = format!("deregistered {} in {region}", image.id);
                 Note::normal(reason::DEREGISTERED, region, message)
             }
@@ -250,7 +268,7 @@ impl<E: Ec2> Region<'_, E> {
             }
         };
         self.ctx.publish(self.obj, &note).await;
-        Ok(())
+        Ok(unseen)
     }
 
     /// Whether the status records a copy made in `region`.

@@ -335,10 +335,11 @@ pub fn leaks(sim: &Simulator, live: &BTreeSet<String>) -> Vec<String> {
         }
         if !live_snapshots.contains(&snap.id) {
             problems.push(format!(
-                "snapshot {} in {} ({:?}) belongs to no live copy",
+                "snapshot {} in {} ({:?}, {:?}) belongs to no live copy",
                 snap.id,
                 snap.region,
-                snap.tags.get(UID_TAG)
+                snap.tags.get(UID_TAG),
+                snap.description
             ));
         }
     }
