@@ -118,7 +118,7 @@ async fn perform<E: Ec2>(
             let res = ec2.delete_tags(scope, resource_ids, keys).await;
             finish(res.map_err(Error::from), || Outcome::Done)
         }
-        Action::Share(change) => share_copy(change, scope, ec2).await,
+        Action::Share(change) => share_copy(change, &m.uid, scope, ec2).await,
         Action::Deprecate {
             region,
             image_id,
@@ -152,7 +152,21 @@ async fn perform<E: Ec2>(
 }
 
 /// Brings a copy's permissions to what the spec wants.
-async fn share_copy<E: Ec2>(change: &Sharing, scope: &Scope, ec2: &E) -> (Outcome, Option<Error>) {
+/// Permissions are only taken away from an image a fresh read confirms as
+/// this object's.
+async fn share_copy<E: Ec2>(
+    change: &Sharing,
+    uid: &str,
+    scope: &Scope,
+    ec2: &E,
+) -> (Outcome, Option<Error>) {
+    if !change.remove.is_empty() {
+        let verdict = verify(ec2, uid, scope, &change.image_id).await;
+        let res = verdict.map(|(v, _)| v);
+        if !matches!(res, Ok(Ownership::Ours)) {
+            return verified(res, &change.region, &change.image_id, || Outcome::Done);
+        }
+    }
     let res = share(ec2, scope, change).await;
     finish(res, || Outcome::Shared(change.clone()))
 }
@@ -572,5 +586,34 @@ mod tests {
             assert_eq!(ec2.images.lock().unwrap().len(), 1);
             assert_eq!(ec2.snapshots.lock().unwrap().len(), 3);
         }
+    }
+
+    #[tokio::test]
+    async fn permissions_are_only_removed_from_an_image_confirmed_as_this_objects() {
+        let (ec2, image) = world(&[(UID_TAG, "uid-2")], None);
+        let change = Sharing {
+            region: "eu-west-1".into(),
+            image_id: image.id.clone(),
+            snapshot_ids: Vec::new(),
+            add: Vec::new(),
+            remove: vec![Grant::Launch(Permission::Account("111122223333".into()))],
+            want: Vec::new(),
+        };
+        let (outcome, error) = share_copy(&change, UID, &Scope::region("eu-west-1"), &ec2).await;
+        assert!(error.is_none(), "{error:?}");
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Retirement {
+                    step: Retirement::Foreign { .. },
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+        assert!(
+            ec2.calls.lock().unwrap().is_empty(),
+            "no permission touched"
+        );
     }
 }

@@ -36,6 +36,12 @@ pub fn plan(
     };
     let mut ts = if let Some(img) = current(input, region, last) {
         follow(input, region, img, last, attempt, draft)
+    } else if let Some(young) = last.filter(|l| not_listed_yet(input, l)) {
+        // EC2 lists a new copy late: not found is no proof it is gone.
+        TargetStatus {
+            message: "started; EC2 does not list it yet".into(),
+            ..young.clone()
+        }
     } else {
         let attempt = attempt + u32::from(gone(input, region, last, draft));
         match verdict.image {
@@ -166,6 +172,15 @@ fn follow(
     }
     upkeep(input, region, img, &mut ts, &mut draft.actions);
     ts
+}
+
+/// A copy recorded as started, younger than the listing grace, that EC2
+/// does not return yet.
+fn not_listed_yet(input: &Input, last: &TargetStatus) -> bool {
+    let grace = input.meta.listing_grace;
+    last.image_id.is_some()
+        && last.state == TargetState::Pending
+        && super::recent(last.planned_at.as_deref(), input.now, grace)
 }
 
 /// Whether the copy the status recorded is gone (deregistered out of band),

@@ -1429,3 +1429,35 @@ fn a_new_copy_ec2_does_not_list_yet_in_a_removed_region_is_kept() {
     let p = run(&s, Some(&prev), &obs);
     assert_eq!(p.status.retiring.len(), 1, "not taken as gone");
 }
+
+#[test]
+fn a_young_copy_ec2_does_not_return_yet_is_not_copied_again() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let decided = Time(Timestamp::from_second(1_800_000_000 - 5).unwrap());
+    let prev = AmiCopyStatus {
+        observed_generation: Some(1),
+        source_image_id: Some(SRC.into()),
+        destinations: vec![TargetStatus {
+            region: "eu-west-1".into(),
+            image_id: Some("ami-0000000000000000a".into()),
+            state: TargetState::Pending,
+            source_image_id: Some(SRC.into()),
+            planned_at: Some(destinations::rfc3339(&decided)),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    let mut obs = observed(Some(source_image(false)), &[("eu-west-1", vec![])]);
+    obs.recorded.insert("ami-0000000000000000a".into(), None);
+    let p = run(&s, Some(&prev), &obs);
+    assert!(copies(&p).is_empty(), "{:?}", p.actions);
+    let d = &p.status.destinations[0];
+    assert_eq!(d.image_id.as_deref(), Some("ami-0000000000000000a"));
+    assert_eq!(d.state, TargetState::Pending);
+    assert!(!p.notes.iter().any(|n| n.reason == reason::TARGET_MISSING));
+
+    // Past the grace, not found is gone: copied again under a new token.
+    let later = Time(Timestamp::from_second(1_800_000_000 + 120).unwrap());
+    let p = planned(&s, &meta(1), Some(&prev), &obs, &later);
+    assert_eq!(copies(&p).len(), 1);
+}
