@@ -22,7 +22,7 @@ use crate::ec2::Ec2;
 use crate::error::{Error, Result};
 use crate::plan::{self, Meta, Scopes, requeue};
 
-#[instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+#[instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), uid = obj.metadata.uid.as_deref().unwrap_or_default()))]
 pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -> Result<Requeue> {
     let start = Instant::now();
     let ns = obj
