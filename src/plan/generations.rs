@@ -101,9 +101,9 @@ pub fn may_have_started(t: &TargetStatus) -> bool {
 
 /// Entries of the last status that this pass's listing cannot speak for,
 /// kept so that their region stays of interest: every entry of a region EC2
-/// did not answer about, and, in a region no longer listed, a copy that may
-/// have started without EC2 listing it yet (it lists new copies late). The
-/// copies being retired, and the generations kept.
+/// did not answer about, and a copy of an earlier source, or in a region no
+/// longer listed, that may have started without EC2 listing it yet (it lists
+/// new copies late). The copies being retired, and the generations kept.
 fn unseen(input: &Input) -> (Vec<TargetStatus>, Vec<TargetStatus>) {
     let listed = |region: &str| input.spec.destinations.iter().any(|d| d.region == region);
     let unreachable = |region: &str| input.observed.unreachable.contains_key(region);
@@ -121,11 +121,16 @@ fn unseen(input: &Input) -> (Vec<TargetStatus>, Vec<TargetStatus>) {
             && super::recent(t.planned_at.as_deref(), input.now, grace)
             && !owned(t)
     };
+    // A destination's entry for the current source is the destination's
+    // own; one for an earlier source, or a region no longer listed, is not.
+    let current = |t: &TargetStatus| {
+        listed(&t.region) && t.source_image_id.as_deref() == Some(input.source_id)
+    };
     let retiring = input
         .prev
         .destinations
         .iter()
-        .filter(|t| !listed(&t.region))
+        .filter(|t| !current(t))
         .chain(&input.prev.retiring)
         .filter(|t| {
             unreachable(&t.region) || (t.snapshots_to_delete.is_empty() && unlisted_start(t))
@@ -134,8 +139,7 @@ fn unseen(input: &Input) -> (Vec<TargetStatus>, Vec<TargetStatus>) {
             message: if unreachable(&t.region) {
                 format!("EC2 in {} did not answer; kept until it does", t.region)
             } else {
-                "region removed from spec.destinations; looking for a copy that may have started"
-                    .into()
+                "looking for a copy that may have started: EC2 lists new copies late".into()
             },
             ..t.clone()
         })

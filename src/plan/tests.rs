@@ -1461,3 +1461,37 @@ fn a_young_copy_ec2_does_not_return_yet_is_not_copied_again() {
     let p = planned(&s, &meta(1), Some(&prev), &obs, &later);
     assert_eq!(copies(&p).len(), 1);
 }
+
+#[test]
+fn a_copy_of_the_previous_source_ec2_does_not_list_yet_is_not_forgotten() {
+    // The source changed a moment after the copy of the old one started.
+    let s = spec(NEW_SRC, &["eu-west-1"]);
+    let decided = Time(Timestamp::from_second(1_800_000_000 - 1).unwrap());
+    let prev = AmiCopyStatus {
+        source_image_id: Some(SRC.into()),
+        destinations: vec![TargetStatus {
+            region: "eu-west-1".into(),
+            image_id: Some("ami-0000000000000000a".into()),
+            state: TargetState::Pending,
+            source_image_id: Some(SRC.into()),
+            planned_at: Some(destinations::rfc3339(&decided)),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    let mut source = source_image(false);
+    source.id = NEW_SRC.into();
+    let p = run(
+        &s,
+        Some(&prev),
+        &observed(Some(source), &[("eu-west-1", vec![])]),
+    );
+    assert_eq!(copies(&p).len(), 1, "the new source is copied");
+    let kept: Vec<_> = p
+        .status
+        .retiring
+        .iter()
+        .map(|t| t.image_id.clone())
+        .collect();
+    assert_eq!(kept, [Some("ami-0000000000000000a".to_string())]);
+}
