@@ -207,6 +207,11 @@ fn from_cache(
             return None;
         }
     }
+    // The tracker knows images by ID: a copy that may have started without
+    // its ID coming back is only found by listing its region.
+    if prev.targets().any(plan::generations::may_have_started) {
+        return None;
+    }
     let mut owned: Owned = plan::regions_of_interest(&obj.spec, Some(prev))
         .into_iter()
         .map(|r| (r, Vec::new()))
