@@ -93,19 +93,27 @@ async fn ec2_faults_converge_without_duplicates_and_bounded_calls() {
         injected.values().sum::<u64>() >= 30,
         "faults were injected: {injected:?}"
     );
-    // The SDK makes at most 3 attempts per operation; each reconcile makes
-    // a bounded number of operations; reconciles themselves are bounded:
-    // the first adds the finalizer, then a handful while copies are pending
-    // (poll interval 300 ms, copies 500 ms), one per status write, and one
-    // per failure.
+    // The SDK makes at most 3 attempts per operation (structural); each
+    // reconcile makes at most `calls_per_reconcile` operations (structural).
+    // Measured bounds, twice what runs on this machine showed: 1.3-1.4
+    // requests per operation, 2.2-2.9 operations per reconcile, 36-44
+    // reconciles for the six objects (docs/reliability.md).
     assert!(calls <= 3 * ops, "{calls} requests for {ops} operations");
     assert!(
         ops <= reconciles * calls_per_reconcile(REGIONS.len() as u64),
         "{ops} operations in {reconciles} reconciles"
     );
     assert!(
-        reconciles <= (OBJECTS as u64) * 40,
-        "{reconciles} reconciles for {OBJECTS} objects"
+        calls * 10 <= ops * 28,
+        "{calls} requests for {ops} operations: more than twice the measured 1.4"
+    );
+    assert!(
+        ops <= reconciles * 6,
+        "{ops} operations in {reconciles} reconciles: more than twice the measured 2.9"
+    );
+    assert!(
+        reconciles <= (OBJECTS as u64) * 15,
+        "{reconciles} reconciles for {OBJECTS} objects: more than twice the measured 44"
     );
 
     // Deletion under the same faults leaves nothing behind.
