@@ -448,7 +448,7 @@ pub(super) async fn retire<E: Ec2>(
     };
     let (snapshots, unseen) = snapshots_of(ec2, uid, scope, &image).await?;
     ec2.deregister_image(scope, &image.id).await?;
-    info!(region = %scope.region, image = %image.id, "deregistered");
+    info!(region = %scope.region, image = %image.id, snapshots = ?snapshots, "deregistered");
     let mut sweep = delete_snapshots(ec2, scope, snapshots).await;
     // Not listed yet: deleted later, once EC2 shows they are this object's.
     sweep.left.extend(unseen);

@@ -254,6 +254,7 @@ impl<E: Ec2> Region<'_, E> {
                 let owned;
                 (owned, unseen) = snapshots_of(ec2, &self.m.uid, scope, image).await?;
                 ec2.deregister_image(scope, &image.id).await?;
+                info!(%region, image = %image.id, snapshots = ?owned, "deregistered by the finalizer");
                 for snap in &owned {
                     ec2.delete_snapshot(scope, snap).await?;
                 }
