@@ -131,7 +131,7 @@ pub fn record(plan: Plan, outcomes: Vec<Outcome>, previous: &[Condition], now: &
     let planned_busy = busy(&plan.status);
     let (mut status, mut notes) = (plan.status, plan.notes);
     for outcome in outcomes {
-        notes.extend(fold(&mut status, outcome));
+        notes.extend(fold(&mut status, outcome, now));
     }
     summarize(&mut status, plan.global, previous, now);
     let busy = planned_busy || busy(&status);
@@ -148,9 +148,9 @@ fn busy(status: &AmiCopyStatus) -> bool {
 }
 
 /// One outcome into the status; the Event it is worth, if any.
-fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
+fn fold(status: &mut AmiCopyStatus, outcome: Outcome, now: &Time) -> Option<Note> {
     match outcome {
-        Outcome::Copy { region, copy } => fold_copy(status, &region, copy),
+        Outcome::Copy { region, copy } => fold_copy(status, &region, copy, now),
         Outcome::Shared(change) => {
             if let Some(t) = current_or_kept(status, &change.image_id) {
                 t.shared_with = change.want.iter().map(Grant::key).collect();
@@ -186,7 +186,7 @@ fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
 }
 
 /// A copy started, queued or refused: the destination's entry.
-fn fold_copy(status: &mut AmiCopyStatus, region: &str, copy: Copied) -> Option<Note> {
+fn fold_copy(status: &mut AmiCopyStatus, region: &str, copy: Copied, now: &Time) -> Option<Note> {
     let entry = destination(status, region)?;
     match copy {
         Copied::Started {
@@ -195,6 +195,9 @@ fn fold_copy(status: &mut AmiCopyStatus, region: &str, copy: Copied) -> Option<N
         } => {
             let message = format!("copying {source_image_id} to {region} as {image_id}");
             entry.image_id = Some(image_id);
+            // From now on EC2 has the copy: it may take the listing grace
+            // to list it, however long the copy took to start.
+            entry.planned_at = Some(super::destinations::rfc3339(now));
             Some(Note::normal(reason::COPY_STARTED, region, message))
         }
         Copied::Queued(message) => {
@@ -443,6 +446,11 @@ mod tests {
             panic!("two destinations: {:?}", r.status.destinations)
         };
         assert_eq!(eu.image_id.as_deref(), Some("ami-00000000000000042"));
+        assert_eq!(
+            eu.planned_at.as_deref(),
+            Some("2027-01-15T08:00:00Z"),
+            "dated when EC2 returned the copy"
+        );
         assert_eq!(eu.state, TargetState::Pending);
         assert_eq!(us.state, TargetState::Error);
         assert_eq!(us.reason.as_deref(), Some(reason::DUPLICATE_NAME));
