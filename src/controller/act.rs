@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 
 use futures::future;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use tracing::{info, warn};
 
 use super::{Context, object_ref};
@@ -240,9 +242,12 @@ async fn copy<E: Ec2>(
         let copy = Copied::Queued(message);
         return (Outcome::Copy { region, copy }, None);
     }
+    let token = &request.client_token[..12.min(request.client_token.len())];
+    info!(%region, source = %request.source_image_id, token, "starting a copy");
     match ctx.ec2.copy_image(scope, request).await {
         Ok(id) => {
-            info!(%region, image = %id, "copy started");
+            let at = Time(Timestamp::now());
+            info!(%region, image = %id, token, "copy started");
             ctx.metrics.copy_started(region);
             if let Some(t) = &ctx.tracker {
                 let placeholder = ImageInfo {
@@ -267,11 +272,13 @@ async fn copy<E: Ec2>(
                 copy: Copied::Started {
                     image_id: id,
                     source_image_id: request.source_image_id.clone(),
+                    at,
                 },
             };
             (started, tagged.err().map(Error::from))
         }
         Err(e) => {
+            warn!(%region, token, error = %e, "CopyImage refused or unanswered");
             let failure = CopyFailure::of(&e);
             if let Some(t) = &ctx.tracker {
                 t.release(scope, src_region);

@@ -360,11 +360,15 @@ fn verified<'a>(
     owned
 }
 
-/// Whether `at` (RFC 3339) is less than `window` before `now`.
+/// Whether `at` (RFC 3339, to the second) is less than `window` before `now`.
 pub fn recent(at: Option<&str>, now: &Time, window: std::time::Duration) -> bool {
     let Some(at) = at.and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok()) else {
         return false;
     };
+    // The status keeps times to the second, cut down: a time read back may
+    // be up to a second early, and "recent" errs on the side of looking
+    // again.
+    let window = window + std::time::Duration::from_secs(1);
     now.0.duration_since(at).unsigned_abs() < window
 }
 

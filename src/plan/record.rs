@@ -37,6 +37,10 @@ pub enum Copied {
     Started {
         image_id: String,
         source_image_id: String,
+        /// When CopyImage returned: EC2 may take the listing grace from
+        /// then on to list the copy. (The pass may have begun long before,
+        /// behind slow calls to other regions.)
+        at: Time,
     },
     /// No copy slot was free; the object is woken when one is.
     Queued(String),
@@ -192,12 +196,11 @@ fn fold_copy(status: &mut AmiCopyStatus, region: &str, copy: Copied, now: &Time)
         Copied::Started {
             image_id,
             source_image_id,
+            at,
         } => {
             let message = format!("copying {source_image_id} to {region} as {image_id}");
             entry.image_id = Some(image_id);
-            // From now on EC2 has the copy: it may take the listing grace
-            // to list it, however long the copy took to start.
-            entry.planned_at = Some(super::destinations::rfc3339(now));
+            entry.planned_at = Some(super::destinations::rfc3339(&at));
             Some(Note::normal(reason::COPY_STARTED, region, message))
         }
         Copied::Queued(message) => {
@@ -427,6 +430,7 @@ mod tests {
                 copy: Copied::Started {
                     image_id: "ami-00000000000000042".into(),
                     source_image_id: "ami-00000000000000001".into(),
+                    at: Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_007).unwrap()),
                 },
             },
             Outcome::Copy {
@@ -448,8 +452,8 @@ mod tests {
         assert_eq!(eu.image_id.as_deref(), Some("ami-00000000000000042"));
         assert_eq!(
             eu.planned_at.as_deref(),
-            Some("2027-01-15T08:00:00Z"),
-            "dated when EC2 returned the copy"
+            Some("2027-01-15T08:00:07Z"),
+            "dated when EC2 returned the copy, not when the pass began"
         );
         assert_eq!(eu.state, TargetState::Pending);
         assert_eq!(us.state, TargetState::Error);

@@ -1495,3 +1495,14 @@ fn a_copy_of_the_previous_source_ec2_does_not_list_yet_is_not_forgotten() {
         .collect();
     assert_eq!(kept, [Some("ami-0000000000000000a".to_string())]);
 }
+
+#[test]
+fn a_time_kept_to_the_second_is_recent_for_the_whole_window() {
+    let at = "2027-01-15T08:00:00Z";
+    let now = |ms: i64| Time(Timestamp::from_millisecond(1_800_000_000_000 + ms).unwrap());
+    let window = std::time::Duration::from_secs(3);
+    // The copy started at 08:00:00.900, kept as 08:00:00.
+    assert!(super::recent(Some(at), &now(3_800), window));
+    assert!(!super::recent(Some(at), &now(4_100), window));
+    assert!(!super::recent(None, &now(0), window));
+}
