@@ -21,6 +21,9 @@ pub enum Error {
 
     #[error("cleanup not finished in {region}: {what}")]
     CleanupPending { region: String, what: String },
+
+    #[error("the object changed since this pass read it; reading it again")]
+    Stale,
 }
 
 impl Error {
@@ -43,6 +46,7 @@ impl Error {
             Error::MissingField(_) => "invalid_object",
             Error::CleanupPending { .. } => "cleanup_pending",
             Error::Unconfirmed { .. } => "unconfirmed",
+            Error::Stale => "stale",
         }
     }
 
@@ -60,7 +64,8 @@ impl Error {
             Error::Kube(_)
             | Error::Ec2(_)
             | Error::CleanupPending { .. }
-            | Error::Unconfirmed { .. } => false,
+            | Error::Unconfirmed { .. }
+            | Error::Stale => false,
         }
     }
 
@@ -69,7 +74,7 @@ impl Error {
     pub fn is_passing(&self) -> bool {
         match self {
             Error::Ec2(e) => e.is_transient(),
-            Error::CleanupPending { .. } | Error::Unconfirmed { .. } => true,
+            Error::CleanupPending { .. } | Error::Unconfirmed { .. } | Error::Stale => true,
             Error::Kube(_) => true,
             Error::Finalizer(_) | Error::MissingField(_) => false,
         }

@@ -199,7 +199,10 @@ async fn delete_left<E: Ec2>(
 }
 
 /// Retires a copy confirmed as this object's; the snapshots it could not
-/// delete stay in the outcome.
+/// delete stay in the outcome. A copy with snapshots the status does not
+/// name yet (EC2 listed it before they were known) is not deregistered in
+/// this pass: the status names them first, so that they are still deleted
+/// if the operator stops between the two.
 async fn retire_copy<E: Ec2>(
     region: &str,
     image: &ImageInfo,
@@ -207,21 +210,35 @@ async fn retire_copy<E: Ec2>(
     scope: &Scope,
     ctx: &Context<E>,
 ) -> (Outcome, Option<Error>) {
-    let (res, sweep) = match retire(&ctx.ec2, &m.uid, scope, &image.id).await {
-        Ok((verdict, sweep)) => (Ok(verdict), sweep),
-        Err(e) => (Err(e), Sweep::default()),
+    let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+    let (res, step) = match retire(&ctx.ec2, &m.uid, scope, &image.id, &named).await {
+        Ok((verdict, Retired::Unnamed(snapshots))) => {
+            (Ok(verdict), Ok(Retirement::Named { snapshots }))
+        }
+        Ok((verdict, Retired::Deregistered(sweep))) => (Ok(verdict), Err(sweep)),
+        Err(e) => (Err(e), Err(Sweep::default())),
     };
-    let (outcome, error) = verified(res, region, &image.id, || {
-        untrack(ctx, scope, &image.id);
+    let (step, error) = match step {
+        Ok(step) => (step, None),
+        Err(sweep) => (
+            Retirement::Retired {
+                snapshots_left: sweep.left,
+            },
+            sweep.error,
+        ),
+    };
+    let deregistered = matches!(step, Retirement::Retired { .. });
+    let (outcome, e) = verified(res, region, &image.id, || {
+        if deregistered {
+            untrack(ctx, scope, &image.id);
+        }
         Outcome::Retirement {
             region: region.to_owned(),
             image_id: image.id.clone(),
-            step: Retirement::Retired {
-                snapshots_left: sweep.left,
-            },
+            step,
         }
     });
-    (outcome, error.or(sweep.error))
+    (outcome, e.or(error))
 }
 
 /// Starts a copy once the tracker has a slot for it, tracks it, and tags it.
@@ -439,27 +456,42 @@ pub(super) async fn verify<E: Ec2>(
     Ok((ownership::check(fresh.as_ref(), uid), fresh))
 }
 
+/// What [`retire`] came to for an image confirmed as this object's.
+#[derive(Debug)]
+pub(super) enum Retired {
+    /// Deregistered; the snapshots it could not delete are in the sweep.
+    Deregistered(Sweep),
+    /// Not deregistered: it has snapshots the status does not name yet;
+    /// all of its snapshots, to be named first.
+    Unnamed(Vec<String>),
+}
+
 /// Deregisters an image and deletes its owned snapshots, once a fresh read
-/// shows the image is this object's; otherwise touches nothing. The
-/// snapshots it could not delete are in the sweep.
+/// shows the image is this object's and that the status names (`named`)
+/// every snapshot it has; otherwise touches nothing.
 pub(super) async fn retire<E: Ec2>(
     ec2: &E,
     uid: &str,
     scope: &Scope,
     image_id: &str,
-) -> Result<(Ownership, Sweep)> {
+    named: &[String],
+) -> Result<(Ownership, Retired)> {
     let (verdict, fresh) = verify(ec2, uid, scope, image_id).await?;
     let (Ownership::Ours, Some(image)) = (&verdict, fresh) else {
         warn!(region = %scope.region, image = %image_id, ?verdict, "not deregistering an image not confirmed as this object's");
-        return Ok((verdict, Sweep::default()));
+        return Ok((verdict, Retired::Deregistered(Sweep::default())));
     };
+    if image.snapshots.iter().any(|s| !named.contains(&s.id)) {
+        let all = image.snapshots.iter().map(|s| s.id.clone()).collect();
+        return Ok((verdict, Retired::Unnamed(all)));
+    }
     let (snapshots, unseen) = snapshots_of(ec2, uid, scope, &image).await?;
     ec2.deregister_image(scope, &image.id).await?;
     info!(region = %scope.region, image = %image.id, snapshots = ?snapshots, "deregistered");
     let mut sweep = delete_snapshots(ec2, scope, snapshots).await;
     // Not listed yet: deleted later, once EC2 shows they are this object's.
     sweep.left.extend(unseen);
-    Ok((verdict, sweep))
+    Ok((verdict, Retired::Deregistered(sweep)))
 }
 
 /// `Retain`: once a fresh read shows the image is this object's, the image
@@ -545,10 +577,14 @@ mod tests {
     async fn retire_deletes_only_what_carries_this_objects_uid() {
         const SRC: &str = "ami-00000000000000009";
         let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
-        let (verdict, sweep) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id)
+        let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+        let (verdict, retired) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id, &named)
             .await
             .unwrap();
         assert_eq!(verdict, Ownership::Ours);
+        let Retired::Deregistered(sweep) = retired else {
+            panic!("deregistered: {retired:?}")
+        };
         assert!(sweep.left.is_empty() && sweep.error.is_none(), "{sweep:?}");
         assert!(
             ec2.images.lock().unwrap().is_empty(),
@@ -581,7 +617,8 @@ mod tests {
             ),
         ] {
             let (ec2, image) = world(tags, copied_from);
-            let (verdict, _) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id)
+            let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+            let (verdict, _) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id, &named)
                 .await
                 .unwrap();
             assert_ne!(verdict, Ownership::Ours, "{tags:?}");
@@ -593,6 +630,26 @@ mod tests {
             assert_eq!(ec2.images.lock().unwrap().len(), 1);
             assert_eq!(ec2.snapshots.lock().unwrap().len(), 3);
         }
+    }
+
+    #[tokio::test]
+    async fn a_copy_with_snapshots_the_status_does_not_name_is_not_deregistered_yet() {
+        const SRC: &str = "ami-00000000000000009";
+        let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
+        let all: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+        let (verdict, retired) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id, &[])
+            .await
+            .unwrap();
+        assert_eq!(verdict, Ownership::Ours);
+        let Retired::Unnamed(snapshots) = retired else {
+            panic!("not deregistered: {retired:?}")
+        };
+        assert_eq!(
+            snapshots, all,
+            "every snapshot of the copy, to be named first"
+        );
+        assert_eq!(ec2.images.lock().unwrap().len(), 1, "the image stays");
+        assert_eq!(ec2.snapshots.lock().unwrap().len(), 3, "and its snapshots");
     }
 
     #[tokio::test]

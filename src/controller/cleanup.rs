@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use futures::future;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
 use tracing::{info, warn};
@@ -25,10 +26,19 @@ use crate::plan::{self, Meta, Note, Scopes, generations};
 use crate::status::{self, reason};
 
 pub(super) async fn cleanup<E: Ec2>(
-    obj: &AmiCopy,
+    cached: &AmiCopy,
     api: &Api<AmiCopy>,
     ctx: &Context<E>,
 ) -> Result<Requeue> {
+    // The watch may not have brought the last status write yet, and what
+    // the status names (a copy started a moment ago) is what the clean-up
+    // must not miss: it reads the object fresh.
+    let fresh = api
+        .get_opt(&cached.name_any())
+        .await
+        .map_err(Error::Kube)?
+        .filter(|o| o.metadata.uid == cached.metadata.uid);
+    let obj = fresh.as_ref().unwrap_or(cached);
     let m = meta(obj, &ctx.config)?;
     if let Some(t) = &ctx.tracker {
         t.forget(&object_ref(&m));

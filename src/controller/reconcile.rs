@@ -58,17 +58,8 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     let plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);
     // Copies are recorded before they start: a copy whose image ID is lost
     // (the operator stopped before writing it) is still looked for.
-    let written;
-    let obj = match report::write_ahead(obj, api, &plan, &now).await? {
-        Some(status) => {
-            written = AmiCopy {
-                status: Some(status),
-                ..obj.clone()
-            };
-            &written
-        }
-        None => obj,
-    };
+    let written = report::write_ahead(obj, api, &plan, &now).await?;
+    let obj = written.as_ref().unwrap_or(obj);
     let acted = act::act(&plan, &m, &scopes, ctx).await;
     let previous = obj
         .status

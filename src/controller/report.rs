@@ -25,7 +25,7 @@ pub(super) async fn report<E: Ec2>(
     ctx: &Context<E>,
     recorded: &Recorded,
 ) -> Result<()> {
-    write_status(api, obj, &recorded.status).await?;
+    write_status(api, obj, &recorded.status, true).await?;
     let notes = plan::merge_notes(&recorded.notes);
     future::join_all(notes.iter().map(|note| ctx.publish(obj, note))).await;
     Ok(())
@@ -34,17 +34,17 @@ pub(super) async fn report<E: Ec2>(
 /// Writes the status the plan leads to before any copy starts or any copy
 /// is retired, when the plan does either: what a copy's ID or a retired
 /// copy's snapshots are must survive the operator stopping half-way. The
-/// status written, if a write was needed.
+/// object as written, if a write was needed.
 pub(super) async fn write_ahead(
     obj: &AmiCopy,
     api: &Api<AmiCopy>,
     plan: &Plan,
     now: &Time,
-) -> Result<Option<AmiCopyStatus>> {
+) -> Result<Option<AmiCopy>> {
     if !plan
         .actions
         .iter()
-        .any(|a| matches!(a, Action::Copy { .. }))
+        .any(|a| matches!(a, Action::Copy { .. } | Action::Retire { .. }))
     {
         return Ok(None);
     }
@@ -58,8 +58,7 @@ pub(super) async fn write_ahead(
     if obj.status.as_ref() == Some(&status) {
         return Ok(None);
     }
-    write_status(api, obj, &status).await?;
-    Ok(Some(status))
+    write_status(api, obj, &status, false).await
 }
 
 /// The finalizer cannot finish: `Degraded` says where and why (a status
@@ -86,31 +85,67 @@ pub(super) async fn cleanup_blocked<E: Ec2>(
     );
     status.conditions.retain(|c| c.type_ != status::DEGRADED);
     status.conditions.push(degraded);
-    if let Err(e) = write_status(api, obj, &status).await {
+    if let Err(e) = write_status(api, obj, &status, true).await {
         warn!(error = %e, "could not report a blocked clean-up in the status");
     }
     let note = Note::warning(reason::CLEANUP_BLOCKED, "", message);
     ctx.publish(obj, &note).await;
 }
 
-/// Writes status by server-side apply, unless nothing changed.
-async fn write_status(api: &Api<AmiCopy>, obj: &AmiCopy, status: &AmiCopyStatus) -> Result<()> {
+/// Writes status by server-side apply, unless nothing changed; the object
+/// as written, if a write was needed.
+///
+/// The write holds only if the object is still the one this pass read (its
+/// resourceVersion): a status built on a copy the watch had not brought up
+/// to date would overwrite what an earlier pass recorded, such as a copy's
+/// image ID, and that is [`Error::Stale`]. With `after_acting`, the pass has
+/// acted and its outcomes are facts: if only the spec or metadata changed
+/// meanwhile (the status is still the one read), they are written anyway.
+async fn write_status(
+    api: &Api<AmiCopy>,
+    obj: &AmiCopy,
+    status: &AmiCopyStatus,
+    after_acting: bool,
+) -> Result<Option<AmiCopy>> {
     if obj.status.as_ref() == Some(status) {
-        return Ok(());
+        return Ok(None);
     }
-    let patch = json!({
+    match apply_status(api, obj, status).await {
+        Err(Error::Stale) if after_acting => {
+            let fresh = api.get(&obj.name_any()).await.map_err(Error::Kube)?;
+            if fresh.metadata.uid != obj.metadata.uid || fresh.status != obj.status {
+                return Err(Error::Stale);
+            }
+            apply_status(api, &fresh, status).await.map(Some)
+        }
+        res => res.map(Some),
+    }
+}
+
+/// One status write, on condition that `obj` is the object as it is now.
+async fn apply_status(
+    api: &Api<AmiCopy>,
+    obj: &AmiCopy,
+    status: &AmiCopyStatus,
+) -> Result<AmiCopy> {
+    let mut patch = json!({
         "apiVersion": "amicopy.dev/v1alpha1",
         "kind": "AmiCopy",
         "status": status,
     });
+    if let Some(version) = obj.resource_version() {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
     api.patch_status(
         &obj.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    .map_err(|e| match e {
+        kube::Error::Api(ae) if ae.code == 409 => Error::Stale,
+        e => Error::Kube(e),
+    })
 }
 
 impl<E: Ec2> Context<E> {

@@ -54,6 +54,9 @@ pub enum Retirement {
     Retired { snapshots_left: Vec<String> },
     /// The snapshots it left were deleted but for `left`.
     SnapshotsDeleted { left: Vec<String> },
+    /// Not deregistered yet: EC2 showed snapshots the status did not name;
+    /// they are named now, and the copy is retired in the next pass.
+    Named { snapshots: Vec<String> },
     /// Left in place without the ownership tags.
     Released,
     /// A fresh read showed it is not this object's: left untouched.
@@ -72,6 +75,10 @@ pub enum CopyFailure {
     Credentials,
     /// EC2 refused this copy; it stays refused until the spec changes.
     Rejected,
+    /// A copy was started with this idempotency token before, with other
+    /// arguments (the tags changed since): that copy exists, and is looked
+    /// for, not refused.
+    TokenInUse,
 }
 
 impl CopyFailure {
@@ -80,6 +87,9 @@ impl CopyFailure {
             ErrorKind::Throttled if e.code == "ResourceLimitExceeded" => CopyFailure::Quota,
             ErrorKind::Throttled | ErrorKind::Transient => CopyFailure::Busy,
             ErrorKind::Credentials => CopyFailure::Credentials,
+            ErrorKind::Rejected if e.code == "IdempotentParameterMismatch" => {
+                CopyFailure::TokenInUse
+            }
             ErrorKind::NotFound | ErrorKind::Rejected => CopyFailure::Rejected,
         }
     }
@@ -89,7 +99,7 @@ impl CopyFailure {
     pub fn backs_off(self, batched: bool) -> bool {
         match self {
             CopyFailure::Quota => !batched,
-            CopyFailure::Busy | CopyFailure::Credentials => true,
+            CopyFailure::Busy | CopyFailure::Credentials | CopyFailure::TokenInUse => true,
             CopyFailure::Rejected => false,
         }
     }
@@ -117,6 +127,13 @@ impl CopyFailure {
                 let (why, message) = status::copy_error(e);
                 (TargetState::Error, why, message)
             }
+            CopyFailure::TokenInUse => (
+                TargetState::Pending,
+                reason::WAITING,
+                format!(
+                    "a copy to {region} was started earlier, before the tags changed; EC2 does not list it yet"
+                ),
+            ),
         }
     }
 }
@@ -135,7 +152,7 @@ pub fn record(plan: Plan, outcomes: Vec<Outcome>, previous: &[Condition], now: &
     let planned_busy = busy(&plan.status);
     let (mut status, mut notes) = (plan.status, plan.notes);
     for outcome in outcomes {
-        notes.extend(fold(&mut status, outcome, now));
+        notes.extend(fold(&mut status, outcome));
     }
     summarize(&mut status, plan.global, previous, now);
     let busy = planned_busy || busy(&status);
@@ -152,9 +169,9 @@ fn busy(status: &AmiCopyStatus) -> bool {
 }
 
 /// One outcome into the status; the Event it is worth, if any.
-fn fold(status: &mut AmiCopyStatus, outcome: Outcome, now: &Time) -> Option<Note> {
+fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
     match outcome {
-        Outcome::Copy { region, copy } => fold_copy(status, &region, copy, now),
+        Outcome::Copy { region, copy } => fold_copy(status, &region, copy),
         Outcome::Shared(change) => {
             if let Some(t) = current_or_kept(status, &change.image_id) {
                 t.shared_with = change.want.iter().map(Grant::key).collect();
@@ -190,7 +207,7 @@ fn fold(status: &mut AmiCopyStatus, outcome: Outcome, now: &Time) -> Option<Note
 }
 
 /// A copy started, queued or refused: the destination's entry.
-fn fold_copy(status: &mut AmiCopyStatus, region: &str, copy: Copied, now: &Time) -> Option<Note> {
+fn fold_copy(status: &mut AmiCopyStatus, region: &str, copy: Copied) -> Option<Note> {
     let entry = destination(status, region)?;
     match copy {
         Copied::Started {
@@ -241,6 +258,16 @@ fn fold_retirement(
         }
         Retirement::SnapshotsDeleted { left } => {
             leave_snapshots(status, region, image_id, left);
+            None
+        }
+        Retirement::Named { snapshots } => {
+            if let Some(entry) = status
+                .retiring
+                .iter_mut()
+                .find(|t| t.region == region && t.image_id.as_deref() == Some(image_id))
+            {
+                entry.snapshots_to_delete = snapshots;
+            }
             None
         }
         Retirement::Released => {
@@ -362,6 +389,13 @@ mod tests {
                 reason::DUPLICATE_NAME,
                 false,
                 false,
+            ),
+            (
+                "IdempotentParameterMismatch",
+                TargetState::Pending,
+                reason::WAITING,
+                true,
+                true,
             ),
             (
                 "InvalidSnapshot.NotFound",
