@@ -13,7 +13,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use rand::Rng;
-use tracing::{instrument, warn};
+use tracing::{debug, instrument, warn};
 
 use super::{Context, act, cleanup, observe, report};
 use crate::api::{AmiCopy, FINALIZER, PINNED_ANNOTATION};
@@ -67,6 +67,7 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
     let recorded = plan::record(plan, acted.outcomes, previous, &now);
+    debug!(status = %plan::record::outline(&recorded.status), "recorded");
     report::report(obj, api, ctx, &recorded).await?;
     // EC2 faults still back off, after the status says what is going on.
     if let Some(e) = acted
@@ -75,7 +76,13 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     {
         return Err(e);
     }
-    let wait = requeue::after(&ctx.config, &obj.spec, &recorded.status, recorded.busy);
+    let wait = requeue::after(
+        &ctx.config,
+        &obj.spec,
+        &recorded.status,
+        recorded.busy,
+        &now,
+    );
     Ok(Requeue::requeue(wait))
 }
 

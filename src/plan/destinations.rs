@@ -142,6 +142,9 @@ fn follow(
     let mut ts = target_status(region, img, input.source_id, attempt);
     if let Some(l) = input.last_entry(&img.id) {
         ts.shared_with = l.shared_with.clone();
+        // When the copy started: until the listing grace has passed, EC2
+        // missing it (after a restart, say) means "not listed yet".
+        ts.planned_at = l.planned_at.clone();
     }
     let was = last.map(|d| &d.state);
     if img.state == TargetState::Available && was != Some(&TargetState::Available) {

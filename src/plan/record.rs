@@ -163,6 +163,30 @@ pub fn record(plan: Plan, outcomes: Vec<Outcome>, previous: &[Condition], now: &
     }
 }
 
+/// One line per entry of a status, for debug logs: where each copy is, of
+/// what, in what state, since when, and the snapshots it leaves.
+pub fn outline(status: &AmiCopyStatus) -> String {
+    let line = |kind: &str, t: &TargetStatus| {
+        format!(
+            "{kind} {} {} of {} {} at {} left {:?}",
+            t.region,
+            t.image_id.as_deref().unwrap_or("-"),
+            t.source_image_id.as_deref().unwrap_or("-"),
+            t.state,
+            t.planned_at.as_deref().unwrap_or("-"),
+            t.snapshots_to_delete,
+        )
+    };
+    let destinations = status.destinations.iter().map(|t| line("current", t));
+    let generations = status.generations.iter().map(|t| line("kept", t));
+    let retiring = status.retiring.iter().map(|t| line("retiring", t));
+    destinations
+        .chain(generations)
+        .chain(retiring)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Copies in flight, or older copies still to retire.
 fn busy(status: &AmiCopyStatus) -> bool {
     status.destinations.iter().any(|d| d.state.is_underway()) || !status.retiring.is_empty()

@@ -2,13 +2,22 @@
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use super::generations;
 use crate::api::{AmiCopySpec, AmiCopyStatus, TargetState};
 use crate::config::Config;
+use crate::status::reason;
 
 /// The wait before the next reconcile of an object whose status is `status`
-/// (`busy`: something is in flight).
-pub fn after(config: &Config, spec: &AmiCopySpec, status: &AmiCopyStatus, busy: bool) -> Duration {
+/// (`busy`: something is in flight) at `now`.
+pub fn after(
+    config: &Config,
+    spec: &AmiCopySpec,
+    status: &AmiCopyStatus,
+    busy: bool,
+    now: &Time,
+) -> Duration {
     // With the tracker, pending copies wake their object when they change;
     // only copies that have not started yet are looked at on a timer.
     let unstarted = status
@@ -25,8 +34,15 @@ pub fn after(config: &Config, spec: &AmiCopySpec, status: &AmiCopyStatus, busy: 
     } else {
         config.resync_interval
     };
-    // A copy that may have started unseen is looked for once EC2 lists it.
-    let unconfirmed = status.retiring.iter().any(generations::may_have_started);
+    // A copy that may have started unseen is looked for once EC2 lists it;
+    // so is a name refused a moment ago, which may be held by this object's
+    // own copy that EC2 does not list yet.
+    let name_held = |d: &&crate::api::TargetStatus| {
+        d.reason.as_deref() == Some(reason::DUPLICATE_NAME)
+            && super::recent(d.planned_at.as_deref(), now, config.listing_grace)
+    };
+    let unconfirmed = status.retiring.iter().any(generations::may_have_started)
+        || status.destinations.iter().any(|d| name_held(&d));
     let next = if unconfirmed {
         next.min(config.listing_grace)
     } else {
@@ -98,11 +114,48 @@ mod tests {
                 &spec(selector),
                 &status(state.clone()),
                 busy,
+                &Time(k8s_openapi::jiff::Timestamp::now()),
             );
             assert_eq!(
                 got, want,
                 "{tracking:?} {state} busy={busy} selector={selector}"
             );
         }
+    }
+
+    #[test]
+    fn a_name_refused_a_moment_ago_is_looked_at_again_once_ec2_lists_new_copies() {
+        let config = Config {
+            resync_interval: Duration::from_secs(600),
+            listing_grace: Duration::from_secs(60),
+            ..Config::default()
+        };
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap());
+        let refused = |at: &str| AmiCopyStatus {
+            destinations: vec![TargetStatus {
+                region: "eu-west-1".into(),
+                state: TargetState::Error,
+                reason: Some(reason::DUPLICATE_NAME.into()),
+                planned_at: Some(at.into()),
+                ..TargetStatus::default()
+            }],
+            ..AmiCopyStatus::default()
+        };
+        let young = after(
+            &config,
+            &spec(false),
+            &refused("2027-01-15T07:59:50Z"),
+            false,
+            &now,
+        );
+        assert_eq!(young, Duration::from_secs(60));
+        let old = after(
+            &config,
+            &spec(false),
+            &refused("2027-01-15T07:50:00Z"),
+            false,
+            &now,
+        );
+        assert!(old > Duration::from_secs(60), "{old:?}");
     }
 }

@@ -81,7 +81,11 @@ impl Launch {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_CONFIG_FILE", "/dev/null")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("RUST_LOG", "info,aws_smithy_runtime=warn,aws_config=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("AMICOPY_OPERATOR_LOG")
+                    .unwrap_or_else(|_| "info,aws_smithy_runtime=warn,aws_config=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
