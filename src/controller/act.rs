@@ -37,7 +37,11 @@ pub(super) async fn act<E: Ec2>(plan: &Plan, m: &Meta, scopes: &Scopes, ctx: &Co
     }
     let mut outcomes = Vec::with_capacity(plan.actions.len());
     for action in &plan.actions {
-        let (outcome, failed) = perform(action, m, &scopes.of(action.region()), ctx).await;
+        let scope = match action {
+            Action::RetireMoved { scope, .. } => scope.clone(),
+            _ => scopes.of(action.region()),
+        };
+        let (outcome, failed) = perform(action, m, &scope, ctx).await;
         outcomes.push(outcome);
         if let Some(e) = failed {
             warn!(region = action.region(), error = %e, "action failed; retrying later");
@@ -139,6 +143,20 @@ async fn perform<E: Ec2>(
             image_id,
             snapshot_ids,
         } => delete_left(region, image_id, snapshot_ids, &m.uid, scope, ec2).await,
+        Action::RetireMoved {
+            image_id,
+            snapshot_ids,
+            release,
+            young,
+            ..
+        } => {
+            let left = Left {
+                image_id,
+                snapshot_ids,
+                young: *young,
+            };
+            retire_moved(&left, *release, m, scope, ctx).await
+        }
         Action::Release { region, image } => {
             let res = release(ec2, &m.uid, scope, &image.id).await;
             verified(res, region, &image.id, || {
@@ -239,6 +257,65 @@ async fn retire_copy<E: Ec2>(
         }
     });
     (outcome, e.or(error))
+}
+
+/// A copy in another account, as the status recorded it.
+struct Left<'a> {
+    image_id: &'a str,
+    snapshot_ids: &'a [String],
+    young: bool,
+}
+
+/// A copy left in the account its region was reached in before the
+/// destination's `roleArn` changed, in that account (`scope`): retired (or
+/// released) once a fresh read confirms it is this object's. When that
+/// account no longer returns it, the snapshots the status names are deleted,
+/// each checked for the object's UID tag: EC2 refuses to delete a snapshot
+/// a registered image still uses.
+async fn retire_moved<E: Ec2>(
+    left: &Left<'_>,
+    release_only: bool,
+    m: &Meta,
+    scope: &Scope,
+    ctx: &Context<E>,
+) -> (Outcome, Option<Error>) {
+    let (image_id, snapshot_ids) = (left.image_id, left.snapshot_ids);
+    let region = scope.region.as_str();
+    let ec2 = &ctx.ec2;
+    let seen = match verify(ec2, &m.uid, scope, image_id).await {
+        Ok((verdict, _)) => verdict,
+        Err(e) => return (Outcome::Done, Some(e)),
+    };
+    if seen == Ownership::Unseen && left.young {
+        let error = Error::Unconfirmed {
+            region: region.to_owned(),
+            image: image_id.to_owned(),
+        };
+        return (Outcome::Done, Some(error));
+    }
+    if seen == Ownership::Unseen {
+        return delete_left(region, image_id, snapshot_ids, &m.uid, scope, ec2).await;
+    }
+    let image = ImageInfo {
+        id: image_id.to_owned(),
+        snapshots: snapshot_ids
+            .iter()
+            .map(|id| crate::ec2::SnapshotRef {
+                id: id.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        ..ImageInfo::default()
+    };
+    if release_only {
+        let res = release(ec2, &m.uid, scope, image_id).await;
+        return verified(res, region, image_id, || Outcome::Retirement {
+            region: region.to_owned(),
+            image_id: image_id.to_owned(),
+            step: Retirement::Released,
+        });
+    }
+    retire_copy(region, &image, m, scope, ctx).await
 }
 
 /// Starts a copy once the tracker has a slot for it, tracks it, and tags it.

@@ -5,7 +5,7 @@
 //! that succeeded. An image listed by this object's tag that is not its own
 //! (see `plan::ownership`) is left untouched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -58,13 +58,12 @@ pub(super) async fn cleanup<E: Ec2>(
     };
     // Every region is cleaned at once and to the end of what it can do, so
     // that a fault in one region neither delays nor undoes the others.
-    let regions = plan::regions_of_interest(&obj.spec, obj.status.as_ref());
-    let results = future::join_all(regions.into_iter().map(|name| {
-        let scope = scopes.of(&name);
+    let places = places(obj, &scopes);
+    let results = future::join_all(places.into_iter().map(|scope| {
         let region = &region;
         async move {
-            let res = region.clean(&name, &scope).await;
-            (name, res)
+            let res = region.clean(&scope.region, &scope).await;
+            (scope.to_string(), res)
         }
     }))
     .await;
@@ -96,6 +95,24 @@ pub(super) async fn cleanup<E: Ec2>(
         info!("all target images deregistered and snapshots deleted");
     }
     Ok(Requeue::await_change())
+}
+
+/// Every region of interest, in the account it is reached in now, and in
+/// any other account the status recorded copies in (a destination whose
+/// `roleArn` changed).
+fn places(obj: &AmiCopy, scopes: &Scopes) -> BTreeSet<Scope> {
+    let mut places: BTreeSet<Scope> = plan::regions_of_interest(&obj.spec, obj.status.as_ref())
+        .iter()
+        .map(|r| scopes.of(r))
+        .collect();
+    for t in obj.status.iter().flat_map(|s| s.targets()) {
+        places.insert(Scope::through(
+            &t.region,
+            t.role_arn.as_deref(),
+            t.external_id.as_deref(),
+        ));
+    }
+    places
 }
 
 /// What the clean-up of each region needs.

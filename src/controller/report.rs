@@ -41,11 +41,12 @@ pub(super) async fn write_ahead(
     plan: &Plan,
     now: &Time,
 ) -> Result<Option<AmiCopy>> {
-    if !plan
-        .actions
-        .iter()
-        .any(|a| matches!(a, Action::Copy { .. } | Action::Retire { .. }))
-    {
+    if !plan.actions.iter().any(|a| {
+        matches!(
+            a,
+            Action::Copy { .. } | Action::Retire { .. } | Action::RetireMoved { .. }
+        )
+    }) {
         return Ok(None);
     }
     let previous = obj

@@ -17,11 +17,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{AmiCopySpec, AmiCopyStatus, RESERVED_TAG_PREFIX, ResolvedSource, TargetStatus};
-use crate::ec2::{CopyRequest, Ec2Error, ErrorKind, Grant, ImageInfo};
+use crate::ec2::{CopyRequest, Ec2Error, ErrorKind, Grant, ImageInfo, Scope};
 use crate::status::reason;
 
 pub mod destinations;
 pub mod generations;
+pub mod moved;
 pub mod naming;
 pub mod ownership;
 pub mod record;
@@ -125,6 +126,18 @@ pub enum Action {
     },
     /// `Retain`: leave an image in place, remove the ownership tags.
     Release { region: String, image: ImageInfo },
+    /// Retire (or with `release`, release) a copy left in the account a
+    /// destination was reached in before its `roleArn` changed, through
+    /// `scope`; `snapshot_ids` are those the status names.
+    RetireMoved {
+        scope: Scope,
+        image_id: String,
+        snapshot_ids: Vec<String>,
+        release: bool,
+        /// Started less than the listing grace ago: not being returned may
+        /// mean not listed yet.
+        young: bool,
+    },
 }
 
 impl Action {
@@ -139,6 +152,7 @@ impl Action {
             | Action::Retire { region, .. }
             | Action::DeleteSnapshots { region, .. }
             | Action::Release { region, .. } => region,
+            Action::RetireMoved { scope, .. } => &scope.region,
         }
     }
 }
@@ -277,7 +291,8 @@ pub fn plan(
     now: &Time,
 ) -> Plan {
     let empty = AmiCopyStatus::default();
-    let prev = previous.unwrap_or(&empty);
+    let (prev, moved) = moved::split(spec, previous.unwrap_or(&empty));
+    let prev = &prev;
     let source_id = match (&spec.source.image_id, &observed.resolved) {
         (Some(id), _) => id.as_str(),
         (None, Some(r)) => r.image_id.as_str(),
@@ -312,6 +327,19 @@ pub fn plan(
         .map(|dest| destinations::plan(&input, &verdict, dest, &mut draft))
         .collect();
     let (retiring, generations) = generations::plan(&input, &destinations, &mut draft);
+    let held: BTreeSet<&str> = input
+        .owned
+        .values()
+        .flatten()
+        .map(|i| i.id.as_str())
+        .chain(
+            destinations
+                .iter()
+                .chain(&generations)
+                .filter_map(|t| t.image_id.as_deref()),
+        )
+        .collect();
+    let moved = moved::retire(&input, moved, &held, &mut draft);
     let mut status = AmiCopyStatus {
         observed_generation: meta.generation,
         source_image_id: (!source_id.is_empty()).then(|| source_id.into()),
@@ -327,6 +355,8 @@ pub fn plan(
     for t in status.targets_mut() {
         scopes.record(t);
     }
+    // Recorded after the others: each keeps the role it is reached through.
+    status.retiring.extend(moved);
     Plan {
         actions: draft.actions,
         claims: draft.claims,

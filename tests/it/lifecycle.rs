@@ -384,7 +384,9 @@ async fn tags_follow_the_spec_without_touching_foreign_tags(peer: Peer) {
 /// A destination with a role: the operator assumes it through STS and the
 /// copy is made, tracked and cleaned up in the role's account; the source is
 /// shared with that account (image and snapshot), as AWS requires. A second
-/// destination without a role copies in the operator's own account.
+/// destination without a role copies in the operator's own account. A
+/// destination dropped, or moved to another account, has its copy retired
+/// in the account it was made in.
 #[tokio::test]
 async fn sim_cross_account_destination_through_an_assumed_role() {
     const OTHER: &str = "222233334444";
@@ -520,6 +522,53 @@ async fn sim_cross_account_destination_through_an_assumed_role() {
     }
     testbed::delete(&api, "dropped").await;
     testbed::wait_gone(&api, "dropped").await;
+
+    // The destination's roleArn removed: eu-west-1 is reached in this
+    // account from then on. A copy is made here, and the one in the other
+    // account is retired there, through the role the status recorded.
+    let spec = json!({"source": {"region": SOURCE_REGION, "imageId": source},
+                      "destinations": [
+                          {"region": "eu-west-1", "roleArn": role, "externalId": "amicopy-test"}]});
+    create(&api, "moved", spec).await;
+    let ready = wait_for(&api, "moved", "Ready=True", is_ready).await;
+    let before = control
+        .image(&target_of(&ready, "eu-west-1").unwrap())
+        .unwrap();
+    assert_eq!(before.owner, OTHER);
+    patch_spec(
+        &api,
+        "moved",
+        json!({"destinations": [{"region": "eu-west-1"}]}),
+    )
+    .await;
+    let moved = wait_for(&api, "moved", "copied here, retired there", |o| {
+        is_ready(o)
+            && o.status.as_ref().is_some_and(|s| s.retiring.is_empty())
+            && target_of(o, "eu-west-1").is_some_and(|id| id != before.id)
+    })
+    .await;
+    let after = control
+        .image(&target_of(&moved, "eu-west-1").unwrap())
+        .unwrap();
+    assert_eq!(
+        after.owner,
+        ec2peer::ACCOUNT,
+        "the new copy is in this account"
+    );
+    assert!(
+        control.image(&before.id).is_none(),
+        "the copy in the old account is deregistered; calls: {:?}",
+        control.calls()
+    );
+    for snap in before.snapshot_ids() {
+        assert!(control.snapshot(snap).is_none(), "its snapshot deleted");
+    }
+    testbed::delete(&api, "moved").await;
+    testbed::wait_gone(&api, "moved").await;
+    assert!(
+        control.image(&after.id).is_none(),
+        "deleted with the object"
+    );
     op.stop().await;
 }
 
