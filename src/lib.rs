@@ -11,6 +11,7 @@ pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod policy;
 pub mod server;
 pub mod status;
 pub mod tracker;
@@ -24,12 +25,27 @@ pub fn crd_yaml() -> String {
     serde_yaml::to_string(&AmiCopy::crd()).expect("the CRD serializes to YAML")
 }
 
+/// The `AmiCopyPolicy` CRD as YAML, exactly as committed under `crds/`.
+pub fn policy_crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&policy::AmiCopyPolicy::crd()).expect("the CRD serializes to YAML")
+}
+
 #[cfg(test)]
 mod tests {
     use kube::CustomResourceExt;
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn committed_policy_crd_matches_the_rust_types() {
+        let committed = include_str!("../crds/amicopy.dev_amicopypolicies.yaml");
+        assert!(
+            committed == policy_crd_yaml(),
+            "crds/amicopy.dev_amicopypolicies.yaml is stale: run `cargo run -- crd --kind AmiCopyPolicy > crds/amicopy.dev_amicopypolicies.yaml`"
+        );
+    }
 
     #[test]
     fn committed_crd_matches_the_rust_types() {

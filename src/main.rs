@@ -32,8 +32,12 @@ struct Cli {
 enum Command {
     /// Run the controller.
     Run(Box<RunArgs>),
-    /// Print the AmiCopy CustomResourceDefinition as YAML.
-    Crd,
+    /// Print a CustomResourceDefinition as YAML.
+    Crd {
+        /// The kind: AmiCopy, or AmiCopyPolicy.
+        #[arg(long, default_value = "AmiCopy")]
+        kind: String,
+    },
 }
 
 #[derive(Parser)]
@@ -81,10 +85,17 @@ enum LogFormat {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crd => {
-            print!("{}", ami_copy_operator::crd_yaml());
-            Ok(())
-        }
+        Command::Crd { kind } => match kind.as_str() {
+            "AmiCopy" => {
+                print!("{}", ami_copy_operator::crd_yaml());
+                Ok(())
+            }
+            "AmiCopyPolicy" => {
+                print!("{}", ami_copy_operator::policy_crd_yaml());
+                Ok(())
+            }
+            other => anyhow::bail!("no CRD of kind {other}: AmiCopy or AmiCopyPolicy"),
+        },
         Command::Run(args) => run(*args).await,
     }
 }
