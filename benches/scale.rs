@@ -357,6 +357,8 @@ fn spawn_operator(
             ns,
             "--ec2-endpoint-url",
             endpoint,
+            "--sts-endpoint-url",
+            endpoint,
             "--tracking",
             mode,
         ])

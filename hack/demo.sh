@@ -50,7 +50,7 @@ kubectl wait --for condition=Established crd/amicopies.amicopy.dev --timeout 60s
 
 say "starting the operator (log: $STATE_DIR/logs/operator.log, metrics: http://127.0.0.1:$metrics_port/metrics)"
 start operator env AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 \
-  AWS_EC2_METADATA_DISABLED=true "$bin/ami-copy-operator" run --ec2-endpoint-url "$sim" \
+  AWS_EC2_METADATA_DISABLED=true "$bin/ami-copy-operator" run --ec2-endpoint-url "$sim" --sts-endpoint-url "$sim" \
   --metrics-addr "127.0.0.1:$metrics_port" --poll-interval 2s
 wait_until operator "readiness" curl -fsS "http://127.0.0.1:$metrics_port/readyz" -o /dev/null
 

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
 
+use crate::policy::AmiCopyPolicySpec;
+
 #[derive(Args, Clone, Debug)]
 pub struct Config {
     /// How often to look at pending copies.
@@ -76,6 +78,12 @@ pub struct Config {
     #[arg(long, env = "AMICOPY_LISTING_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub listing_grace: Duration,
 
+    /// The AmiCopyPolicy of namespaces no policy selects: the `spec` of an
+    /// AmiCopyPolicy as JSON. The default, `{}`, allows same-account copies
+    /// only (any region, keys of that account, nothing shared, no roles).
+    #[arg(long, env = "AMICOPY_DEFAULT_POLICY", default_value = "{}", value_parser = parse_policy)]
+    pub default_policy: AmiCopyPolicySpec,
+
     /// How long a copy limit lowered by `ResourceLimitExceeded` stays lowered.
     #[arg(skip = Duration::from_secs(120))]
     pub limit_cooldown: Duration,
@@ -96,6 +104,10 @@ impl Config {
 }
 
 /// The defaults of the command line, so that there is one list of them.
+fn parse_policy(json: &str) -> Result<AmiCopyPolicySpec, String> {
+    serde_json::from_str(json).map_err(|e| format!("not the spec of an AmiCopyPolicy: {e}"))
+}
+
 impl Default for Config {
     fn default() -> Self {
         #[derive(Parser)]
@@ -122,5 +134,6 @@ mod tests {
         assert_eq!((c.dest_copy_limit, c.source_copy_limit), (50, 25));
         assert_eq!(c.concurrency, 16);
         assert!(!c.allow_public_images);
+        assert_eq!(c.default_policy, AmiCopyPolicySpec::default());
     }
 }

@@ -27,6 +27,9 @@ pub mod reason {
     pub const ENCRYPTION_INSTANCE_STORE: &str = "EncryptionNotSupportedForInstanceStore";
     pub const INVALID_KMS_KEY: &str = "InvalidKmsKey";
     pub const DUPLICATE_NAME: &str = "DuplicateName";
+    /// An AmiCopyPolicy refuses part of the object (the condition's message
+    /// names the policy, the rule and the value).
+    pub const POLICY_DENIED: &str = "PolicyDenied";
     pub const INVALID_NAME: &str = "InvalidName";
     pub const MARKETPLACE: &str = "MarketplaceImageNotCopyable";
     pub const PARAVIRTUAL: &str = "ParavirtualNotSupported";

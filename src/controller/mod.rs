@@ -10,14 +10,16 @@
 //! - [`report`]: the status write, Events.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{StreamExt, future};
-use kube::Client;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
@@ -25,6 +27,7 @@ use crate::api::AmiCopy;
 use crate::ec2::Ec2;
 use crate::events::Events;
 use crate::metrics::Metrics;
+use crate::policy::{self, AmiCopyPolicy, Governing};
 use crate::tracker::Tracker;
 
 mod act;
@@ -51,6 +54,9 @@ pub struct Context<E> {
     pub tracker: Option<Tracker>,
     wake: tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>>>,
     failures: Mutex<HashMap<ObjectRef<AmiCopy>, u32>>,
+    /// The AmiCopyPolicies and the namespaces' labels, as the watches of
+    /// the current run see them.
+    governance: RwLock<Option<(Store<AmiCopyPolicy>, Store<Namespace>)>>,
 }
 
 impl<E: Ec2> Context<E> {
@@ -74,8 +80,70 @@ impl<E: Ec2> Context<E> {
             tracker,
             wake: tokio::sync::Mutex::new(wake),
             failures: Mutex::default(),
+            governance: RwLock::default(),
         }
     }
+
+    /// The policies that govern `namespace`: those that select it by its
+    /// labels, or the default policy when none does.
+    pub(crate) fn governing(&self, namespace: &str) -> Vec<Governing> {
+        let stores = self.governance.read().expect("governance lock").clone();
+        let mut selected = Vec::new();
+        if let Some((policies, namespaces)) = stores {
+            let labels = namespaces
+                .get(&ObjectRef::new(namespace))
+                .and_then(|n| n.metadata.labels.clone())
+                .unwrap_or_default();
+            for p in policies.state() {
+                if policy::selects(p.spec.namespace_selector.as_ref(), &labels) {
+                    selected.push(Governing {
+                        name: p.name_any(),
+                        spec: p.spec.clone(),
+                    });
+                }
+            }
+        }
+        if selected.is_empty() {
+            selected.push(Governing {
+                name: "default".into(),
+                spec: self.config.default_policy.clone(),
+            });
+        }
+        selected.sort_by(|a, b| a.name.cmp(&b.name));
+        selected
+    }
+}
+
+/// Watches AmiCopyPolicies and namespaces into stores. The stream keeps the
+/// stores up to date and must be polled on its own (not only as a trigger
+/// of the controller, which waits for the stores); it yields once per change
+/// of a policy, when every object is looked at again.
+fn watch_governance(
+    client: &Client,
+) -> (
+    (Store<AmiCopyPolicy>, Store<Namespace>),
+    impl futures::Stream<Item = ()> + Send + 'static,
+) {
+    let (policies, policy_writer) = reflector::store();
+    let (namespaces, namespace_writer) = reflector::store();
+    let changes = watcher(
+        Api::<AmiCopyPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(policy_writer)
+    .applied_objects()
+    .filter_map(|res| future::ready(res.ok().map(|_| true)));
+    let labels = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(namespace_writer)
+    .map(|_| false);
+    let both = futures::stream::select(changes, labels)
+        .filter_map(|policy| future::ready(policy.then_some(())));
+    ((policies, namespaces), both)
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -119,18 +187,39 @@ pub async fn run<E: Ec2>(
         })
         .reflect(writer)
         .touched_objects();
+    let ((policies, namespaces), governance) = watch_governance(&ctx.client);
+    let (policy_tx, policy_rx) = futures::channel::mpsc::unbounded();
+    *ctx.governance.write().expect("governance lock") =
+        Some((policies.clone(), namespaces.clone()));
     let controller = Controller::for_stream(objects, reader)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         )
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .reconcile_on(woken)
+        .reconcile_all_on(policy_rx)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| {
             if let Err(e) = res {
                 // One failed reconcile never stops the others.
                 warn!(error = %e, "reconcile failed");
             }
+            future::ready(())
+        });
+    // No object is judged before the policies and namespaces are known: the
+    // default policy would take away what a policy allows.
+    let before_ready = stopped(stop_rx.clone());
+    let controller = async move {
+        let ready = future::join(policies.wait_until_ready(), namespaces.wait_until_ready());
+        tokio::select! {
+            _ = ready => controller.await,
+            () = before_ready => {}
+        }
+    };
+    let governance = governance
+        .take_until(stopped(stop_rx.clone()))
+        .for_each(move |()| {
+            let _ = policy_tx.unbounded_send(());
             future::ready(())
         });
     let reporting = unreadable_rx
@@ -150,7 +239,7 @@ pub async fn run<E: Ec2>(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    future::join4(controller, reporting, tracking, stop).await;
+    future::join5(controller, reporting, tracking, stop, governance).await;
 }
 
 /// The cache key of the object `m` describes.

@@ -13,6 +13,7 @@ use crate::api::{AmiCopy, ResolvedSource, TargetState};
 use crate::ec2::{Ec2, Ec2Error, ImageInfo, ImageQuery};
 use crate::error::Result;
 use crate::plan::{self, Meta, Observed, Scopes};
+use crate::policy::Governing;
 use crate::tracker::{Known, Tracker};
 
 pub(super) async fn observe<E: Ec2>(
@@ -36,6 +37,11 @@ pub(super) async fn observe<E: Ec2>(
         Some(id) => observe_source(&spec.source.region, id, &ctx.ec2, tracker).await,
         None => Ok(None),
     };
+    let own_account = if m.governing.iter().any(Governing::needs_own_account) {
+        ctx.ec2.own_account().await
+    } else {
+        None
+    };
     if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, source_id?, scopes, t))
     {
         return Ok(Observed {
@@ -44,6 +50,7 @@ pub(super) async fn observe<E: Ec2>(
             recorded,
             unreachable: BTreeMap::new(),
             resolved,
+            own_account,
         });
     }
     let (owned, unreachable) = list_owned(obj, m, scopes, ctx).await;
@@ -63,6 +70,7 @@ pub(super) async fn observe<E: Ec2>(
         recorded,
         unreachable,
         resolved,
+        own_account,
     })
 }
 

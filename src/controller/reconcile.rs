@@ -51,7 +51,8 @@ pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -
 
 /// One pass over a live object.
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
-    let m = meta(obj, &ctx.config)?;
+    let mut m = meta(obj, &ctx.config)?;
+    m.governing = ctx.governing(&m.namespace);
     let scopes = Scopes::new(&obj.spec, obj.status.as_ref());
     let observed = observe::observe(obj, &m, &scopes, ctx).await?;
     let now = Time(Timestamp::now());
@@ -137,6 +138,7 @@ pub(super) fn meta(obj: &AmiCopy, config: &Config) -> Result<Meta> {
         pinned,
         allow_public: config.allow_public_images,
         listing_grace: config.listing_grace,
+        governing: Vec::new(),
         namespace: obj
             .namespace()
             .ok_or(Error::MissingField("metadata.namespace"))?,

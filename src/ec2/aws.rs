@@ -31,6 +31,7 @@ pub struct AwsEc2 {
     sts_endpoint_url: Option<String>,
     clients: Arc<RwLock<HashMap<Scope, Client>>>,
     metrics: Arc<Metrics>,
+    own_account: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl AwsEc2 {
@@ -45,6 +46,7 @@ impl AwsEc2 {
             sts_endpoint_url: None,
             clients: Arc::default(),
             metrics,
+            own_account: Arc::default(),
         }
     }
 
@@ -271,6 +273,7 @@ fn image_info(img: &Image) -> ImageInfo {
             .and_then(|r| r.message())
             .map(str::to_owned),
         owner_id: img.owner_id().map(str::to_owned),
+        owner_alias: img.image_owner_alias().map(str::to_owned),
         root_device_type: img.root_device_type().map(|t| t.as_str().to_owned()),
         virtualization_type: img.virtualization_type().map(|t| t.as_str().to_owned()),
         snapshots: img
@@ -591,6 +594,26 @@ impl Ec2 for AwsEc2 {
         self.call("EnableImageDeprecation", scope, req)
             .await
             .map(drop)
+    }
+
+    async fn own_account(&self) -> Option<String> {
+        let ask = || async {
+            let mut conf = self.base.clone().into_builder();
+            if let Some(url) = &self.sts_endpoint_url {
+                conf = conf.endpoint_url(url);
+            }
+            let sts = aws_sdk_sts::Client::new(&conf.build());
+            let reply = sts.get_caller_identity().send().await;
+            match reply.map(|r| r.account().map(str::to_owned)) {
+                Ok(Some(account)) => Ok(account),
+                Ok(None) => Err("STS named no account"),
+                Err(e) => {
+                    tracing::warn!(error = %aws_sdk_sts::error::DisplayErrorContext(&e), "STS GetCallerIdentity failed; retrying later");
+                    Err("STS GetCallerIdentity failed")
+                }
+            }
+        };
+        self.own_account.get_or_try_init(ask).await.ok().cloned()
     }
 
     async fn find_images(

@@ -9,6 +9,9 @@ use crate::ec2::{
     CopyRequest, Ec2, Ec2Error, ImageInfo, ImageQuery, Permission, Scope, SnapshotInfo,
 };
 
+/// The account the fake's credentials belong to.
+pub const OWN_ACCOUNT: &str = "123456789012";
+
 /// An in-memory EC2 account: images and snapshots per region, and a log
 /// of the mutating calls made.
 #[derive(Default)]
@@ -178,6 +181,10 @@ impl Ec2 for FakeEc2 {
         self.log(format!("EnableImageDeprecation {scope} {image_id} {at}"));
         Ok(())
     }
+    async fn own_account(&self) -> Option<String> {
+        Some(OWN_ACCOUNT.into())
+    }
+
     async fn find_images(
         &self,
         scope: &Scope,

@@ -25,6 +25,8 @@ pub struct ImageInfo {
     /// EC2's StateReason message, if any.
     pub state_reason: Option<String>,
     pub owner_id: Option<String>,
+    /// The owner's alias, for images of AWS (`amazon`) and the Marketplace.
+    pub owner_alias: Option<String>,
     /// `ebs` or `instance-store`.
     pub root_device_type: Option<String>,
     /// `hvm` or `paravirtual`.
@@ -125,16 +127,15 @@ impl Scope {
     }
 }
 
-/// `region`, `region roleArn` or `region roleArn externalId`: how logs and
-/// metrics name a scope.
+/// `region`, or `region account <account ID>` for a role: how logs,
+/// metrics and status messages name a scope. Never the role's ARN nor its
+/// external ID, which a tenant chose and telemetry must not spread.
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.region)?;
         if let Some(role) = &self.role {
-            write!(f, " {}", role.arn)?;
-            if let Some(id) = &role.external_id {
-                write!(f, " {id}")?;
-            }
+            let account = role.arn.split(':').nth(4).unwrap_or("unknown");
+            write!(f, " account {account}")?;
         }
         Ok(())
     }
@@ -394,6 +395,10 @@ pub trait Ec2: Send + Sync + 'static {
         image_id: &str,
         at: &str,
     ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// The account of the operator's own credentials (STS
+    /// GetCallerIdentity), once known; `None` while STS does not answer.
+    fn own_account(&self) -> impl Future<Output = Option<String>> + Send;
 
     /// Available images matching `query` (all pages).
     fn find_images(

@@ -26,6 +26,9 @@ pub fn plan(
         .destinations
         .iter()
         .find(|d| d.region == region && d.source_image_id.as_deref() == Some(input.source_id));
+    if let Some(why) = input.blocked.get(region) {
+        return refused(input, region, last, why);
+    }
     let attempt = last.map_or(0, |d| d.attempt);
     // A destination new to the status (added, added back, or a new source)
     // starts at this generation; the status keeps what it recorded, and a
@@ -214,6 +217,24 @@ fn gone(input: &Input, region: &str, last: Option<&TargetStatus>, draft: &mut Dr
         }
         _ => false,
     }
+}
+
+/// A destination a policy refuses: no EC2 call is made for it. A copy it
+/// already has stays as the status last saw it, neither followed nor
+/// retired.
+fn refused(input: &Input, region: &str, last: Option<&TargetStatus>, why: &str) -> TargetStatus {
+    let mut ts = last.cloned().unwrap_or_else(|| TargetStatus {
+        region: region.to_owned(),
+        state: TargetState::Error,
+        source_image_id: Some(input.source_id.to_owned()),
+        ..TargetStatus::default()
+    });
+    if ts.image_id.is_none() {
+        ts.state = TargetState::Error;
+    }
+    ts.reason = Some(reason::POLICY_DENIED.into());
+    ts.message = why.to_owned();
+    ts
 }
 
 /// A destination that cannot start a copy, and why.

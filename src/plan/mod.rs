@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{AmiCopySpec, AmiCopyStatus, RESERVED_TAG_PREFIX, ResolvedSource, TargetStatus};
 use crate::ec2::{CopyRequest, Ec2Error, ErrorKind, Grant, ImageInfo, Scope};
+use crate::policy;
 use crate::status::reason;
 
 pub mod destinations;
@@ -49,6 +50,9 @@ pub struct Meta {
     pub allow_public: bool,
     /// How long EC2 may take to list a new copy (and its tags).
     pub listing_grace: std::time::Duration,
+    /// The AmiCopyPolicies that govern the object's namespace (the default
+    /// policy when none selects it).
+    pub governing: Vec<crate::policy::Governing>,
 }
 
 /// What EC2 reported for one reconcile.
@@ -68,6 +72,8 @@ pub struct Observed {
     /// What `spec.source.selector` resolved to (`None` with a selector: no
     /// image matches). Without a selector, `spec.source.imageId` is the source.
     pub resolved: Option<ResolvedSource>,
+    /// The operator's own account, when a policy needed it and STS said.
+    pub own_account: Option<String>,
 }
 
 impl Observed {
@@ -247,6 +253,8 @@ pub struct Plan {
 /// What every stage of one plan reads.
 pub struct Input<'a> {
     pub spec: &'a AmiCopySpec,
+    /// Destinations the policies refuse, by region, and why.
+    pub blocked: &'a BTreeMap<String, String>,
     pub meta: &'a Meta,
     pub prev: &'a AmiCopyStatus,
     pub observed: &'a Observed,
@@ -298,10 +306,44 @@ pub fn plan(
         (None, Some(r)) => r.image_id.as_str(),
         (None, None) => "",
     };
-    let verdict = source::assess(spec, meta, observed, source_id);
+    let source = match &observed.source {
+        Some(Ok(Some(img))) => img
+            .owner_id
+            .as_deref()
+            .map(|o| (o, img.owner_alias.as_deref())),
+        _ => None,
+    };
+    let judged = policy::judge(
+        &meta.governing,
+        spec,
+        source,
+        observed.own_account.as_deref(),
+    );
+    // What the policies refuse of the sharing is not applied (and taken
+    // away from the copies).
+    let allowed = AmiCopySpec {
+        sharing: judged.sharing.clone(),
+        ..spec.clone()
+    };
+    let spec = &allowed;
+    let mut verdict = source::assess(spec, meta, observed, source_id);
+    if let Some(why) = &judged.global {
+        verdict.image = None;
+        verdict.problem = Some((reason::POLICY_DENIED, why.clone()));
+    } else if let Some(why) = judged.message()
+        && verdict.image.is_some()
+    {
+        verdict.problem = Some((reason::POLICY_DENIED, why));
+    }
     let mut draft = Draft::default();
+    if let Some(why) = judged.message() {
+        draft
+            .notes
+            .push(Note::warning(reason::POLICY_DENIED, "", why));
+    }
     let input = Input {
         spec,
+        blocked: &judged.blocked,
         meta,
         prev,
         observed,

@@ -79,8 +79,8 @@ mod tests {
         assert_eq!(scopes.of("us-west-2"), Scope::region("us-west-2"));
         assert_eq!(
             scopes.of("eu-west-1").to_string(),
-            format!("eu-west-1 {ROLE} amicopy-test"),
-            "logs name a scope as before"
+            "eu-west-1 account 210987654321",
+            "logs name a scope by region and account, never by role or external ID"
         );
     }
 }

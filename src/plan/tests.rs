@@ -23,6 +23,7 @@ fn now() -> Time {
 
 fn meta(generation: i64) -> Meta {
     Meta {
+        governing: vec![crate::policy::Governing::trust_all()],
         namespace: "images".into(),
         name: "golden".into(),
         uid: UID.into(),
@@ -106,6 +107,7 @@ fn observed(source: Option<ImageInfo>, owned: &[(&str, Vec<ImageInfo>)]) -> Obse
         recorded: BTreeMap::new(),
         unreachable: BTreeMap::new(),
         resolved: None,
+        own_account: None,
     }
 }
 

@@ -215,9 +215,49 @@ impl Governing {
         }
     }
 
+    /// Whether applying this policy needs the operator's own account: for
+    /// `self` among the source owners, and for the key ARNs of
+    /// `destination-account` without a role.
+    pub fn needs_own_account(&self) -> bool {
+        self.spec.source_owners.iter().any(|o| o == "self")
+            || self
+                .spec
+                .kms_keys
+                .iter()
+                .any(|k| k == DESTINATION_ACCOUNT_KEYS)
+    }
+
+    /// A policy that allows everything: for tests of everything else.
+    #[cfg(test)]
+    pub fn trust_all() -> Self {
+        let all = || vec!["*".to_owned()];
+        Self {
+            name: "trust-all".into(),
+            spec: AmiCopyPolicySpec {
+                namespace_selector: None,
+                source_owners: all(),
+                regions: all(),
+                roles: vec![RoleRule {
+                    arn: "*".into(),
+                    require_external_id: false,
+                }],
+                kms_keys: all(),
+                sharing: SharingRules {
+                    accounts: all(),
+                    organizations: all(),
+                    organizational_units: all(),
+                    snapshots: true,
+                    public: true,
+                },
+                max_destinations: None,
+            },
+        }
+    }
+
     /// What in `spec` this policy refuses, but the source's owner (known
-    /// only from EC2: see [`Governing::source_owner`]).
-    pub fn check(&self, spec: &AmiCopySpec) -> Vec<Denial> {
+    /// only from EC2: see [`Governing::source_owner`]); `own` is the
+    /// operator's account, when known.
+    pub fn check(&self, spec: &AmiCopySpec, own: Option<&str>) -> Vec<Denial> {
         let p = &self.spec;
         let mut out = Vec::new();
         let mut deny = |rule, value: &str, region: Option<&str>| {
@@ -248,7 +288,7 @@ impl Governing {
             );
         }
         for d in &spec.destinations {
-            for (rule, value) in self.destination(spec, d) {
+            for (rule, value) in self.destination(spec, d, own) {
                 deny(rule, &value, Some(&d.region));
             }
         }
@@ -261,7 +301,12 @@ impl Governing {
     }
 
     /// What this policy refuses in one destination.
-    fn destination(&self, spec: &AmiCopySpec, d: &Destination) -> Vec<(&'static str, String)> {
+    fn destination(
+        &self,
+        spec: &AmiCopySpec,
+        d: &Destination,
+        own: Option<&str>,
+    ) -> Vec<(&'static str, String)> {
         let p = &self.spec;
         let mut out = Vec::new();
         if !allows(&p.regions, &d.region) {
@@ -282,21 +327,27 @@ impl Governing {
         }
         if let Some(key) = &d.kms_key_id
             && spec.encryption_for(d) == Some(true)
-            && !self.allows_key(key, d.role_arn.as_deref())
+            && !self.allows_key(key, d.role_arn.as_deref(), own)
         {
             out.push(("kmsKeys", key.clone()));
         }
         out
     }
 
-    fn allows_key(&self, key: &str, role_arn: Option<&str>) -> bool {
+    /// Key IDs and aliases are the destination account's; a key ARN is
+    /// when it names the role's account, or without a role, the operator's
+    /// (which admission cannot know: there, any key ARN passes this test).
+    fn allows_key(&self, key: &str, role_arn: Option<&str>, own: Option<&str>) -> bool {
+        let account = match role_arn {
+            Some(role) => account_of(role),
+            None => own,
+        };
         let own = self
             .spec
             .kms_keys
             .iter()
             .any(|k| k == DESTINATION_ACCOUNT_KEYS)
-            && (!key.starts_with("arn:")
-                || role_arn.is_some_and(|r| account_of(r) == account_of(key)));
+            && (!key.starts_with("arn:") || account.is_some() && account == account_of(key));
         own || allows(&self.spec.kms_keys, key)
     }
 
@@ -338,6 +389,73 @@ impl Governing {
         allows(owners, owner)
             || alias.is_some_and(|a| allows(owners, a))
             || (own == Some(owner) && allows(owners, "self"))
+    }
+}
+
+/// What the policies governing an object make of it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Judgement {
+    /// Destinations refused, by region, and why: no EC2 call is made there.
+    pub blocked: BTreeMap<String, String>,
+    /// A refusal of the whole object (source owner, too many destinations):
+    /// no copy starts.
+    pub global: Option<String>,
+    /// The sharing the policies allow of what the spec asks.
+    pub sharing: Option<Sharing>,
+    /// Every refusal, for the condition and the Event.
+    pub denials: Vec<Denial>,
+}
+
+impl Judgement {
+    /// One message for every refusal.
+    pub fn message(&self) -> Option<String> {
+        let all: Vec<String> = self.denials.iter().map(Denial::message).collect();
+        (!all.is_empty()).then(|| all.join("; "))
+    }
+}
+
+/// Applies `governing` to `spec`, whose source EC2 described as `source`
+/// (owner and alias), for an operator whose account is `own`.
+pub fn judge(
+    governing: &[Governing],
+    spec: &AmiCopySpec,
+    source: Option<(&str, Option<&str>)>,
+    own: Option<&str>,
+) -> Judgement {
+    let mut denials: Vec<Denial> = governing.iter().flat_map(|g| g.check(spec, own)).collect();
+    if let Some((owner, alias)) = source {
+        for g in governing
+            .iter()
+            .filter(|g| !g.source_owner(owner, alias, own))
+        {
+            denials.push(Denial {
+                policy: g.name.clone(),
+                rule: "sourceOwners",
+                value: owner.to_owned(),
+                region: None,
+            });
+        }
+    }
+    let mut blocked: BTreeMap<String, String> = BTreeMap::new();
+    let mut global = Vec::new();
+    for d in &denials {
+        match (&d.region, d.rule) {
+            (Some(region), _) => {
+                let entry = blocked.entry(region.clone()).or_default();
+                if !entry.is_empty() {
+                    entry.push_str("; ");
+                }
+                entry.push_str(&d.message());
+            }
+            (None, "sourceOwners" | "maxDestinations") => global.push(d.message()),
+            (None, _) => {}
+        }
+    }
+    Judgement {
+        blocked,
+        global: (!global.is_empty()).then(|| global.join("; ")),
+        sharing: spec.sharing.as_ref().map(|s| allowed_sharing(s, governing)),
+        denials,
     }
 }
 

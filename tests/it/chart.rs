@@ -165,19 +165,28 @@ fn variants() -> Vec<(&'static str, Value)> {
 }
 
 #[test]
-fn chart_crd_is_a_byte_for_byte_copy_of_crds_dir() {
-    let chart = include_str!("../../charts/ami-copy-operator/files/amicopy.dev_amicopies.yaml");
-    let committed = include_str!("../../crds/amicopy.dev_amicopies.yaml");
-    assert!(
-        chart == committed,
-        "charts/ami-copy-operator/files/amicopy.dev_amicopies.yaml differs from crds/: \
-         cp crds/amicopy.dev_amicopies.yaml charts/ami-copy-operator/files/"
-    );
-    assert_eq!(
-        chart,
-        ami_copy_operator::crd_yaml(),
-        "and both from the Rust types"
-    );
+fn chart_crds_are_byte_for_byte_copies_of_crds_dir() {
+    let pairs = [
+        (
+            include_str!("../../charts/ami-copy-operator/files/amicopy.dev_amicopies.yaml"),
+            include_str!("../../crds/amicopy.dev_amicopies.yaml"),
+            ami_copy_operator::crd_yaml(),
+            "amicopy.dev_amicopies.yaml",
+        ),
+        (
+            include_str!("../../charts/ami-copy-operator/files/amicopy.dev_amicopypolicies.yaml"),
+            include_str!("../../crds/amicopy.dev_amicopypolicies.yaml"),
+            ami_copy_operator::policy_crd_yaml(),
+            "amicopy.dev_amicopypolicies.yaml",
+        ),
+    ];
+    for (chart, committed, generated, file) in pairs {
+        assert!(
+            chart == committed,
+            "charts/ami-copy-operator/files/{file} differs from crds/: cp crds/{file} charts/ami-copy-operator/files/"
+        );
+        assert_eq!(chart, generated, "{file}: and both from the Rust types");
+    }
 }
 
 #[test]
@@ -194,18 +203,27 @@ fn default_render_is_a_hardened_single_replica_cluster_wide_operator() {
     assert_eq!(
         kinds(&objects),
         [
+            "AmiCopyPolicy",
             "ClusterRole",
             "ClusterRoleBinding",
             "CustomResourceDefinition",
             "Deployment",
             "Service",
-            "ServiceAccount"
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ]
         .map(String::from)
         .into()
     );
+    let cluster_scoped = [
+        "AmiCopyPolicy",
+        "CustomResourceDefinition",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ];
     for o in &objects {
-        if o["kind"] != "CustomResourceDefinition"
+        if !cluster_scoped.contains(&o["kind"].as_str().unwrap())
             && !o["kind"].as_str().unwrap().starts_with("Cluster")
         {
             assert_eq!(o["metadata"]["namespace"], "ops", "{}", o["kind"]);
@@ -242,9 +260,20 @@ fn default_render_is_a_hardened_single_replica_cluster_wide_operator() {
             "--copy-limit-per-source-region=25",
             "--max-concurrent-reconciles=16",
             "--source-refresh-interval=10m",
+            "--default-policy={\"kmsKeys\":[\"destination-account\"],\"regions\":[\"*\"],\"roles\":[],\"sharing\":{\"accounts\":[],\"organizationalUnits\":[],\"organizations\":[],\"public\":false,\"snapshots\":false},\"sourceOwners\":[\"self\"]}",
             "--log-format=text"
         ]
     );
+    // The default policy the chart creates is the one the operator applies
+    // where no policy selects a namespace.
+    let policy = one(&objects, "AmiCopyPolicy");
+    let flag = args(&objects)
+        .into_iter()
+        .find_map(|a| a.strip_prefix("--default-policy=").map(str::to_owned))
+        .unwrap();
+    let mut spec = policy["spec"].clone();
+    spec.as_object_mut().unwrap().remove("namespaceSelector");
+    assert_eq!(spec, serde_json::from_str::<Value>(&flag).unwrap());
     assert_eq!(
         c["ports"],
         json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}])
@@ -277,7 +306,12 @@ fn default_render_is_a_hardened_single_replica_cluster_wide_operator() {
     );
 
     // The CRD template renders crds/ plus the keep policy and the chart's labels.
-    let crd = one(&objects, "CustomResourceDefinition");
+    let crds = of_kind(&objects, "CustomResourceDefinition");
+    assert_eq!(crds.len(), 2, "AmiCopy and AmiCopyPolicy");
+    let crd = crds
+        .iter()
+        .find(|c| c["metadata"]["name"] == "amicopies.amicopy.dev")
+        .unwrap();
     assert_eq!(
         crd["metadata"]["annotations"]["helm.sh/resource-policy"],
         "keep"
@@ -314,8 +348,21 @@ fn other_values_render_as_documented() {
             "team-images"
         );
     }
-    assert!(of_kind(&namespaced, "ClusterRole").is_empty());
-    assert!(of_kind(&namespaced, "ClusterRoleBinding").is_empty());
+    // Cluster-wide, only what is cluster-scoped: reading the policies and
+    // the namespaces' labels (and the tenants' aggregated roles).
+    let cluster_roles: BTreeSet<&str> = of_kind(&namespaced, "ClusterRole")
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        cluster_roles,
+        BTreeSet::from([
+            "amicopy-ami-copy-operator-edit",
+            "amicopy-ami-copy-operator-policies",
+            "amicopy-ami-copy-operator-view"
+        ])
+    );
+    assert_eq!(of_kind(&namespaced, "ClusterRoleBinding").len(), 1);
     assert_eq!(
         one(&namespaced, "RoleBinding")["subjects"],
         json!([{"kind": "ServiceAccount", "name": "amicopy-ami-copy-operator", "namespace": "ops"}])
@@ -508,6 +555,17 @@ const OPERATOR_GRANTS: &[(&str, &str, &str, &str)] = &[
     ("events.k8s.io", "events", "patch", ""),
 ];
 
+/// What the controller reads cluster-wide, whatever it watches: the
+/// AmiCopyPolicies and the namespaces' labels they select by.
+const POLICY_GRANTS: &[(&str, &str, &str, &str)] = &[
+    ("amicopy.dev", "amicopypolicies", "get", ""),
+    ("amicopy.dev", "amicopypolicies", "list", ""),
+    ("amicopy.dev", "amicopypolicies", "watch", ""),
+    ("", "namespaces", "get", ""),
+    ("", "namespaces", "list", ""),
+    ("", "namespaces", "watch", ""),
+];
+
 #[test]
 fn rbac_grants_exactly_what_the_operator_uses() {
     let lease = |name: &str| {
@@ -526,18 +584,44 @@ fn rbac_grants_exactly_what_the_operator_uses() {
                 assert!(!rules.contains("secrets"), "{name}: secrets in {rules}");
             }
         }
-        let operator_role = match values["watchNamespace"].as_str() {
+        let cluster_role = |suffix: &str| {
+            of_kind(&objects, "ClusterRole")
+                .into_iter()
+                .find(|r| r["metadata"]["name"] == format!("amicopy-ami-copy-operator{suffix}"))
+                .unwrap_or_else(|| panic!("{name}: ClusterRole amicopy-ami-copy-operator{suffix}"))
+        };
+        match values["watchNamespace"].as_str() {
             Some(ns) => {
                 let role = of_kind(&objects, "Role")
                     .into_iter()
                     .find(|r| r["metadata"]["namespace"] == ns)
                     .expect("a Role in the watched namespace");
-                assert!(of_kind(&objects, "ClusterRole").is_empty());
-                role
+                assert_eq!(grants(role), expected(OPERATOR_GRANTS), "{name}");
+                assert_eq!(
+                    grants(cluster_role("-policies")),
+                    expected(POLICY_GRANTS),
+                    "{name}"
+                );
             }
-            None => one(&objects, "ClusterRole"),
-        };
-        assert_eq!(grants(operator_role), expected(OPERATOR_GRANTS), "{name}");
+            None => {
+                let all: Vec<_> = OPERATOR_GRANTS
+                    .iter()
+                    .chain(POLICY_GRANTS)
+                    .copied()
+                    .collect();
+                assert_eq!(grants(cluster_role("")), expected(&all), "{name}");
+            }
+        }
+        // Tenants: namespace editors manage AmiCopies, and nobody but the
+        // cluster admin writes an AmiCopyPolicy.
+        for suffix in ["-edit", "-view"] {
+            let tenant = grants(cluster_role(suffix));
+            assert!(
+                tenant.iter().all(|(_, r, v, _)| r != "amicopypolicies"
+                    || ["get", "list", "watch"].contains(&v.as_str())),
+                "{name}{suffix}: {tenant:?}"
+            );
+        }
 
         let lease_roles: Vec<_> = of_kind(&objects, "Role")
             .into_iter()
@@ -867,8 +951,7 @@ async fn access_reviews_namespaced_mode_with_leader_election() {
     let ns = testbed::namespace(&admin, "chart-sar-ns").await;
     let watched = testbed::namespace(&admin, "chart-sar-watched").await;
     let values = json!({"watchNamespace": watched, "replicas": 2});
-    let (identity, objects) = install_rbac(&admin, &ns, &values).await;
-    assert!(of_kind(&objects, "ClusterRole").is_empty());
+    let (identity, _objects) = install_rbac(&admin, &ns, &values).await;
     let lease_name = format!("{ns}-ami-copy-operator");
     let lease_name = lease_name.as_str();
     let named = |mut c: Check, name: &str| {
@@ -892,6 +975,15 @@ async fn access_reviews_namespaced_mode_with_leader_election() {
     checks.push(check("amicopy.dev/amicopies/status", "patch", &ns, false));
     checks.push(check("events.k8s.io/events", "create", &watched, true));
     checks.push(check("events.k8s.io/events", "create", "default", false));
+    // Cluster-wide, it only reads the policies and the namespaces' labels.
+    for verb in ["get", "list", "watch"] {
+        checks.push(check("amicopy.dev/amicopypolicies", verb, "", true));
+        checks.push(check("/namespaces", verb, "", true));
+    }
+    for verb in ["create", "patch", "delete"] {
+        checks.push(check("amicopy.dev/amicopypolicies", verb, "", false));
+        checks.push(check("/namespaces", verb, "", false));
+    }
     checks.push(check("/secrets", "get", &watched, false));
     checks.push(check("/secrets", "list", &ns, false));
     checks.push(check("/configmaps", "list", &watched, false));

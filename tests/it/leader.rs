@@ -39,6 +39,7 @@ fn spawn(name: &'static str, ns: &str, ec2_endpoint: &str) -> Replica {
         std::env::var("AMICOPY_KUBECONFIG").expect("AMICOPY_KUBECONFIG is set by hack/test.sh");
     let child = Command::new(env!("CARGO_BIN_EXE_ami-copy-operator"))
         .args(["run", "--namespace", ns, "--ec2-endpoint-url", ec2_endpoint])
+        .args(["--sts-endpoint-url", ec2_endpoint])
         .args([
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),

@@ -45,24 +45,28 @@ pub async fn admin_config() -> kube::Config {
 
 /// Applies `crds/` exactly as a user would and waits until it is served.
 async fn install_crd(client: Client) {
-    let yaml = include_str!("../../crds/amicopy.dev_amicopies.yaml");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).expect("crds/ parses");
-    let api: Api<CustomResourceDefinition> = Api::all(client);
-    let name = crd.name_any();
-    api.patch(
-        &name,
-        &PatchParams::apply("amicopy-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply the CRD");
-    tokio::time::timeout(
-        WAIT,
-        await_condition(api, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch the CRD");
+    for yaml in [
+        include_str!("../../crds/amicopy.dev_amicopies.yaml"),
+        include_str!("../../crds/amicopy.dev_amicopypolicies.yaml"),
+    ] {
+        let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).expect("crds/ parses");
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let name = crd.name_any();
+        api.patch(
+            &name,
+            &PatchParams::apply("amicopy-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply the CRD");
+        tokio::time::timeout(
+            WAIT,
+            await_condition(api, &name, conditions::is_crd_established()),
+        )
+        .await
+        .expect("CRD established in time")
+        .expect("watch the CRD");
+    }
 }
 
 /// A fresh namespace for one test.
@@ -99,6 +103,10 @@ pub struct Operator {
     task: Option<JoinHandle<()>>,
 }
 
+/// The default policy of the test operators, but for the policy tests: it
+/// allows everything, so that every other test is about what it tests.
+pub const TRUST_ALL_POLICY: &str = r#"{"sourceOwners": ["*"], "regions": ["*"], "roles": [{"arn": "*"}], "kmsKeys": ["*"], "sharing": {"accounts": ["*"], "organizations": ["*"], "organizationalUnits": ["*"], "snapshots": true, "public": true}}"#;
+
 impl Operator {
     pub async fn start(client: &Client, namespace: &str, ec2_endpoint: &str) -> Self {
         Self::start_with(client, namespace, ec2_endpoint, |_| {}).await
@@ -120,6 +128,7 @@ impl Operator {
         )
         .with_sts_endpoint(Some(ec2_endpoint.to_owned()));
         let mut config = Config {
+            default_policy: serde_json::from_str(TRUST_ALL_POLICY).expect("a policy"),
             poll_interval: Duration::from_millis(300),
             resync_interval: Duration::from_secs(3),
             min_backoff: Duration::from_millis(200),

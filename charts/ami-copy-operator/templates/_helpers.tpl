@@ -35,3 +35,24 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "ami-copy-operator.leaseName" -}}
 {{- default (include "ami-copy-operator.fullname" .) .Values.leaderElection.leaseName -}}
 {{- end -}}
+
+{{/*
+The spec of the default AmiCopyPolicy, as YAML: policy.default, or with
+policy.trustAllNamespaces everything but public images. The operator gets
+the same spec (--default-policy) for a namespace no policy selects, so that
+a moment without the policy object (an upgrade replaces it) changes nothing.
+*/}}
+{{- define "ami-copy-operator.defaultPolicy" -}}
+{{- $spec := deepCopy .Values.policy.default }}
+{{- if .Values.policy.trustAllNamespaces }}
+{{- $all := list "*" }}
+{{- $trusted := dict
+      "sourceOwners" $all
+      "regions" $all
+      "roles" (list (dict "arn" "*" "requireExternalId" false))
+      "kmsKeys" $all
+      "sharing" (dict "accounts" $all "organizations" $all "organizationalUnits" $all "snapshots" true "public" false) }}
+{{- $spec = merge $trusted (pick $spec "maxDestinations") }}
+{{- end }}
+{{- toYaml $spec }}
+{{- end }}

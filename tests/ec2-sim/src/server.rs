@@ -143,6 +143,10 @@ async fn ec2(State(control): State<Arc<Control>>, headers: HeaderMap, body: Byte
         Ok(ok) => ok,
         Err((error, region)) => return fail(error, region.as_deref().unwrap_or("-")),
     };
+    if service == "sts" && action == "GetCallerIdentity" {
+        control.record(&action, &caller.region, "ok");
+        return xml(200, caller_identity(&caller.account, &request_id));
+    }
     if service == "sts" {
         return match assume_role(&control, &action, &params, &request_id) {
             Ok(body) => {
@@ -233,6 +237,16 @@ impl Exchange<'_> {
         }
         response
     }
+}
+
+/// STS GetCallerIdentity: the account of the credentials that signed the
+/// request ("GetCallerIdentity", AWS STS API Reference).
+fn caller_identity(account: &str, request_id: &str) -> String {
+    format!(
+        "<GetCallerIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><GetCallerIdentityResult>\
+         <Arn>arn:aws:iam::{account}:user/sim</Arn><UserId>AIDASIM</UserId><Account>{account}</Account>\
+         </GetCallerIdentityResult><ResponseMetadata><RequestId>{request_id}</RequestId></ResponseMetadata></GetCallerIdentityResponse>"
+    )
 }
 
 /// STS AssumeRole for the roles the configuration lists: fresh credentials

@@ -20,7 +20,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use crate::ec2peer;
-use crate::testbed::WAIT;
+use crate::testbed::{self, WAIT};
 
 pub const SOURCE_REGION: &str = "us-east-1";
 
@@ -67,6 +67,8 @@ impl Launch {
         let child = Command::new(env!("CARGO_BIN_EXE_ami-copy-operator"))
             .args(["run", "--namespace", &self.namespace])
             .args(["--ec2-endpoint-url", &self.ec2_endpoint])
+            .args(["--sts-endpoint-url", &self.ec2_endpoint])
+            .args(["--default-policy", testbed::TRUST_ALL_POLICY])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--poll-interval", "300ms"])
             .args(["--resync-interval", self.resync])

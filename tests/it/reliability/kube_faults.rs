@@ -74,22 +74,28 @@ impl ControlPlane {
     /// A namespace and the operator binary watching it, against `sim`.
     async fn prepare(&self, crd: CustomResourceDefinition, endpoint: &str) -> (Client, Launch) {
         let client = self.client().await;
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("reliability").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("apply the CRD");
-        tokio::time::timeout(
-            WAIT,
-            await_condition(crds, &name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("CRD established in time")
-        .expect("watch the CRD");
+        let policies: CustomResourceDefinition = serde_yaml::from_str(include_str!(
+            "../../../crds/amicopy.dev_amicopypolicies.yaml"
+        ))
+        .expect("crds/ parses");
+        for crd in [crd, policies] {
+            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+            let name = crd.name_any();
+            crds.patch(
+                &name,
+                &PatchParams::apply("reliability").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .expect("apply the CRD");
+            tokio::time::timeout(
+                WAIT,
+                await_condition(crds, &name, conditions::is_crd_established()),
+            )
+            .await
+            .expect("CRD established in time")
+            .expect("watch the CRD");
+        }
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &ns)
