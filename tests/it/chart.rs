@@ -86,7 +86,7 @@ fn run_helm(args: &[&str], values: &Value) -> Result<String, String> {
 
 /// `helm template` of the chart as release `release` in `namespace`: the
 /// rendered objects.
-fn render(release: &str, namespace: &str, values: &Value) -> Vec<Value> {
+pub(crate) fn render(release: &str, namespace: &str, values: &Value) -> Vec<Value> {
     let yaml = run_helm(
         &["template", release, CHART, "--namespace", namespace],
         values,
@@ -686,7 +686,7 @@ async fn ensure_namespace(client: &Client, name: &str) {
 
 /// Server-side applies each object (as `kubectl apply --server-side` would),
 /// for real or as a dry run.
-async fn apply_all(client: &Client, objects: &[Value], dry_run: bool) {
+pub(crate) async fn apply_all(client: &Client, objects: &[Value], dry_run: bool) {
     for o in objects {
         let obj: DynamicObject = serde_json::from_value(o.clone()).expect("an object");
         let types = obj.types.clone().expect("apiVersion and kind");

@@ -9,5 +9,6 @@ mod ec2peer;
 mod leader;
 mod lifecycle;
 mod operator;
+mod policy;
 mod reliability;
 mod testbed;

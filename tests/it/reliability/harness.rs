@@ -216,6 +216,11 @@ impl Metrics {
             .sum()
     }
 
+    /// The whole text, as Prometheus scrapes it.
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+
     pub fn reconciles(&self) -> u64 {
         self.sum("amicopy_reconciles_total") as u64
     }
