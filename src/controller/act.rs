@@ -38,7 +38,7 @@ pub(super) async fn act<E: Ec2>(plan: &Plan, m: &Meta, scopes: &Scopes, ctx: &Co
     let mut outcomes = Vec::with_capacity(plan.actions.len());
     for action in &plan.actions {
         let scope = match action {
-            Action::RetireMoved { scope, .. } => scope.clone(),
+            Action::RetireMoved { scope, .. } => scope.clone().on_behalf_of(&m.namespace, &m.name),
             _ => scopes.of(action.region()),
         };
         let (outcome, failed) = perform(action, m, &scope, ctx).await;

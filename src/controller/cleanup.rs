@@ -49,7 +49,7 @@ pub(super) async fn cleanup<E: Ec2>(
         .effective_image_id(obj.status.as_ref())
         .unwrap_or_default();
     let tags = plan::desired_tags(&obj.spec, &m, source);
-    let scopes = Scopes::new(&obj.spec, obj.status.as_ref());
+    let scopes = Scopes::new(&obj.spec, obj.status.as_ref()).on_behalf_of(&m.namespace, &m.name);
     let region = Region {
         obj,
         ctx,
@@ -58,7 +58,7 @@ pub(super) async fn cleanup<E: Ec2>(
     };
     // Every region is cleaned at once and to the end of what it can do, so
     // that a fault in one region neither delays nor undoes the others.
-    let places = places(obj, &scopes);
+    let places = places(obj, &scopes, &m);
     let results = future::join_all(places.into_iter().map(|scope| {
         let region = &region;
         async move {
@@ -100,17 +100,14 @@ pub(super) async fn cleanup<E: Ec2>(
 /// Every region of interest, in the account it is reached in now, and in
 /// any other account the status recorded copies in (a destination whose
 /// `roleArn` changed).
-fn places(obj: &AmiCopy, scopes: &Scopes) -> BTreeSet<Scope> {
+fn places(obj: &AmiCopy, scopes: &Scopes, m: &Meta) -> BTreeSet<Scope> {
     let mut places: BTreeSet<Scope> = plan::regions_of_interest(&obj.spec, obj.status.as_ref())
         .iter()
         .map(|r| scopes.of(r))
         .collect();
     for t in obj.status.iter().flat_map(|s| s.targets()) {
-        places.insert(Scope::through(
-            &t.region,
-            t.role_arn.as_deref(),
-            t.external_id.as_deref(),
-        ));
+        let scope = Scope::through(&t.region, t.role_arn.as_deref(), t.external_id.as_deref());
+        places.insert(scope.on_behalf_of(&m.namespace, &m.name));
     }
     places
 }

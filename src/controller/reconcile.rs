@@ -53,7 +53,7 @@ pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
     let mut m = meta(obj, &ctx.config)?;
     m.governing = ctx.governing(&m.namespace);
-    let scopes = Scopes::new(&obj.spec, obj.status.as_ref());
+    let scopes = Scopes::new(&obj.spec, obj.status.as_ref()).on_behalf_of(&m.namespace, &m.name);
     let observed = observe::observe(obj, &m, &scopes, ctx).await?;
     let now = Time(Timestamp::now());
     let plan = plan::plan(&obj.spec, &m, obj.status.as_ref(), &observed, &now);

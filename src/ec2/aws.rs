@@ -84,7 +84,7 @@ impl AwsEc2 {
                 sts = sts.endpoint_url(url);
             }
             let mut assume = aws_config::sts::AssumeRoleProvider::builder(&role.arn)
-                .session_name("ami-copy-operator")
+                .session_name(role.session.as_deref().unwrap_or(super::OPERATOR_SESSION))
                 .region(region)
                 .configure(&sts.build());
             if let Some(id) = &role.external_id {

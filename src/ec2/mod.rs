@@ -89,12 +89,28 @@ pub struct Scope {
     pub role: Option<Role>,
 }
 
-/// An IAM role of another account, and the external ID its trust policy
-/// asks for.
+/// An IAM role of another account, the external ID its trust policy asks
+/// for, and the STS session name that tells the other account's CloudTrail
+/// which object asked.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Role {
     pub arn: String,
     pub external_id: Option<String>,
+    pub session: Option<String>,
+}
+
+/// Session name of the operator's own calls through a role (none made for
+/// an object).
+pub const OPERATOR_SESSION: &str = "ami-copy-operator";
+
+/// The STS session name of the calls made for the object `namespace/name`:
+/// `amicopy.<namespace>.<name>`, cut to STS's 64 characters (object names
+/// are DNS labels and subdomains, all of whose characters STS allows).
+pub fn session_name(namespace: &str, name: &str) -> String {
+    format!("amicopy.{namespace}.{name}")
+        .chars()
+        .take(64)
+        .collect()
 }
 
 impl Scope {
@@ -114,8 +130,18 @@ impl Scope {
             role: role_arn.map(|arn| Role {
                 arn: arn.to_owned(),
                 external_id: external_id.map(str::to_owned),
+                session: None,
             }),
         }
+    }
+
+    /// The same scope, its calls through a role named after the object
+    /// `namespace/name` in STS (see [`session_name`]).
+    pub fn on_behalf_of(mut self, namespace: &str, name: &str) -> Self {
+        if let Some(role) = &mut self.role {
+            role.session = Some(session_name(namespace, name));
+        }
+        self
     }
 
     pub fn role_arn(&self) -> Option<&str> {
@@ -425,3 +451,28 @@ pub const OPERATIONS: &[&str] = &[
 
 #[cfg(test)]
 pub(crate) mod fake;
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    #[test]
+    fn a_role_session_names_the_object_within_stss_limits() {
+        assert_eq!(session_name("team-a", "golden"), "amicopy.team-a.golden");
+        let long = session_name(&"n".repeat(63), &"x".repeat(253));
+        assert_eq!(long.len(), 64);
+        assert!(long.starts_with("amicopy.nnn"));
+        let scope = Scope::through(
+            "eu-west-1",
+            Some("arn:aws:iam::210987654321:role/r"),
+            Some("x"),
+        )
+        .on_behalf_of("team-a", "golden");
+        assert_eq!(
+            scope.role.unwrap().session.as_deref(),
+            Some("amicopy.team-a.golden")
+        );
+        let own = Scope::region("eu-west-1").on_behalf_of("team-a", "golden");
+        assert_eq!(own, Scope::region("eu-west-1"), "no role, no session");
+    }
+}

@@ -28,6 +28,17 @@ impl Scopes {
         Self(scopes)
     }
 
+    /// The same scopes, their calls through roles named after the object
+    /// `namespace/name` in STS.
+    pub fn on_behalf_of(self, namespace: &str, name: &str) -> Self {
+        Self(
+            self.0
+                .into_iter()
+                .map(|(r, s)| (r, s.on_behalf_of(namespace, name)))
+                .collect(),
+        )
+    }
+
     /// The scope of `region`.
     pub fn of(&self, region: &str) -> Scope {
         self.0
