@@ -39,7 +39,8 @@ pub(super) async fn cleanup<E: Ec2>(
         .map_err(Error::Kube)?
         .filter(|o| o.metadata.uid == cached.metadata.uid);
     let obj = fresh.as_ref().unwrap_or(cached);
-    let m = meta(obj, &ctx.config)?;
+    let mut m = meta(obj, &ctx.config)?;
+    m.governing = ctx.governing(&m.namespace);
     if let Some(t) = &ctx.tracker {
         t.forget(&object_ref(&m));
     }
@@ -100,10 +101,21 @@ pub(super) async fn cleanup<E: Ec2>(
 /// Every region of interest, in the account it is reached in now, and in
 /// any other account the status recorded copies in (a destination whose
 /// `roleArn` changed).
+///
+/// A role the policies refuse is not assumed for its destination: only the
+/// roles the status recorded copies through are, for they were allowed then.
 fn places(obj: &AmiCopy, scopes: &Scopes, m: &Meta) -> BTreeSet<Scope> {
+    let refused_roles: BTreeSet<String> = m
+        .governing
+        .iter()
+        .flat_map(|g| g.check(&obj.spec, None))
+        .filter(|d| d.rule.starts_with("roles"))
+        .filter_map(|d| d.region)
+        .collect();
     let mut places: BTreeSet<Scope> = plan::regions_of_interest(&obj.spec, obj.status.as_ref())
         .iter()
         .map(|r| scopes.of(r))
+        .filter(|s| s.role.is_none() || !refused_roles.contains(&s.region))
         .collect();
     for t in obj.status.iter().flat_map(|s| s.targets()) {
         let scope = Scope::through(&t.region, t.role_arn.as_deref(), t.external_id.as_deref());

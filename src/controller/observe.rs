@@ -13,7 +13,8 @@ use crate::api::{AmiCopy, ResolvedSource, TargetState};
 use crate::ec2::{Ec2, Ec2Error, ImageInfo, ImageQuery};
 use crate::error::Result;
 use crate::plan::{self, Meta, Observed, Scopes};
-use crate::policy::Governing;
+use crate::policy::{self, Governing};
+use crate::status::reason;
 use crate::tracker::{Known, Tracker};
 
 pub(super) async fn observe<E: Ec2>(
@@ -42,19 +43,25 @@ pub(super) async fn observe<E: Ec2>(
     } else {
         None
     };
+    // A destination the policies refuse is not looked at either: its role
+    // may be one the operator must not assume.
+    let blocked = policy::judge(&m.governing, spec, None, own_account.as_deref()).blocked;
     if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, source_id?, scopes, t))
     {
-        return Ok(Observed {
-            source: Some(source),
-            owned,
-            recorded,
-            unreachable: BTreeMap::new(),
-            resolved,
-            own_account,
-        });
+        return Ok(set_aside(
+            Observed {
+                source: Some(source),
+                owned,
+                recorded,
+                unreachable: BTreeMap::new(),
+                resolved,
+                own_account,
+            },
+            &blocked,
+        ));
     }
-    let (owned, unreachable) = list_owned(obj, m, scopes, ctx).await;
-    let recorded = look_up_recorded(obj, &owned, scopes, &ctx.ec2).await?;
+    let (owned, unreachable) = list_owned(obj, m, scopes, &blocked, ctx).await;
+    let recorded = look_up_recorded(obj, &owned, scopes, &blocked, &ctx.ec2).await?;
     if let Some(t) = tracker {
         let key = object_ref(m);
         for (region, images) in &owned {
@@ -64,14 +71,30 @@ pub(super) async fn observe<E: Ec2>(
             }
         }
     }
-    Ok(Observed {
-        source: Some(source),
-        owned,
-        recorded,
-        unreachable,
-        resolved,
-        own_account,
-    })
+    Ok(set_aside(
+        Observed {
+            source: Some(source),
+            owned,
+            recorded,
+            unreachable,
+            resolved,
+            own_account,
+        },
+        &blocked,
+    ))
+}
+
+/// The regions the policies refuse, as if EC2 had not answered there: what
+/// the status holds of them is kept, and nothing is done there.
+fn set_aside(mut observed: Observed, blocked: &BTreeMap<String, String>) -> Observed {
+    for (region, why) in blocked {
+        observed.owned.remove(region);
+        observed.unreachable.insert(
+            region.clone(),
+            Ec2Error::new(reason::POLICY_DENIED, why.clone()),
+        );
+    }
+    observed
 }
 
 type Owned = BTreeMap<String, Vec<ImageInfo>>;
@@ -83,9 +106,11 @@ async fn list_owned<E: Ec2>(
     obj: &AmiCopy,
     m: &Meta,
     scopes: &Scopes,
+    blocked: &BTreeMap<String, String>,
     ctx: &Context<E>,
 ) -> (Owned, BTreeMap<String, Ec2Error>) {
-    let regions = plan::regions_of_interest(&obj.spec, obj.status.as_ref());
+    let mut regions = plan::regions_of_interest(&obj.spec, obj.status.as_ref());
+    regions.retain(|r| !blocked.contains_key(r));
     let listed = future::join_all(regions.into_iter().map(|r| async move {
         let res = ctx.ec2.owned_images(&scopes.of(&r), &m.uid).await;
         (r, res)
@@ -112,9 +137,11 @@ async fn look_up_recorded<E: Ec2>(
     obj: &AmiCopy,
     owned: &Owned,
     scopes: &Scopes,
+    blocked: &BTreeMap<String, String>,
     ec2: &E,
 ) -> Result<BTreeMap<String, Option<ImageInfo>>> {
-    let to_check = plan::recorded_to_check(obj.status.as_ref(), owned);
+    let mut to_check = plan::recorded_to_check(obj.status.as_ref(), owned);
+    to_check.retain(|(r, _)| !blocked.contains_key(r));
     let found = future::try_join_all(to_check.into_iter().map(|(r, id)| async move {
         let img = ec2.describe_image(&scopes.of(&r), &id).await?;
         Ok::<_, Ec2Error>((id, img))

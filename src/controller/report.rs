@@ -56,10 +56,10 @@ pub(super) async fn write_ahead(
         .unwrap_or_default();
     let mut status = plan.status.clone();
     plan::record::summarize(&mut status, plan.global.clone(), previous, now);
-    if obj.status.as_ref() == Some(&status) {
-        return Ok(None);
-    }
-    write_status(api, obj, &status, false).await
+    // Written even when unchanged: the write is also the proof that this
+    // pass read the object as it is (a copy of it the watch had not brought
+    // up to date would start a copy again, or retire one twice).
+    apply_status(api, obj, &status).await.map(Some)
 }
 
 /// The finalizer cannot finish: `Degraded` says where and why (a status

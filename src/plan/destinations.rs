@@ -18,9 +18,6 @@ pub fn plan(
     draft: &mut Draft,
 ) -> TargetStatus {
     let region = dest.region.as_str();
-    if let Some(e) = input.observed.unreachable.get(region) {
-        return status::region_problem(region, dest.role_arn.as_deref(), input.source_id, e);
-    }
     let last = input
         .prev
         .destinations
@@ -28,6 +25,9 @@ pub fn plan(
         .find(|d| d.region == region && d.source_image_id.as_deref() == Some(input.source_id));
     if let Some(why) = input.blocked.get(region) {
         return refused(input, region, last, why);
+    }
+    if let Some(e) = input.observed.unreachable.get(region) {
+        return status::region_problem(region, dest.role_arn.as_deref(), input.source_id, e);
     }
     let attempt = last.map_or(0, |d| d.attempt);
     // A destination new to the status (added, added back, or a new source)

@@ -394,7 +394,10 @@ pub fn plan(
         conditions: Vec::new(),
     };
     let scopes = Scopes::new(spec, previous);
-    for t in status.targets_mut() {
+    // A destination the policies refuse keeps the role its copy was made
+    // through, if any: the one in the spec is not used, nor recorded.
+    let refused = |t: &TargetStatus| judged.blocked.contains_key(&t.region);
+    for t in status.targets_mut().filter(|t| !refused(t)) {
         scopes.record(t);
     }
     // Recorded after the others: each keeps the role it is reached through.

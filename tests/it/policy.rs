@@ -361,3 +361,70 @@ async fn telemetry_carries_no_role_arn_and_no_external_id() {
     testbed::wait_gone(&bed.api, "across").await;
     op.kill().await;
 }
+
+/// A role the policy does not allow (any more: the object was admitted
+/// before the policy was tightened, while no operator ran) is never
+/// assumed, not to copy, not to look, not to clean up: the destination is
+/// `PolicyDenied`, the allowed one is copied, and the simulator's STS sees
+/// no AssumeRole at all.
+#[tokio::test]
+async fn a_refused_role_is_never_assumed() {
+    let admin = testbed::kube().await;
+    let mut config = crate::ec2peer::sim_config();
+    config.copy_duration = Duration::from_millis(300);
+    let role = "arn:aws:iam::222233334444:role/someone-elses-copier";
+    config.roles.insert(role.into(), None);
+    let peer = Peer {
+        env: crate::ec2peer::PeerEnv::with_sim(config).await,
+    };
+    let ns = governed_namespace(&admin, "policy-role", &json!({"roles": [{"arn": "*"}]})).await;
+    let api: Api<AmiCopy> = Api::namespaced(admin.clone(), &ns);
+    let source = peer.seed_source("role").await;
+    create(
+        &api,
+        "reach",
+        json!({"source": {"region": SOURCE_REGION, "imageId": source},
+               "destinations": [{"region": "eu-west-1"}, {"region": "us-west-2", "roleArn": role}]}),
+    )
+    .await;
+    let tight = json!({"spec": {"roles": []}});
+    Api::<AmiCopyPolicy>::all(admin.clone())
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(&tight))
+        .await
+        .expect("tighten the policy");
+    let op = Operator::start(&admin, &ns, peer.env.endpoint()).await;
+    let denied = wait_for(&api, "reach", "eu-west-1 copied, us-west-2 refused", |o| {
+        let refused = o.status.as_ref().is_some_and(|s| {
+            s.destinations
+                .iter()
+                .any(|d| d.region == "us-west-2" && d.reason.as_deref() == Some("PolicyDenied"))
+        });
+        refused
+            && target_of(o, "eu-west-1").is_some_and(|id| {
+                peer.control()
+                    .image(&id)
+                    .is_some_and(|i| i.state.as_str() == "available")
+            })
+    })
+    .await;
+    let (_, reason, message) = harness::condition_of(&denied, "Degraded").unwrap();
+    assert_eq!(reason, "PolicyDenied");
+    assert!(message.contains(&format!("roles \"{role}\"")), "{message}");
+    testbed::delete(&api, "reach").await;
+    testbed::wait_gone(&api, "reach").await;
+    let assumed: Vec<_> = peer
+        .control()
+        .calls()
+        .into_iter()
+        .filter(|c| c.action == "AssumeRole")
+        .collect();
+    assert!(
+        assumed.is_empty(),
+        "the refused role was assumed: {assumed:?}"
+    );
+    Api::<AmiCopyPolicy>::all(admin)
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .expect("remove the policy");
+    op.stop().await;
+}
