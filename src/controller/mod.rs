@@ -133,7 +133,12 @@ fn watch_governance(
     .default_backoff()
     .reflect(policy_writer)
     .applied_objects()
-    .filter_map(|res| future::ready(res.ok().map(|_| true)));
+    .filter_map(|res| {
+        if let Err(e) = &res {
+            warn!(error = %e, "cannot watch AmiCopyPolicies (is crds/amicopy.dev_amicopypolicies.yaml installed?); no object is reconciled until they are known");
+        }
+        future::ready(res.ok().map(|_| true))
+    });
     let labels = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
