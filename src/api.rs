@@ -62,7 +62,10 @@ pub struct AmiCopySpec {
     pub source: Source,
 
     /// Regions to copy the source AMI into, one entry per region (1 to 100).
+    /// (Server-side apply merges it by `region`: two field managers each
+    /// keep their own destinations.)
     #[schemars(length(min = 1, max = 100))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["region"]))]
     #[x_kube(
         validation = Rule::new("self.all(d, self.exists_one(e, e.region == d.region))")
             .message("destinations must name each region only once")
@@ -120,7 +123,7 @@ pub struct AmiCopySpec {
     /// is available. A generation whose source AMI is listed in the
     /// annotation `amicopy.dev/pinned-sources` (comma-separated) is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 10))]
+    #[schemars(with = "Option<i32>", range(min = 1, max = 10))]
     pub retain: Option<u32>,
 
     /// Who may launch the copies (EC2 launch permissions), applied to every
@@ -332,6 +335,7 @@ pub struct AmiCopyStatus {
 
     /// The current copy in each destination region.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["region"]))]
     pub destinations: Vec<TargetStatus>,
 
     /// Older copies (of a previous source, or in a region no longer listed)
@@ -350,6 +354,7 @@ pub struct AmiCopyStatus {
 
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
@@ -378,8 +383,10 @@ pub struct TargetStatus {
     pub image_id: Option<String>,
 
     /// `pending`, `available` or `failed` as EC2 reports them (or another EC2
-    /// image state), `waiting` while the copy cannot start yet, `error` when
-    /// it cannot start at all.
+    /// image state, such as `deregistered`), `waiting` while the copy cannot
+    /// start yet (source pending, EC2 busy), `queued` while it waits for a
+    /// copy slot (the operator's per-region limits, EC2's copy quota), `error`
+    /// when it cannot start at all until the spec or the source changes.
     #[schemars(with = "String")]
     pub state: TargetState,
 

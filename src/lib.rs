@@ -39,6 +39,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_crds_use_only_formats_kubernetes_knows() {
+        // kube-apiserver warns of any other ("unrecognized format") at
+        // every `kubectl apply`.
+        let known = [
+            "int32",
+            "int64",
+            "float",
+            "double",
+            "byte",
+            "date",
+            "date-time",
+            "password",
+        ];
+        for crd in [crd_yaml(), policy_crd_yaml()] {
+            for line in crd.lines() {
+                if let Some(format) = line.trim().strip_prefix("format: ") {
+                    assert!(known.contains(&format), "format {format} in the CRDs");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn committed_policy_crd_matches_the_rust_types() {
         let committed = include_str!("../crds/amicopy.dev_amicopypolicies.yaml");
         assert!(

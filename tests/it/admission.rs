@@ -121,3 +121,48 @@ async fn every_example_is_accepted() {
     }
     assert!(seen >= 5, "only {seen} examples found");
 }
+
+/// Server-side apply merges `spec.destinations` by region: two field
+/// managers (a GitOps tool and a person, say) each apply their own
+/// destination, and neither removes the other's, also when one applies
+/// again.
+#[tokio::test]
+async fn two_field_managers_keep_each_others_destinations() {
+    use kube::api::{Patch, PatchParams};
+    let kube = testbed::kube().await;
+    let ns = testbed::namespace(&kube, "ssa").await;
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        kube.clone(),
+        &ns,
+        &kube::api::ApiResource::erase::<AmiCopy>(&()),
+    );
+    let apply = |manager: &'static str, spec: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "shared",
+                &PatchParams::apply(manager),
+                &Patch::Apply(&manifest("shared", spec)),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{manager}: {e}"))
+        }
+    };
+    let gitops = json!({"source": {"region": "us-east-1", "imageId": "ami-0123456789abcdef0"},
+                        "destinations": [{"region": "eu-west-1"}]});
+    apply("gitops", gitops.clone()).await;
+    apply(
+        "person",
+        json!({"destinations": [{"region": "us-west-2", "encrypted": true}]}),
+    )
+    .await;
+    let obj = apply("gitops", gitops).await;
+    let regions: Vec<&str> = obj.data["spec"]["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["region"].as_str().unwrap())
+        .collect();
+    assert_eq!(regions, ["eu-west-1", "us-west-2"]);
+    assert_eq!(obj.data["spec"]["destinations"][1]["encrypted"], true);
+}
