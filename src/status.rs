@@ -9,11 +9,18 @@ use crate::ec2::{Ec2Error, ErrorKind};
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// kstatus' "abnormal-true" pair, read by Flux, kpt and cli-utils:
+/// `Reconciling` mirrors `Progressing` (InProgress) and `Stalled` mirrors
+/// `Degraded` (Failed).
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
 
 /// Stable condition and destination reasons. They are part of the API:
 /// alerting and the Argo CD health check match on them.
 pub mod reason {
     pub const AVAILABLE: &str = "Available";
+    /// The object was just seen; nothing is known of EC2 yet.
+    pub const OBSERVED: &str = "Observed";
     pub const COPY_PENDING: &str = "CopyPending";
     pub const WAITING: &str = "Waiting";
     pub const COPY_QUEUED: &str = "CopyQueued";
@@ -350,5 +357,32 @@ pub fn conditions(
             "nothing needs attention".into(),
         ),
     };
-    vec![ready, progressing, degraded]
+    let reconciling = Condition {
+        type_: RECONCILING.into(),
+        ..progressing.clone()
+    };
+    let stalled = Condition {
+        type_: STALLED.into(),
+        ..degraded.clone()
+    };
+    vec![ready, progressing, degraded, reconciling, stalled]
+}
+
+/// The status of an object seen for the first time, written before the
+/// operator asks EC2 anything: kstatus reads an object without conditions
+/// as done.
+pub fn first(generation: Option<i64>, now: &Time) -> Vec<Condition> {
+    let stamp = Stamp {
+        previous: &[],
+        generation,
+        now,
+    };
+    let message = || "reading the source and the destinations".to_owned();
+    vec![
+        stamp.condition(READY, false, reason::OBSERVED, message()),
+        stamp.condition(PROGRESSING, true, reason::OBSERVED, message()),
+        stamp.condition(DEGRADED, false, reason::OBSERVED, message()),
+        stamp.condition(RECONCILING, true, reason::OBSERVED, message()),
+        stamp.condition(STALLED, false, reason::OBSERVED, message()),
+    ]
 }

@@ -51,6 +51,8 @@ pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -
 
 /// One pass over a live object.
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
+    let seen = report::first_status(obj, api).await?;
+    let obj = seen.as_ref().unwrap_or(obj);
     let mut m = meta(obj, &ctx.config)?;
     m.governing = ctx.governing(&m.namespace);
     let scopes = Scopes::new(&obj.spec, obj.status.as_ref()).on_behalf_of(&m.namespace, &m.name);

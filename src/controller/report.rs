@@ -62,6 +62,21 @@ pub(super) async fn write_ahead(
     apply_status(api, obj, &status).await.map(Some)
 }
 
+/// An object seen for the first time gets a status at once (observed
+/// generation, `Reconciling`), before EC2 is asked anything; the object as
+/// written, if it was.
+pub(super) async fn first_status(obj: &AmiCopy, api: &Api<AmiCopy>) -> Result<Option<AmiCopy>> {
+    if obj.status.is_some() {
+        return Ok(None);
+    }
+    let status = AmiCopyStatus {
+        observed_generation: obj.metadata.generation,
+        conditions: status::first(obj.metadata.generation, &Time(Timestamp::now())),
+        ..AmiCopyStatus::default()
+    };
+    write_status(api, obj, &status, false).await
+}
+
 /// The finalizer cannot finish: `Degraded` says where and why (a status
 /// write only when that changes), and a Warning Event; the other conditions
 /// and the targets recorded stay as they were.

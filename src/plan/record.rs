@@ -527,7 +527,7 @@ mod tests {
             ]
         );
         assert_eq!(r.status.available.as_deref(), Some("0/2"));
-        assert_eq!(r.status.conditions.len(), 3, "summarized once, at the end");
+        assert_eq!(r.status.conditions.len(), 5, "summarized once, at the end");
         assert!(r.busy, "a copy is pending");
 
         // A snapshot that could not be deleted keeps the copy in the status.
