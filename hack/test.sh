@@ -19,10 +19,11 @@ done
 
 start=$SECONDS
 log "building the test bed (cached after the first run)"
-hack/testbed/build.sh etcd kube-apiserver moto helm
+hack/testbed/build.sh etcd kube-apiserver moto helm kstatus
 # shellcheck source=hack/testbed/versions.sh
 source hack/testbed/versions.sh
 export AMICOPY_HELM="$TESTBED_CACHE/helm-$HELM_VERSION/helm"
+export AMICOPY_KSTATUS="$TESTBED_CACHE/kstatus-$CLI_UTILS_VERSION/kstatus"
 
 log "cargo fmt --check"
 cargo fmt --all --check

@@ -121,6 +121,24 @@ build_helm() {
   mv "$work/bin/helm" "$out"
 }
 
+# A small program around kstatus (hack/testbed/kstatus/main.go): the tests
+# judge the operator's objects with the library Flux uses.
+build_kstatus() {
+  local out="$TESTBED_CACHE/kstatus-$CLI_UTILS_VERSION/kstatus"
+  [[ -x "$out" && "$out" -nt "$here/kstatus/main.go" ]] && return
+  local work; work="$(mktemp -d)"
+  # shellcheck disable=SC2064 # expand now: $work is local
+  trap "rm -rf '$work'" EXIT
+  log "building kstatus from sigs.k8s.io/cli-utils $CLI_UTILS_VERSION (first run only)"
+  cp "$here/kstatus/main.go" "$work/"
+  (cd "$work" && go mod init amicopy.dev/testbed/kstatus >/dev/null 2>&1 \
+    && go get "sigs.k8s.io/cli-utils@$CLI_UTILS_VERSION" >/dev/null 2>&1 \
+    && go mod tidy >/dev/null 2>&1 \
+    && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$work/kstatus" .)
+  mkdir -p "$(dirname "$out")"
+  mv "$work/kstatus" "$out"
+}
+
 install_moto() {
   local venv="$TESTBED_CACHE/moto-$MOTO_VERSION"
   [[ -x "$venv/bin/moto_server" ]] && return
@@ -131,12 +149,13 @@ install_moto() {
 }
 
 what=("$@")
-[[ ${#what[@]} -gt 0 ]] || what=(etcd kube-apiserver moto helm)
+[[ ${#what[@]} -gt 0 ]] || what=(etcd kube-apiserver moto helm kstatus)
 for w in "${what[@]}"; do
   case "$w" in
     kube-apiserver) locked "$w" build_kube_apiserver ;;
     etcd) locked "$w" build_etcd ;;
     helm) locked "$w" build_helm ;;
+    kstatus) locked "$w" build_kstatus ;;
     moto) locked "$w" install_moto ;;
     *) echo "unknown component: $w" >&2; exit 2 ;;
   esac

@@ -5,4 +5,6 @@ KUBERNETES_VERSION=v1.37.2
 ETCD_VERSION=v3.6.16
 HELM_VERSION=v3.22.0
 MOTO_VERSION=5.2.5
+# kstatus, the status library of Flux, kpt and cli-utils (hack/testbed/kstatus).
+CLI_UTILS_VERSION=v0.37.2
 TESTBED_CACHE="${AMICOPY_CACHE:-$HOME/.cache/ami-copy-operator}/testbed"

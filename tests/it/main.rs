@@ -6,6 +6,7 @@ mod argocd;
 mod chart;
 mod conformance;
 mod ec2peer;
+mod kstatus;
 mod leader;
 mod lifecycle;
 mod operator;
