@@ -25,7 +25,11 @@ pub const PINNED_ANNOTATION: &str = "amicopy.dev/pinned-sources";
 /// Tags under this prefix are reserved for the operator.
 pub const RESERVED_TAG_PREFIX: &str = "amicopy.dev/";
 
-const REGION_RULE: &str = "self.matches('^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]{1,2}$')";
+/// Regions of every AWS partition: commercial (`eu-west-1`), China
+/// (`cn-north-1`), GovCloud (`us-gov-west-1`), the ISO partitions
+/// (`us-iso-east-1`, `us-isob-east-1`, `eu-isoe-west-1`, `us-isof-south-1`)
+/// and the European Sovereign Cloud (`eusc-de-east-1`).
+const REGION_RULE: &str = "self.matches('^[a-z]{2,4}(-gov|-iso[a-z]?)?(-[a-z]+)+-[0-9]{1,2}$')";
 
 /// Longest `spec.name`: EC2 allows 128 characters and the operator appends
 /// `-` and the 21-character source image ID (see [`crate::plan::target_name`]).

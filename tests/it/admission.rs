@@ -166,3 +166,42 @@ async fn two_field_managers_keep_each_others_destinations() {
     assert_eq!(regions, ["eu-west-1", "us-west-2"]);
     assert_eq!(obj.data["spec"]["destinations"][1]["encrypted"], true);
 }
+
+/// Regions and ARNs of every AWS partition are accepted: China, GovCloud,
+/// the ISO partitions and the European Sovereign Cloud.
+#[tokio::test]
+async fn every_partition_is_accepted() {
+    let kube = testbed::kube().await;
+    let ns = testbed::namespace(&kube, "partitions").await;
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        kube.clone(),
+        &ns,
+        &kube::api::ApiResource::erase::<AmiCopy>(&()),
+    );
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    for (partition, source, region) in [
+        ("aws-cn", "cn-north-1", "cn-northwest-1"),
+        ("aws-us-gov", "us-gov-west-1", "us-gov-east-1"),
+        ("aws-iso", "us-iso-east-1", "us-iso-west-1"),
+        ("aws-iso-b", "us-isob-east-1", "us-isob-east-1"),
+        ("aws-iso-e", "eu-isoe-west-1", "eu-isoe-west-1"),
+        ("aws-iso-f", "us-isof-south-1", "us-isof-east-1"),
+        ("aws-eusc", "eusc-de-east-1", "eusc-de-east-1"),
+    ] {
+        let spec = json!({
+            "source": {"region": source, "imageId": "ami-0123456789abcdef0"},
+            "encrypted": true,
+            "destinations": [{
+                "region": region,
+                "kmsKeyId": format!("arn:{partition}:kms:{region}:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"),
+                "roleArn": format!("arn:{partition}:iam::444455556666:role/ami-copier"),
+            }],
+            "sharing": {"organizationArns": [format!("arn:{partition}:organizations::111122223333:organization/o-abcde12345")]},
+        });
+        let res = api.create(&dry, &manifest("partition", spec)).await;
+        assert!(res.is_ok(), "{partition} refused: {res:?}");
+    }
+}
