@@ -159,7 +159,8 @@ fn variants() -> Vec<(&'static str, Value)> {
                    "pollInterval": "5s", "resyncInterval": "1h", "metrics": {"port": 9090},
                    "podAnnotations": {"example.com/team": "images"}, "nodeSelector": {"kubernetes.io/os": "linux"},
                    "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
-                   "crds": {"install": false}, "env": [{"name": "AWS_STS_REGIONAL_ENDPOINTS", "value": "regional"}]}),
+                   "crds": {"install": false}, "env": [{"name": "AWS_STS_REGIONAL_ENDPOINTS", "value": "regional"}],
+                   "networkPolicy": {"enabled": true}}),
         ),
     ]
 }
@@ -388,6 +389,14 @@ fn other_values_render_as_documented() {
     }
     let lease_roles: Vec<_> = of_kind(&replicated, "Role");
     assert_eq!(lease_roles.len(), 1);
+    // More than one replica: a drain leaves one running.
+    let pdb = one(&replicated, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        deploy["spec"]["selector"]["matchLabels"]
+    );
+    assert!(of_kind(&render("amicopy", "ops", &json!({})), "PodDisruptionBudget").is_empty());
     assert_eq!(lease_roles[0]["metadata"]["namespace"], "ops");
     // One replica with leaderElection.enabled gets the same; without, none of it.
     let single = render(
@@ -421,6 +430,15 @@ fn other_values_render_as_documented() {
 
     let everything = render("amicopy", "ops", &variants()[5].1);
     assert!(of_kind(&everything, "CustomResourceDefinition").is_empty());
+    // Only the monitoring namespace reaches the metrics port.
+    let np = one(&everything, "NetworkPolicy");
+    assert_eq!(np["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"],
+        json!({"kubernetes.io/metadata.name": "monitoring"})
+    );
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], "metrics");
+    assert!(of_kind(&render("amicopy", "ops", &json!({})), "NetworkPolicy").is_empty());
     let c = container(&everything);
     assert_eq!(c["image"], "registry.example/ami-copy-operator:v9");
     assert_eq!(c["imagePullPolicy"], "Always");
