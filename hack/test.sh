@@ -19,11 +19,12 @@ done
 
 start=$SECONDS
 log "building the test bed (cached after the first run)"
-hack/testbed/build.sh etcd kube-apiserver moto helm kstatus
+hack/testbed/build.sh etcd kube-apiserver moto helm kstatus argocd-health
 # shellcheck source=hack/testbed/versions.sh
 source hack/testbed/versions.sh
 export AMICOPY_HELM="$TESTBED_CACHE/helm-$HELM_VERSION/helm"
 export AMICOPY_KSTATUS="$TESTBED_CACHE/kstatus-$CLI_UTILS_VERSION/kstatus"
+export AMICOPY_ARGOCD_HEALTH="$TESTBED_CACHE/argocd-health-$GOPHER_LUA_VERSION/argocd-health"
 
 log "cargo fmt --check"
 cargo fmt --all --check

@@ -139,6 +139,24 @@ build_kstatus() {
   mv "$work/kstatus" "$out"
 }
 
+# Runs the Argo CD health check with gopher-lua, as Argo CD does
+# (hack/testbed/argocd-health/main.go).
+build_argocd_health() {
+  local out="$TESTBED_CACHE/argocd-health-$GOPHER_LUA_VERSION/argocd-health"
+  [[ -x "$out" && "$out" -nt "$here/argocd-health/main.go" ]] && return
+  local work; work="$(mktemp -d)"
+  # shellcheck disable=SC2064 # expand now: $work is local
+  trap "rm -rf '$work'" EXIT
+  log "building the Argo CD health check runner with gopher-lua $GOPHER_LUA_VERSION (first run only)"
+  cp "$here/argocd-health/main.go" "$work/"
+  (cd "$work" && go mod init amicopy.dev/testbed/argocd-health >/dev/null 2>&1 \
+    && go get "github.com/yuin/gopher-lua@$GOPHER_LUA_VERSION" sigs.k8s.io/yaml >/dev/null 2>&1 \
+    && go mod tidy >/dev/null 2>&1 \
+    && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$work/argocd-health" .)
+  mkdir -p "$(dirname "$out")"
+  mv "$work/argocd-health" "$out"
+}
+
 install_moto() {
   local venv="$TESTBED_CACHE/moto-$MOTO_VERSION"
   [[ -x "$venv/bin/moto_server" ]] && return
@@ -149,13 +167,14 @@ install_moto() {
 }
 
 what=("$@")
-[[ ${#what[@]} -gt 0 ]] || what=(etcd kube-apiserver moto helm kstatus)
+[[ ${#what[@]} -gt 0 ]] || what=(etcd kube-apiserver moto helm kstatus argocd-health)
 for w in "${what[@]}"; do
   case "$w" in
     kube-apiserver) locked "$w" build_kube_apiserver ;;
     etcd) locked "$w" build_etcd ;;
     helm) locked "$w" build_helm ;;
     kstatus) locked "$w" build_kstatus ;;
+    argocd-health) locked "$w" build_argocd_health ;;
     moto) locked "$w" install_moto ;;
     *) echo "unknown component: $w" >&2; exit 2 ;;
   esac

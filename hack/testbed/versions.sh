@@ -7,4 +7,6 @@ HELM_VERSION=v3.22.0
 MOTO_VERSION=5.2.5
 # kstatus, the status library of Flux, kpt and cli-utils (hack/testbed/kstatus).
 CLI_UTILS_VERSION=v0.37.2
+# gopher-lua, the Lua VM Argo CD runs health checks with (hack/testbed/argocd-health).
+GOPHER_LUA_VERSION=v1.1.2
 TESTBED_CACHE="${AMICOPY_CACHE:-$HOME/.cache/ami-copy-operator}/testbed"

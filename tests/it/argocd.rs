@@ -1,4 +1,4 @@
-//! The Argo CD health check (`charts/ami-copy-operator/argocd/health.lua`)
+//! The Argo CD health check (`charts/ami-copy-operator/argocd/resource_customizations/amicopy.dev/AmiCopy/health.lua`)
 //! run by a real Lua interpreter against sample AmiCopies, the way Argo CD
 //! runs it: `obj` is a global table holding the live object.
 
@@ -6,7 +6,9 @@ use mlua::serde::SerializeOptions;
 use mlua::{Lua, LuaSerdeExt, Table};
 use serde_json::{Value, json};
 
-const SCRIPT: &str = include_str!("../../charts/ami-copy-operator/argocd/health.lua");
+const SCRIPT: &str = include_str!(
+    "../../charts/ami-copy-operator/argocd/resource_customizations/amicopy.dev/AmiCopy/health.lua"
+);
 
 /// (status, message) the script returns for `obj`.
 fn health(obj: &Value) -> (String, String) {
@@ -142,4 +144,68 @@ fn health_check_samples() {
             "{name}"
         );
     }
+}
+
+/// Argo CD's own way: gopher-lua (built from its Go module by
+/// `hack/testbed/build.sh argocd-health`) runs `health.lua` over the objects
+/// under `testdata/`, which the operator produced against the test bed, and
+/// checks each against `health_test.yaml`, in the layout of Argo CD's
+/// `resource_customizations/`.
+#[test]
+fn gopher_lua_runs_the_health_check_over_objects_the_operator_produced() {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/ami-copy-operator/argocd/resource_customizations/amicopy.dev/AmiCopy"
+    );
+    let out = std::process::Command::new(runner())
+        .arg(dir)
+        .output()
+        .expect("run the health check runner");
+    let text = String::from_utf8(out.stdout).unwrap();
+    eprint!("{text}");
+    assert!(
+        out.status.success(),
+        "health_test.yaml not met: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdicts: Vec<(&str, &str)> = text
+        .lines()
+        .map(|l| {
+            let mut f = l.split('\t');
+            (f.next().unwrap(), f.next().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("testdata/copying.yaml", "Progressing"),
+            ("testdata/duplicate-name.yaml", "Degraded"),
+            ("testdata/ready.yaml", "Healthy"),
+            ("testdata/source-not-found.yaml", "Degraded"),
+            ("testdata/spec-changed.yaml", "Progressing"),
+        ]
+    );
+}
+
+fn runner() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("AMICOPY_ARGOCD_HEALTH") {
+        return path.into();
+    }
+    let version = include_str!("../../hack/testbed/versions.sh")
+        .lines()
+        .find_map(|l| l.strip_prefix("GOPHER_LUA_VERSION="))
+        .expect("GOPHER_LUA_VERSION in hack/testbed/versions.sh");
+    let cache = std::env::var_os("AMICOPY_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").expect("HOME"))
+                .join(".cache/ami-copy-operator")
+        });
+    let path = cache.join(format!("testbed/argocd-health-{version}/argocd-health"));
+    assert!(
+        path.is_file(),
+        "argocd-health not found at {}: run the tests with hack/test.sh, or `hack/testbed/build.sh argocd-health`, or set AMICOPY_ARGOCD_HEALTH",
+        path.display()
+    );
+    path
 }

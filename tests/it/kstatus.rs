@@ -139,6 +139,25 @@ async fn kstatus_reads_copying_as_in_progress_ready_as_current_and_degraded_as_f
         "InProgress",
     ));
 
+    if let Some(dir) = std::env::var_os("AMICOPY_DUMP_OBJECTS") {
+        // How the Argo CD health check's testdata were taken.
+        for (file, obj) in [
+            ("copying", &pending),
+            ("ready", &ready),
+            ("source-not-found", &missing),
+            ("duplicate-name", &taken),
+            ("spec-changed", &changed),
+        ] {
+            let mut obj = obj.clone();
+            obj.metadata.managed_fields = None;
+            let yaml = serde_yaml::to_string(&obj).unwrap();
+            std::fs::write(
+                std::path::Path::new(&dir).join(format!("{file}.yaml")),
+                yaml,
+            )
+            .unwrap();
+        }
+    }
     for (what, (status, message), want) in &seen {
         eprintln!("kstatus: {what}: {status} ({message})");
         assert_eq!(status, want, "{what}: {message}");
