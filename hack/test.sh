@@ -19,12 +19,13 @@ done
 
 start=$SECONDS
 log "building the test bed (cached after the first run)"
-hack/testbed/build.sh etcd kube-apiserver moto helm kstatus argocd-health
+hack/testbed/build.sh etcd kube-apiserver moto helm kstatus argocd-health promtool
 # shellcheck source=hack/testbed/versions.sh
 source hack/testbed/versions.sh
 export AMICOPY_HELM="$TESTBED_CACHE/helm-$HELM_VERSION/helm"
 export AMICOPY_KSTATUS="$TESTBED_CACHE/kstatus-$CLI_UTILS_VERSION/kstatus"
 export AMICOPY_ARGOCD_HEALTH="$TESTBED_CACHE/argocd-health-$GOPHER_LUA_VERSION/argocd-health"
+export AMICOPY_PROMTOOL="$TESTBED_CACHE/promtool-$PROMETHEUS_VERSION/promtool"
 
 log "cargo fmt --check"
 cargo fmt --all --check

@@ -27,6 +27,14 @@ struct RegionLabels {
     region: String,
 }
 
+/// One condition of one object, as the objects gauge counts it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    condition: String,
+    status: String,
+    reason: String,
+}
+
 /// The operator's metrics and the registry that renders them.
 pub struct Metrics {
     registry: Registry,
@@ -38,6 +46,8 @@ pub struct Metrics {
     copies_in_flight: Family<RegionLabels, Gauge>,
     copies_queued: Family<RegionLabels, Gauge>,
     copy_seconds: Family<RegionLabels, Histogram>,
+    objects: Family<ConditionLabels, Gauge>,
+    leading: Gauge,
 }
 
 impl Default for Metrics {
@@ -95,6 +105,18 @@ impl Default for Metrics {
             "Time from CopyImage to the copy seen available, by destination region",
             copy_seconds.clone(),
         );
+        let objects = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "objects",
+            "AmiCopies by condition, its status and reason (as last reconciled by this replica)",
+            objects.clone(),
+        );
+        let leading = Gauge::default();
+        registry.register(
+            "leading",
+            "1 while this replica reconciles (it holds the Lease, or runs without leader election)",
+            leading.clone(),
+        );
         Self {
             registry,
             ec2_calls,
@@ -105,6 +127,8 @@ impl Default for Metrics {
             copies_in_flight,
             copies_queued,
             copy_seconds,
+            objects,
+            leading,
         }
     }
 }
@@ -160,6 +184,36 @@ impl Metrics {
         self.copy_seconds
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// The conditions of one object as labels of the objects gauge.
+    pub fn condition_labels(
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) -> Vec<ConditionLabels> {
+        conditions
+            .iter()
+            .map(|c| ConditionLabels {
+                condition: c.type_.clone(),
+                status: c.status.clone(),
+                reason: c.reason.clone(),
+            })
+            .collect()
+    }
+
+    /// One object's conditions went from `old` to `new` (empty: the object
+    /// is gone).
+    pub fn object_conditions(&self, old: &[ConditionLabels], new: &[ConditionLabels]) {
+        for l in old {
+            self.objects.get_or_create(l).dec();
+        }
+        for l in new {
+            self.objects.get_or_create(l).inc();
+        }
+    }
+
+    /// Whether this replica reconciles now.
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.set(i64::from(leading));
     }
 
     /// Prometheus text exposition of every metric.

@@ -157,6 +157,20 @@ build_argocd_health() {
   mv "$work/argocd-health" "$out"
 }
 
+# promtool, for `promtool test rules` over the chart's PrometheusRule.
+build_promtool() {
+  local out="$TESTBED_CACHE/promtool-$PROMETHEUS_VERSION/promtool"
+  [[ -x "$out" ]] && return
+  local work; work="$(mktemp -d)"
+  # shellcheck disable=SC2064 # expand now: $work is local
+  trap "rm -rf '$work'" EXIT
+  log "building promtool from github.com/prometheus/prometheus $PROMETHEUS_VERSION (first run only; a few minutes)"
+  (cd "$work" && GOBIN="$work/bin" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION")
+  mkdir -p "$(dirname "$out")"
+  mv "$work/bin/promtool" "$out"
+}
+
 install_moto() {
   local venv="$TESTBED_CACHE/moto-$MOTO_VERSION"
   [[ -x "$venv/bin/moto_server" ]] && return
@@ -167,7 +181,7 @@ install_moto() {
 }
 
 what=("$@")
-[[ ${#what[@]} -gt 0 ]] || what=(etcd kube-apiserver moto helm kstatus argocd-health)
+[[ ${#what[@]} -gt 0 ]] || what=(etcd kube-apiserver moto helm kstatus argocd-health promtool)
 for w in "${what[@]}"; do
   case "$w" in
     kube-apiserver) locked "$w" build_kube_apiserver ;;
@@ -175,6 +189,7 @@ for w in "${what[@]}"; do
     helm) locked "$w" build_helm ;;
     kstatus) locked "$w" build_kstatus ;;
     argocd-health) locked "$w" build_argocd_health ;;
+    promtool) locked "$w" build_promtool ;;
     moto) locked "$w" install_moto ;;
     *) echo "unknown component: $w" >&2; exit 2 ;;
   esac

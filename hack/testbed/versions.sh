@@ -9,4 +9,7 @@ MOTO_VERSION=5.2.5
 CLI_UTILS_VERSION=v0.37.2
 # gopher-lua, the Lua VM Argo CD runs health checks with (hack/testbed/argocd-health).
 GOPHER_LUA_VERSION=v1.1.2
+# promtool, which unit-tests the chart's alerting rules (the Go module of
+# Prometheus v3.x is tagged v0.3xx).
+PROMETHEUS_VERSION=v0.316.0
 TESTBED_CACHE="${AMICOPY_CACHE:-$HOME/.cache/ami-copy-operator}/testbed"

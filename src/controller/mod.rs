@@ -26,7 +26,7 @@ use tracing::warn;
 use crate::api::AmiCopy;
 use crate::ec2::Ec2;
 use crate::events::Events;
-use crate::metrics::Metrics;
+use crate::metrics::{ConditionLabels, Metrics};
 use crate::policy::{self, AmiCopyPolicy, Governing};
 use crate::tracker::Tracker;
 
@@ -57,6 +57,8 @@ pub struct Context<E> {
     /// The AmiCopyPolicies and the namespaces' labels, as the watches of
     /// the current run see them.
     governance: RwLock<Option<(Store<AmiCopyPolicy>, Store<Namespace>)>>,
+    /// Each object's conditions as the objects gauge last counted them.
+    counted: Mutex<HashMap<ObjectRef<AmiCopy>, Vec<ConditionLabels>>>,
 }
 
 impl<E: Ec2> Context<E> {
@@ -81,7 +83,25 @@ impl<E: Ec2> Context<E> {
             wake: tokio::sync::Mutex::new(wake),
             failures: Mutex::default(),
             governance: RwLock::default(),
+            counted: Mutex::default(),
         }
+    }
+
+    /// Counts `key`'s conditions in the objects gauge (none: it is gone).
+    pub(crate) fn count_conditions(
+        &self,
+        key: ObjectRef<AmiCopy>,
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) {
+        let new = Metrics::condition_labels(conditions);
+        let mut counted = self.counted.lock().expect("counted lock");
+        let old = if new.is_empty() {
+            counted.remove(&key)
+        } else {
+            counted.insert(key, new.clone())
+        };
+        self.metrics
+            .object_conditions(old.as_deref().unwrap_or_default(), &new);
     }
 
     /// The policies that govern `namespace`: those that select it by its
@@ -244,7 +264,9 @@ pub async fn run<E: Ec2>(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
+    ctx.metrics.set_leading(true);
     future::join5(controller, reporting, tracking, stop, governance).await;
+    ctx.metrics.set_leading(false);
 }
 
 /// The cache key of the object `m` describes.

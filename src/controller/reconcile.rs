@@ -72,6 +72,7 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     let recorded = plan::record(plan, acted.outcomes, previous, &now);
     debug!(status = %plan::record::outline(&recorded.status), "recorded");
     report::report(obj, api, ctx, &recorded).await?;
+    ctx.count_conditions(ObjectRef::from_obj(obj), &recorded.status.conditions);
     // EC2 faults still back off, after the status says what is going on.
     if let Some(e) = acted
         .error

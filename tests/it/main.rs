@@ -9,6 +9,7 @@ mod ec2peer;
 mod kstatus;
 mod leader;
 mod lifecycle;
+mod monitoring;
 mod operator;
 mod policy;
 mod reliability;
