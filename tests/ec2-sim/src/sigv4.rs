@@ -1,8 +1,5 @@
 //! Signature Version 4: the `Authorization` header of every EC2 request.
 
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
-
 use crate::wire::{ApiError, ApiResult};
 
 const ALGORITHM: &str = "AWS4-HMAC-SHA256";
@@ -84,7 +81,9 @@ impl Authorization {
         })
     }
 
-    /// Recomputes the signature of a `POST /` request with the given secret.
+    /// Signs the same `POST /` request again with the given secret, with
+    /// `aws-sigv4` (the signer the AWS SDK for Rust uses), over the headers
+    /// the client signed, at the time it signed, and compares signatures.
     pub fn verify(
         &self,
         secret: &str,
@@ -99,29 +98,49 @@ impl Authorization {
             )
         };
         let amz_date = header("x-amz-date").ok_or_else(mismatch)?;
-        let mut canonical = String::from("POST\n/\n\n");
+        let format =
+            time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+        let time = time::PrimitiveDateTime::parse(&amz_date, &format)
+            .map_err(|_| mismatch())?
+            .assume_utc();
+        let token = header("x-amz-security-token");
+        // The signer adds x-amz-date (from the time) and the session token
+        // (from the identity) itself.
+        let mut signed = Vec::new();
         for name in &self.signed_headers {
+            if name == "x-amz-date" || name == "x-amz-security-token" {
+                continue;
+            }
             let value = header(name).ok_or_else(mismatch)?;
-            let value = value.split_whitespace().collect::<Vec<_>>().join(" ");
-            canonical.push_str(&format!("{name}:{value}\n"));
+            signed.push((name.clone(), value));
         }
-        let payload =
-            header("x-amz-content-sha256").unwrap_or_else(|| hex::encode(Sha256::digest(body)));
-        canonical.push_str(&format!("\n{}\n{payload}", self.signed_headers.join(";")));
-        let scope = format!(
-            "{}/{}/{}/aws4_request",
-            self.date, self.region, self.service
-        );
-        let to_sign = format!(
-            "{ALGORITHM}\n{amz_date}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical.as_bytes()))
-        );
-        let mut key = hmac(format!("AWS4{secret}").as_bytes(), self.date.as_bytes());
-        for part in [self.region.as_str(), self.service.as_str(), "aws4_request"] {
-            key = hmac(&key, part.as_bytes());
-        }
-        let expected = hex::encode(hmac(&key, to_sign.as_bytes()));
-        if expected == self.signature {
+        let host = header("host").ok_or_else(mismatch)?;
+        let identity = aws_credential_types::Credentials::new(
+            &self.access_key_id,
+            secret,
+            token,
+            None,
+            "ec2-sim",
+        )
+        .into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name(&self.service)
+            .time(std::time::SystemTime::from(time))
+            .settings(aws_sigv4::http_request::SigningSettings::default())
+            .build()
+            .map_err(|_| mismatch())?
+            .into();
+        let request = aws_sigv4::http_request::SignableRequest::new(
+            "POST",
+            format!("https://{host}/"),
+            signed.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            aws_sigv4::http_request::SignableBody::Bytes(body),
+        )
+        .map_err(|_| mismatch())?;
+        let output = aws_sigv4::http_request::sign(request, &params).map_err(|_| mismatch())?;
+        if output.signature() == self.signature {
             Ok(())
         } else {
             Err(mismatch())
@@ -129,15 +148,17 @@ impl Authorization {
     }
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
-    mac.update(data);
-    mac.finalize().into_bytes().to_vec()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+
+    fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+        mac.update(data);
+        mac.finalize().into_bytes().to_vec()
+    }
 
     const SIG: &str = "fe5f80f77d5fa3beca038a248ff027d0445342fe2855ddc963176630326f1024";
 
@@ -177,7 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn verifies_a_signature_it_made_itself() {
+    fn accepts_a_signature_derived_from_the_sigv4_specification() {
         let body = b"Action=DescribeImages&Version=2016-11-15";
         let headers = |name: &str| match name {
             "host" => Some("127.0.0.1:1".to_string()),
