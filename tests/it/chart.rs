@@ -1124,3 +1124,95 @@ async fn leader_election_as_the_charts_service_account() {
         .expect("leader election ran without API errors");
     remove_cluster_scoped(&admin, &objects).await;
 }
+
+/// `argocd.installHealthCheck`: the hook's merge patch, sent as the Job's
+/// ServiceAccount (impersonated: the test bed runs no pods), adds the health
+/// check to an existing argocd-cm and keeps the rest; the Role allows that
+/// one ConfigMap only.
+#[tokio::test]
+async fn the_argocd_health_check_hook_merges_the_script_into_argocd_cm() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let admin = testbed::kube().await;
+    let release_ns = testbed::namespace(&admin, "chart-argocd-release").await;
+    let argocd_ns = testbed::namespace(&admin, "chart-argocd").await;
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &argocd_ns);
+    for name in ["argocd-cm", "other"] {
+        let cm: ConfigMap = serde_json::from_value(
+            json!({"metadata": {"name": name}, "data": {"url": "https://argocd.example"}}),
+        )
+        .unwrap();
+        cms.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let values = json!({"argocd": {"installHealthCheck": true, "namespace": argocd_ns}});
+    let objects = render(&release_ns, &release_ns, &values);
+    let hook: Vec<Value> = objects
+        .iter()
+        .filter(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-argocd-health")
+        })
+        .cloned()
+        .collect();
+    let kinds: BTreeSet<&str> = hook.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount"])
+    );
+    let rbac: Vec<Value> = hook
+        .iter()
+        .filter(|o| o["kind"] != "Job" && o["kind"] != "ConfigMap")
+        .cloned()
+        .collect();
+    apply_all(&admin, &rbac, false).await;
+    // The Job and its ConfigMap, as the API server would take them.
+    let job: Vec<Value> = hook
+        .iter()
+        .filter(|o| o["kind"] == "Job" || o["kind"] == "ConfigMap")
+        .cloned()
+        .collect();
+    apply_all(&admin, &job, true).await;
+    let patch: Value = serde_json::from_str(
+        hook.iter().find(|o| o["kind"] == "ConfigMap").unwrap()["data"]["patch.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let sa = hook.iter().find(|o| o["kind"] == "ServiceAccount").unwrap();
+    let identity = Identity {
+        namespace: release_ns.clone(),
+        service_account: sa["metadata"]["name"].as_str().unwrap().to_owned(),
+    };
+    let as_job: Api<ConfigMap> = Api::namespaced(identity.client().await, &argocd_ns);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let merged = loop {
+        match as_job
+            .patch("argocd-cm", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(cm) => break cm,
+            // The API server's RBAC cache takes a moment.
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the hook's patch: {e}"),
+        }
+    };
+    let data = merged.data.unwrap();
+    assert_eq!(data["url"], "https://argocd.example", "the rest is kept");
+    assert_eq!(
+        data["resource.customizations.health.amicopy.dev_AmiCopy"],
+        include_str!(
+            "../../charts/ami-copy-operator/argocd/resource_customizations/amicopy.dev/AmiCopy/health.lua"
+        )
+    );
+    match as_job
+        .patch("other", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403),
+        other => panic!("another ConfigMap was patched: {other:?}"),
+    }
+}
