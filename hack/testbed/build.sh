@@ -121,40 +121,24 @@ build_helm() {
   mv "$work/bin/helm" "$out"
 }
 
-# A small program around kstatus (hack/testbed/kstatus/main.go): the tests
-# judge the operator's objects with the library Flux uses.
-build_kstatus() {
-  local out="$TESTBED_CACHE/kstatus-$CLI_UTILS_VERSION/kstatus"
-  [[ -x "$out" && "$out" -nt "$here/kstatus/main.go" ]] && return
+# Builds one of the test bed's small Go programs (hack/testbed/<name>/main.go)
+# against <module>@<version> into $TESTBED_CACHE/<name>-<version>/<name>;
+# rebuilt when its source is newer than the binary.
+build_program() {
+  local name="$1" module="$2" version="$3"; shift 3
+  local out="$TESTBED_CACHE/$name-$version/$name"
+  [[ -x "$out" && "$out" -nt "$here/$name/main.go" ]] && return
   local work; work="$(mktemp -d)"
   # shellcheck disable=SC2064 # expand now: $work is local
   trap "rm -rf '$work'" EXIT
-  log "building kstatus from sigs.k8s.io/cli-utils $CLI_UTILS_VERSION (first run only)"
-  cp "$here/kstatus/main.go" "$work/"
-  (cd "$work" && go mod init amicopy.dev/testbed/kstatus >/dev/null 2>&1 \
-    && go get "sigs.k8s.io/cli-utils@$CLI_UTILS_VERSION" >/dev/null 2>&1 \
+  log "building $name with $module $version (first run only)"
+  cp "$here/$name/main.go" "$work/"
+  (cd "$work" && go mod init "amicopy.dev/testbed/$name" >/dev/null 2>&1 \
+    && go get "$module@$version" "$@" >/dev/null 2>&1 \
     && go mod tidy >/dev/null 2>&1 \
-    && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$work/kstatus" .)
+    && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$work/$name" .)
   mkdir -p "$(dirname "$out")"
-  mv "$work/kstatus" "$out"
-}
-
-# Runs the Argo CD health check with gopher-lua, as Argo CD does
-# (hack/testbed/argocd-health/main.go).
-build_argocd_health() {
-  local out="$TESTBED_CACHE/argocd-health-$GOPHER_LUA_VERSION/argocd-health"
-  [[ -x "$out" && "$out" -nt "$here/argocd-health/main.go" ]] && return
-  local work; work="$(mktemp -d)"
-  # shellcheck disable=SC2064 # expand now: $work is local
-  trap "rm -rf '$work'" EXIT
-  log "building the Argo CD health check runner with gopher-lua $GOPHER_LUA_VERSION (first run only)"
-  cp "$here/argocd-health/main.go" "$work/"
-  (cd "$work" && go mod init amicopy.dev/testbed/argocd-health >/dev/null 2>&1 \
-    && go get "github.com/yuin/gopher-lua@$GOPHER_LUA_VERSION" sigs.k8s.io/yaml >/dev/null 2>&1 \
-    && go mod tidy >/dev/null 2>&1 \
-    && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$work/argocd-health" .)
-  mkdir -p "$(dirname "$out")"
-  mv "$work/argocd-health" "$out"
+  mv "$work/$name" "$out"
 }
 
 # promtool, for `promtool test rules` over the chart's PrometheusRule.
@@ -187,8 +171,10 @@ for w in "${what[@]}"; do
     kube-apiserver) locked "$w" build_kube_apiserver ;;
     etcd) locked "$w" build_etcd ;;
     helm) locked "$w" build_helm ;;
-    kstatus) locked "$w" build_kstatus ;;
-    argocd-health) locked "$w" build_argocd_health ;;
+    # kstatus, the status library of Flux, kpt and cli-utils.
+    kstatus) locked "$w" build_program kstatus sigs.k8s.io/cli-utils "$CLI_UTILS_VERSION" ;;
+    # The Lua VM Argo CD runs health checks with.
+    argocd-health) locked "$w" build_program argocd-health github.com/yuin/gopher-lua "$GOPHER_LUA_VERSION" sigs.k8s.io/yaml ;;
     promtool) locked "$w" build_promtool ;;
     moto) locked "$w" install_moto ;;
     *) echo "unknown component: $w" >&2; exit 2 ;;

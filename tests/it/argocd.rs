@@ -188,24 +188,10 @@ fn gopher_lua_runs_the_health_check_over_objects_the_operator_produced() {
 }
 
 fn runner() -> std::path::PathBuf {
-    if let Some(path) = std::env::var_os("AMICOPY_ARGOCD_HEALTH") {
-        return path.into();
-    }
-    let version = include_str!("../../hack/testbed/versions.sh")
-        .lines()
-        .find_map(|l| l.strip_prefix("GOPHER_LUA_VERSION="))
-        .expect("GOPHER_LUA_VERSION in hack/testbed/versions.sh");
-    let cache = std::env::var_os("AMICOPY_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var("HOME").expect("HOME"))
-                .join(".cache/ami-copy-operator")
-        });
-    let path = cache.join(format!("testbed/argocd-health-{version}/argocd-health"));
-    assert!(
-        path.is_file(),
-        "argocd-health not found at {}: run the tests with hack/test.sh, or `hack/testbed/build.sh argocd-health`, or set AMICOPY_ARGOCD_HEALTH",
-        path.display()
-    );
-    path
+    crate::testbed::testbed_program(
+        "AMICOPY_ARGOCD_HEALTH",
+        "GOPHER_LUA_VERSION",
+        "argocd-health",
+        "argocd-health",
+    )
 }

@@ -39,25 +39,7 @@ const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/ami-copy-operat
 const FIELD_MANAGER: &str = "amicopy-chart-tests";
 
 fn helm() -> PathBuf {
-    if let Some(path) = std::env::var_os("AMICOPY_HELM") {
-        return path.into();
-    }
-    let version = include_str!("../../hack/testbed/versions.sh")
-        .lines()
-        .find_map(|l| l.strip_prefix("HELM_VERSION="))
-        .expect("HELM_VERSION in hack/testbed/versions.sh");
-    let cache = std::env::var_os("AMICOPY_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/ami-copy-operator")
-        });
-    let path = cache.join(format!("testbed/helm-{version}/helm"));
-    assert!(
-        path.is_file(),
-        "helm not found at {}: run the tests with hack/test.sh, or build it with `hack/testbed/build.sh helm`, or set AMICOPY_HELM",
-        path.display()
-    );
-    path
+    testbed::testbed_program("AMICOPY_HELM", "HELM_VERSION", "helm", "helm")
 }
 
 /// Runs helm with `values` on stdin (`-f -`); Ok(stdout) or Err(stderr).

@@ -20,25 +20,7 @@ use crate::testbed::{self, Operator, is_ready, wait_for};
 const SOURCE_REGION: &str = "us-east-1";
 
 fn kstatus() -> PathBuf {
-    if let Some(path) = std::env::var_os("AMICOPY_KSTATUS") {
-        return path.into();
-    }
-    let version = include_str!("../../hack/testbed/versions.sh")
-        .lines()
-        .find_map(|l| l.strip_prefix("CLI_UTILS_VERSION="))
-        .expect("CLI_UTILS_VERSION in hack/testbed/versions.sh");
-    let cache = std::env::var_os("AMICOPY_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/ami-copy-operator")
-        });
-    let path = cache.join(format!("testbed/kstatus-{version}/kstatus"));
-    assert!(
-        path.is_file(),
-        "kstatus not found at {}: run the tests with hack/test.sh, or `hack/testbed/build.sh kstatus`, or set AMICOPY_KSTATUS",
-        path.display()
-    );
-    path
+    testbed::testbed_program("AMICOPY_KSTATUS", "CLI_UTILS_VERSION", "kstatus", "kstatus")
 }
 
 /// kstatus' verdict on `obj`: its status and message.

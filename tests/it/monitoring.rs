@@ -15,25 +15,12 @@ use crate::reliability::harness;
 use crate::testbed::{self, is_ready, wait_for};
 
 fn promtool() -> PathBuf {
-    if let Some(path) = std::env::var_os("AMICOPY_PROMTOOL") {
-        return path.into();
-    }
-    let version = include_str!("../../hack/testbed/versions.sh")
-        .lines()
-        .find_map(|l| l.strip_prefix("PROMETHEUS_VERSION="))
-        .expect("PROMETHEUS_VERSION in hack/testbed/versions.sh");
-    let cache = std::env::var_os("AMICOPY_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/ami-copy-operator")
-        });
-    let path = cache.join(format!("testbed/promtool-{version}/promtool"));
-    assert!(
-        path.is_file(),
-        "promtool not found at {}: run the tests with hack/test.sh, or `hack/testbed/build.sh promtool`, or set AMICOPY_PROMTOOL",
-        path.display()
-    );
-    path
+    testbed::testbed_program(
+        "AMICOPY_PROMTOOL",
+        "PROMETHEUS_VERSION",
+        "promtool",
+        "promtool",
+    )
 }
 
 /// The rule groups of the chart's PrometheusRule.

@@ -2,6 +2,7 @@
 //! started by `hack/testbed/up.sh`, the CRD from `crds/`, a namespace per
 //! test, and the operator running in-process against an EC2 peer.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,4 +228,30 @@ pub fn is_ready(obj: &AmiCopy) -> bool {
     let current =
         obj.status.as_ref().and_then(|s| s.observed_generation) == obj.metadata.generation;
     current && condition(obj, "Ready").is_some_and(|(s, _)| s == "True")
+}
+
+/// A program of the test bed that `hack/testbed/build.sh <component>` builds
+/// into the cache: `$env` if set, else `testbed/<dir>-<version>/<program>`
+/// under the cache, its version read from `hack/testbed/versions.sh`.
+pub fn testbed_program(env: &str, version_key: &str, dir: &str, component: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return path.into();
+    }
+    let prefix = format!("{version_key}=");
+    let version = include_str!("../../hack/testbed/versions.sh")
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{version_key} in hack/testbed/versions.sh"));
+    let cache = std::env::var_os("AMICOPY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/ami-copy-operator")
+        });
+    let path = cache.join(format!("testbed/{dir}-{version}/{component}"));
+    assert!(
+        path.is_file(),
+        "{component} not found at {}: run the tests with hack/test.sh, or `hack/testbed/build.sh {component}`, or set {env}",
+        path.display()
+    );
+    path
 }
