@@ -46,16 +46,27 @@ pub async fn admin_config() -> kube::Config {
 
 /// Applies `crds/` exactly as a user would and waits until it is served.
 async fn install_crd(client: Client) {
-    for yaml in [
+    let crds = [
         include_str!("../../crds/amicopy.dev_amicopies.yaml"),
         include_str!("../../crds/amicopy.dev_amicopypolicies.yaml"),
-    ] {
-        let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).expect("crds/ parses");
+    ]
+    .map(|yaml| serde_yaml::from_str(yaml).expect("crds/ parses"));
+    apply_crds(&client, crds, "amicopy-tests").await;
+}
+
+/// Applies CRDs by server-side apply as `manager` and waits until each is
+/// established.
+pub async fn apply_crds(
+    client: &Client,
+    crds: impl IntoIterator<Item = CustomResourceDefinition>,
+    manager: &str,
+) {
+    for crd in crds {
         let api: Api<CustomResourceDefinition> = Api::all(client.clone());
         let name = crd.name_any();
         api.patch(
             &name,
-            &PatchParams::apply("amicopy-tests").force(),
+            &PatchParams::apply(manager).force(),
             &Patch::Apply(&crd),
         )
         .await

@@ -10,12 +10,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::harness::{self, Launch, assert_one_copy_per_region, leaks};
-use crate::testbed::{WAIT, is_ready, wait_for, wait_gone};
+use crate::testbed::{is_ready, wait_for, wait_gone};
 
 const A: &str = "eu-west-1";
 const B: &str = "ap-southeast-2";
@@ -78,24 +77,7 @@ impl ControlPlane {
             "../../../crds/amicopy.dev_amicopypolicies.yaml"
         ))
         .expect("crds/ parses");
-        for crd in [crd, policies] {
-            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-            let name = crd.name_any();
-            crds.patch(
-                &name,
-                &PatchParams::apply("reliability").force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .expect("apply the CRD");
-            tokio::time::timeout(
-                WAIT,
-                await_condition(crds, &name, conditions::is_crd_established()),
-            )
-            .await
-            .expect("CRD established in time")
-            .expect("watch the CRD");
-        }
+        crate::testbed::apply_crds(&client, [crd, policies], "reliability").await;
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &ns)
