@@ -136,13 +136,14 @@ impl<E: Ec2> Context<E> {
 
 /// Watches AmiCopyPolicies and namespaces into stores. The stream keeps the
 /// stores up to date and must be polled on its own (not only as a trigger
-/// of the controller, which waits for the stores); it yields once per change
-/// of a policy, when every object is looked at again.
+/// of the controller, which waits for the stores); it yields each policy
+/// that changed (or was deleted), whose namespaces' objects are looked at
+/// again.
 fn watch_governance(
     client: &Client,
 ) -> (
     (Store<AmiCopyPolicy>, Store<Namespace>),
-    impl futures::Stream<Item = ()> + Send + 'static,
+    impl futures::Stream<Item = AmiCopyPolicy> + Send + 'static,
 ) {
     let (policies, policy_writer) = reflector::store();
     let (namespaces, namespace_writer) = reflector::store();
@@ -152,12 +153,12 @@ fn watch_governance(
     )
     .default_backoff()
     .reflect(policy_writer)
-    .applied_objects()
+    .touched_objects()
     .filter_map(|res| {
         if let Err(e) = &res {
             warn!(error = %e, "cannot watch AmiCopyPolicies (is crds/amicopy.dev_amicopypolicies.yaml installed?); no object is reconciled until they are known");
         }
-        future::ready(res.ok().map(|_| true))
+        future::ready(res.ok().map(Some))
     });
     let labels = watcher(
         Api::<Namespace>::all(client.clone()),
@@ -165,10 +166,30 @@ fn watch_governance(
     )
     .default_backoff()
     .reflect(namespace_writer)
-    .map(|_| false);
-    let both = futures::stream::select(changes, labels)
-        .filter_map(|policy| future::ready(policy.then_some(())));
+    .map(|_| None);
+    let both = futures::stream::select(changes, labels).filter_map(future::ready);
     ((policies, namespaces), both)
+}
+
+/// The objects in the namespaces `policy` selects.
+fn governed_by(
+    policy: &AmiCopyPolicy,
+    objects: &Store<AmiCopy>,
+    namespaces: &Store<Namespace>,
+) -> Vec<ObjectRef<AmiCopy>> {
+    objects
+        .state()
+        .iter()
+        .filter(|o| {
+            let ns = o.metadata.namespace.as_deref().unwrap_or_default();
+            let labels = namespaces
+                .get(&ObjectRef::new(ns))
+                .and_then(|n| n.metadata.labels.clone())
+                .unwrap_or_default();
+            policy::selects(policy.spec.namespace_selector.as_ref(), &labels)
+        })
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect()
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -198,6 +219,7 @@ pub async fn run<E: Ec2>(
     let writer = reflector::store::Writer::<AmiCopy>::default();
     let reader = writer.as_reader();
     let cached = reader.clone();
+    let known = reader.clone();
     let (unreadable_tx, unreadable_rx) = futures::channel::mpsc::unbounded();
     // Listed in pages of 500 (the default) with the most recent semantic: a
     // list from resourceVersion 0 may ignore the page size and bring every
@@ -222,7 +244,7 @@ pub async fn run<E: Ec2>(
         )
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .reconcile_on(woken)
-        .reconcile_all_on(policy_rx)
+        .reconcile_on(policy_rx)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| {
             if let Err(e) = res {
@@ -241,10 +263,21 @@ pub async fn run<E: Ec2>(
             () = before_ready => {}
         }
     };
+    // A policy that changed wakes the objects of the namespaces it selects.
+    let governed_namespaces = ctx
+        .governance
+        .read()
+        .expect("governance lock")
+        .clone()
+        .map(|(_, n)| n);
     let governance = governance
         .take_until(stopped(stop_rx.clone()))
-        .for_each(move |()| {
-            let _ = policy_tx.unbounded_send(());
+        .for_each(move |policy| {
+            if let Some(namespaces) = &governed_namespaces {
+                for key in governed_by(&policy, &known, namespaces) {
+                    let _ = policy_tx.unbounded_send(key);
+                }
+            }
             future::ready(())
         });
     let reporting = unreadable_rx
