@@ -54,6 +54,10 @@ pub struct Context<E> {
     pub tracker: Option<Tracker>,
     wake: tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>>>,
     failures: Mutex<HashMap<ObjectRef<AmiCopy>, u32>>,
+    /// Per object, the resourceVersion its last status write replaced: a
+    /// copy of the object the watch still shows at that version is known to
+    /// be behind, and is not planned from.
+    superseded: Mutex<HashMap<ObjectRef<AmiCopy>, String>>,
     /// The AmiCopyPolicies and the namespaces' labels, as the watches of
     /// the current run see them.
     governance: RwLock<Option<(Store<AmiCopyPolicy>, Store<Namespace>)>>,
@@ -82,9 +86,39 @@ impl<E: Ec2> Context<E> {
             tracker,
             wake: tokio::sync::Mutex::new(wake),
             failures: Mutex::default(),
+            superseded: Mutex::default(),
             governance: RwLock::default(),
             counted: Mutex::default(),
         }
+    }
+
+    /// Whether `obj`, as the watch shows it, is a version this operator has
+    /// since written over.
+    pub(crate) fn is_superseded(&self, key: &ObjectRef<AmiCopy>, obj: &AmiCopy) -> bool {
+        let superseded = self.superseded.lock().expect("superseded lock");
+        obj.metadata.resource_version.is_some()
+            && superseded.get(key) == obj.metadata.resource_version.as_ref()
+    }
+
+    /// Notes that `written` (if a write happened) replaced `read`.
+    pub(crate) fn superseding(
+        &self,
+        key: &ObjectRef<AmiCopy>,
+        read: &AmiCopy,
+        written: Option<&AmiCopy>,
+    ) {
+        if let (Some(_), Some(version)) = (written, &read.metadata.resource_version) {
+            self.superseded
+                .lock()
+                .expect("superseded lock")
+                .insert(key.clone(), version.clone());
+        }
+    }
+
+    /// An object whose clean-up is done: out of the gauge and the records.
+    pub(crate) fn forget_object(&self, key: &ObjectRef<AmiCopy>) {
+        self.count_conditions(key.clone(), &[]);
+        self.superseded.lock().expect("superseded lock").remove(key);
     }
 
     /// Counts `key`'s conditions in the objects gauge (none: it is gone).

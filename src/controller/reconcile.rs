@@ -51,7 +51,15 @@ pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -
 
 /// One pass over a live object.
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
+    let key = ObjectRef::from_obj(obj);
+    // The watch has not brought this operator's last status write yet:
+    // planning from this copy would only be refused at the write, after
+    // asking EC2 for nothing. Look again in a moment.
+    if ctx.is_superseded(&key, obj) {
+        return Ok(Requeue::requeue(Duration::from_millis(200)));
+    }
     let seen = report::first_status(obj, api).await?;
+    ctx.superseding(&key, obj, seen.as_ref());
     let obj = seen.as_ref().unwrap_or(obj);
     let mut m = meta(obj, &ctx.config)?;
     m.governing = ctx.governing(&m.namespace);
@@ -62,6 +70,7 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
     // Copies are recorded before they start: a copy whose image ID is lost
     // (the operator stopped before writing it) is still looked for.
     let written = report::write_ahead(obj, api, &plan, &now).await?;
+    ctx.superseding(&key, obj, written.as_ref());
     let obj = written.as_ref().unwrap_or(obj);
     let acted = act::act(&plan, &m, &scopes, ctx).await;
     let previous = obj
@@ -71,8 +80,9 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
         .unwrap_or_default();
     let recorded = plan::record(plan, acted.outcomes, previous, &now);
     debug!(status = %plan::record::outline(&recorded.status), "recorded");
-    report::report(obj, api, ctx, &recorded).await?;
-    ctx.count_conditions(ObjectRef::from_obj(obj), &recorded.status.conditions);
+    let reported = report::report(obj, api, ctx, &recorded).await?;
+    ctx.superseding(&key, obj, reported.as_ref());
+    ctx.count_conditions(key, &recorded.status.conditions);
     // EC2 faults still back off, after the status says what is going on.
     if let Some(e) = acted
         .error

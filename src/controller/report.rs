@@ -24,11 +24,11 @@ pub(super) async fn report<E: Ec2>(
     api: &Api<AmiCopy>,
     ctx: &Context<E>,
     recorded: &Recorded,
-) -> Result<()> {
-    write_status(api, obj, &recorded.status, true).await?;
+) -> Result<Option<AmiCopy>> {
+    let written = write_status(api, obj, &recorded.status, true).await?;
     let notes = plan::merge_notes(&recorded.notes);
     future::join_all(notes.iter().map(|note| ctx.publish(obj, note))).await;
-    Ok(())
+    Ok(written)
 }
 
 /// Writes the status the plan leads to before any copy starts or any copy
