@@ -9,7 +9,7 @@
 //! - [`cleanup`]: the finalizer's clean-up when an object is deleted;
 //! - [`report`]: the status write, Events.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{StreamExt, future};
@@ -144,10 +144,7 @@ impl<E: Ec2> Context<E> {
         let stores = self.governance.read().expect("governance lock").clone();
         let mut selected = Vec::new();
         if let Some((policies, namespaces)) = stores {
-            let labels = namespaces
-                .get(&ObjectRef::new(namespace))
-                .and_then(|n| n.metadata.labels.clone())
-                .unwrap_or_default();
+            let labels = labels_of(&namespaces, namespace);
             for p in policies.state() {
                 if policy::selects(p.spec.namespace_selector.as_ref(), &labels) {
                     selected.push(Governing {
@@ -205,6 +202,14 @@ fn watch_governance(
     ((policies, namespaces), both)
 }
 
+/// A namespace's labels, as the watch shows them (none if it is unknown).
+fn labels_of(namespaces: &Store<Namespace>, namespace: &str) -> BTreeMap<String, String> {
+    namespaces
+        .get(&ObjectRef::new(namespace))
+        .and_then(|n| n.metadata.labels.clone())
+        .unwrap_or_default()
+}
+
 /// The objects in the namespaces `policy` selects.
 fn governed_by(
     policy: &AmiCopyPolicy,
@@ -216,10 +221,7 @@ fn governed_by(
         .iter()
         .filter(|o| {
             let ns = o.metadata.namespace.as_deref().unwrap_or_default();
-            let labels = namespaces
-                .get(&ObjectRef::new(ns))
-                .and_then(|n| n.metadata.labels.clone())
-                .unwrap_or_default();
+            let labels = labels_of(namespaces, ns);
             policy::selects(policy.spec.namespace_selector.as_ref(), &labels)
         })
         .map(|o| ObjectRef::from_obj(o.as_ref()))

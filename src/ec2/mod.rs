@@ -99,6 +99,11 @@ pub struct Role {
     pub session: Option<String>,
 }
 
+/// The account an ARN names (`arn:<partition>:<service>:<region>:<account>:...`).
+pub fn account_of(arn: &str) -> Option<&str> {
+    arn.split(':').nth(4).filter(|a| !a.is_empty())
+}
+
 /// Session name of the operator's own calls through a role (none made for
 /// an object).
 pub const OPERATOR_SESSION: &str = "ami-copy-operator";
@@ -160,7 +165,7 @@ impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.region)?;
         if let Some(role) = &self.role {
-            let account = role.arn.split(':').nth(4).unwrap_or("unknown");
+            let account = account_of(&role.arn).unwrap_or("unknown");
             write!(f, " account {account}")?;
         }
         Ok(())

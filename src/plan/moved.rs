@@ -8,12 +8,7 @@ use std::collections::BTreeSet;
 
 use super::{Action, Draft, Input};
 use crate::api::{AmiCopySpec, AmiCopyStatus, DeletionPolicy, TargetStatus};
-use crate::ec2::Scope;
-
-/// The account of a role ARN (`arn:<partition>:iam::<account>:role/<name>`).
-fn account(role_arn: &str) -> Option<&str> {
-    role_arn.split(':').nth(4).filter(|a| !a.is_empty())
-}
+use crate::ec2::{Scope, account_of};
 
 /// Whether `t`, recorded through its role, is in another account than the
 /// one its region is reached in now. Two roles of one account reach the
@@ -26,7 +21,7 @@ fn is_moved(spec: &AmiCopySpec, t: &TargetStatus) -> bool {
     };
     match (t.role_arn.as_deref(), dest.role_arn.as_deref()) {
         (None, None) => false,
-        (Some(old), Some(new)) => old != new && account(old) != account(new),
+        (Some(old), Some(new)) => old != new && account_of(old) != account_of(new),
         _ => true,
     }
 }

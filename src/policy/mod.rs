@@ -17,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{AmiCopySpec, Destination, Sharing};
+use crate::ec2::account_of;
 
 /// The KMS pattern that allows the keys of the destination's own account:
 /// key IDs and aliases (which EC2 resolves in that account) and key ARNs of
@@ -170,11 +171,6 @@ pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, Strin
         }
     });
     by_label && by_expression
-}
-
-/// The account of an ARN (`arn:<partition>:<service>:<region>:<account>:...`).
-pub fn account_of(arn: &str) -> Option<&str> {
-    arn.split(':').nth(4).filter(|a| !a.is_empty())
 }
 
 /// One part of an object a policy does not allow.
@@ -454,31 +450,24 @@ pub fn judge(
     Judgement {
         blocked,
         global: (!global.is_empty()).then(|| global.join("; ")),
-        sharing: spec.sharing.as_ref().map(|s| allowed_sharing(s, governing)),
+        sharing: spec.sharing.as_ref().map(|s| allowed_sharing(s, &denials)),
         denials,
     }
 }
 
-/// The sharing `spec` asks for, less what any of `policies` refuses.
-pub fn allowed_sharing(sharing: &Sharing, policies: &[Governing]) -> Sharing {
-    let ok = |rule: &str, v: &str| {
-        policies
-            .iter()
-            .all(|p| !p.sharing(sharing).iter().any(|(r, x)| *r == rule && x == v))
+/// The sharing `spec` asks for, less what `denials` refuse.
+fn allowed_sharing(sharing: &Sharing, denials: &[Denial]) -> Sharing {
+    let ok = |rule: &str, v: &str| !denials.iter().any(|d| d.rule == rule && d.value == v);
+    let keep = |rule: &'static str, values: &[String]| -> Vec<String> {
+        values.iter().filter(|v| ok(rule, v)).cloned().collect()
     };
     Sharing {
-        accounts: (sharing.accounts.iter())
-            .filter(|v| ok("sharing.accounts", v))
-            .cloned()
-            .collect(),
-        organization_arns: (sharing.organization_arns.iter())
-            .filter(|v| ok("sharing.organizations", v))
-            .cloned()
-            .collect(),
-        organizational_unit_arns: (sharing.organizational_unit_arns.iter())
-            .filter(|v| ok("sharing.organizationalUnits", v))
-            .cloned()
-            .collect(),
+        accounts: keep("sharing.accounts", &sharing.accounts),
+        organization_arns: keep("sharing.organizations", &sharing.organization_arns),
+        organizational_unit_arns: keep(
+            "sharing.organizationalUnits",
+            &sharing.organizational_unit_arns,
+        ),
         snapshots: sharing
             .snapshots
             .filter(|_| ok("sharing.snapshots", "true")),

@@ -6,14 +6,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use ami_copy_operator::AmiCopy;
 use ec2_sim::SeedImage;
 use kube::api::Api;
 use serde_json::json;
 
-use crate::ec2peer::{self, PeerEnv};
 use crate::operator::{Peer, create, patch_spec};
 use crate::testbed::{self, Operator, is_ready, wait_for};
 
@@ -41,11 +39,8 @@ fn verdict(obj: &AmiCopy) -> (String, String) {
 
 #[tokio::test]
 async fn kstatus_reads_copying_as_in_progress_ready_as_current_and_degraded_as_failed() {
-    let mut config = ec2peer::sim_config();
-    config.copy_duration = Duration::from_millis(1500);
-    let peer = Peer {
-        env: PeerEnv::with_sim(config).await,
-    };
+    // Copies slow enough for `pending` to be seen.
+    let peer = Peer::sim().await;
     let kube = testbed::kube().await;
     let ns = testbed::namespace(&kube, "kstatus").await;
     let api: Api<AmiCopy> = Api::namespaced(kube.clone(), &ns);

@@ -31,6 +31,11 @@ impl Peer {
         let mut config = ec2peer::sim_config();
         // Long enough for `pending` to be seen in status.
         config.copy_duration = Duration::from_millis(1500);
+        Self::with_sim(config).await
+    }
+
+    /// The EC2 simulator with `config`.
+    pub(crate) async fn with_sim(config: ec2_sim::SimConfig) -> Self {
         Self {
             env: PeerEnv::with_sim(config).await,
         }
@@ -922,9 +927,7 @@ async fn sim_copies_beyond_the_region_limit_are_queued() {
     let mut config = ec2peer::sim_config();
     config.copy_duration = Duration::from_millis(600);
     config.concurrent_copy_limit = 1;
-    let peer = Peer {
-        env: PeerEnv::with_sim(config).await,
-    };
+    let peer = Peer::with_sim(config).await;
     let kube = testbed::kube().await;
     let ns = testbed::namespace(&kube, "queued").await;
     let operator =

@@ -225,11 +225,7 @@ async fn an_object_admitted_before_a_policy_tightened_loses_what_it_no_longer_al
     const KEPT: &str = "444400001111";
     const DROPPED: &str = "999900001111";
     let admin = testbed::kube().await;
-    let mut config = crate::ec2peer::sim_config();
-    config.copy_duration = Duration::from_millis(300);
-    let peer = Peer {
-        env: crate::ec2peer::PeerEnv::with_sim(config).await,
-    };
+    let peer = Peer::with_sim(crate::ec2peer::sim_config()).await;
     let open = json!({"sourceOwners": ["*"], "sharing": {"accounts": ["*"], "snapshots": true}});
     let ns = governed_namespace(&admin, "policy-tightened", &open).await;
     let op = Operator::start(&admin, &ns, peer.env.endpoint()).await;
@@ -371,12 +367,9 @@ async fn telemetry_carries_no_role_arn_and_no_external_id() {
 async fn a_refused_role_is_never_assumed() {
     let admin = testbed::kube().await;
     let mut config = crate::ec2peer::sim_config();
-    config.copy_duration = Duration::from_millis(300);
     let role = "arn:aws:iam::222233334444:role/someone-elses-copier";
     config.roles.insert(role.into(), None);
-    let peer = Peer {
-        env: crate::ec2peer::PeerEnv::with_sim(config).await,
-    };
+    let peer = Peer::with_sim(config).await;
     let ns = governed_namespace(&admin, "policy-role", &json!({"roles": [{"arn": "*"}]})).await;
     let api: Api<AmiCopy> = Api::namespaced(admin.clone(), &ns);
     let source = peer.seed_source("role").await;
