@@ -24,6 +24,8 @@ pub const SOURCE_TAG: &str = "amicopy.dev/source-image";
 pub const PINNED_ANNOTATION: &str = "amicopy.dev/pinned-sources";
 /// Tags under this prefix are reserved for the operator.
 pub const RESERVED_TAG_PREFIX: &str = "amicopy.dev/";
+/// Annotation that, set to `"true"`, stops every EC2 call for the object.
+pub const PAUSED_ANNOTATION: &str = "amicopy.dev/paused";
 
 /// Regions of every AWS partition: commercial (`eu-west-1`), China
 /// (`cn-north-1`), GovCloud (`us-gov-west-1`), the ISO partitions
@@ -157,6 +159,125 @@ pub struct AmiCopySpec {
     #[schemars(range(min = 15, max = 2880))]
     #[x_kube(validation = Rule::new("self % 15 == 0").message("snapshotCopyCompletionDurationMinutes must be a multiple of 15"))]
     pub snapshot_copy_completion_duration_minutes: Option<i64>,
+
+    /// Publish the IDs of the current copies once every destination's copy
+    /// of the current source is available, so that whoever launches them
+    /// never sees half a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Publish>,
+
+    /// Turn on EC2 deregistration protection (without cooldown) on the
+    /// copies of the current source. The operator lifts it itself right
+    /// before it retires a copy or cleans up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protect: Option<bool>,
+
+    /// How older copies are retired: only once nothing uses them (default),
+    /// and by deregistering (default) or disabling them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retirement: Option<RetirementPolicy>,
+}
+
+/// Where the current copies' IDs are published.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Publish {
+    /// A ConfigMap in this object's namespace, owned by it, with one key
+    /// per destination region holding the current copy's ID and the key
+    /// `source` holding the source AMI's ID. A ConfigMap of that name that
+    /// this object does not own is never overwritten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<PublishConfigMap>,
+
+    /// An SSM parameter written in each destination's region (and
+    /// account), of type `String` with data type `aws:ec2:image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm_parameter: Option<PublishSsmParameter>,
+}
+
+/// The ConfigMap the IDs are published to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishConfigMap {
+    /// Name of the ConfigMap, in this object's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("configMap.name must be a DNS subdomain name, e.g. golden-ami-ids"))]
+    pub name: String,
+}
+
+/// The SSM parameter the IDs are published to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishSsmParameter {
+    /// Full name of the parameter, e.g.
+    /// `/amicopy/team-a/golden/{region}`: `{region}` is replaced by each
+    /// destination's region, `{namespace}` and `{name}` by this object's.
+    /// The operator writes only under `<its parameter prefix><namespace>/`
+    /// (by default `/amicopy/<namespace>/`); a name elsewhere is refused
+    /// (Degraded `PublishDenied`).
+    #[schemars(length(min = 2, max = 1011))]
+    #[x_kube(
+        validation = Rule::new("self.matches('^/[A-Za-z0-9_.{}/-]+$')").message("ssmParameter.name is a full parameter name such as /amicopy/team-a/golden/{region}: letters, digits, _ . - / and the placeholders {region}, {namespace}, {name}"),
+        validation = Rule::new("!self.lowerAscii().startsWith('/aws') && !self.lowerAscii().startsWith('/ssm')").message("SSM reserves parameter names starting with aws or ssm")
+    )]
+    pub name: String,
+}
+
+/// How older copies are retired.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetirementPolicy {
+    /// Keep an older copy while something in its region and account uses
+    /// it: the `$Default` or `$Latest` version of a launch template, or an
+    /// instance that is pending, running, stopping or stopped. Default
+    /// true; the copy is listed under `status.retiring` with what uses it
+    /// and retired once nothing does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_in_use: Option<bool>,
+
+    /// Also keep a copy launched within this long (EC2's
+    /// `lastLaunchedTime`, which EC2 reports up to 24 hours late), e.g.
+    /// `168h` or `30d`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(m|h|d|w))+$')").message("lastLaunchedWithin is a duration such as 168h, 30d or 4w"))]
+    pub last_launched_within: Option<String>,
+
+    /// `Deregister` (default): deregister the copy and, with `deletionPolicy:
+    /// Delete`, delete its snapshots. `Disable`: disable it (EC2's
+    /// DisableImage); it keeps its snapshots and can be enabled again.
+    #[serde(default)]
+    pub action: RetirementAction,
+}
+
+/// What retiring an older copy does.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum RetirementAction {
+    /// Deregister the copy (and delete its snapshots under `deletionPolicy: Delete`).
+    #[default]
+    Deregister,
+    /// Disable the copy: it keeps its snapshots and can be enabled again.
+    Disable,
+}
+
+impl AmiCopySpec {
+    /// Whether an older copy that something uses is kept.
+    pub fn keeps_in_use(&self) -> bool {
+        self.retirement
+            .as_ref()
+            .and_then(|r| r.keep_in_use)
+            .unwrap_or(true)
+    }
+
+    /// How older copies are retired.
+    pub fn retirement_action(&self) -> RetirementAction {
+        self.retirement
+            .as_ref()
+            .map(|r| r.action)
+            .unwrap_or_default()
+    }
 }
 
 /// Launch permissions for the copies.
@@ -356,10 +477,52 @@ pub struct AmiCopyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tag_keys: Vec<String>,
 
-    /// `Ready`, `Progressing` and `Degraded`.
+    /// What `spec.publish` last published, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<Published>,
+
+    /// `Ready`, `Progressing`, `Degraded`, `Reconciling`, `Stalled`, and
+    /// `Paused` while the object is paused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A publication of the current copies' IDs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Published {
+    /// The source AMI whose copies were published.
+    pub source_image_id: String,
+    /// The published copy of each destination region.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, String>,
+    /// When they were published (RFC 3339).
+    pub at: String,
+    /// The ConfigMap written, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<String>,
+    /// The SSM parameters written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssm_parameters: Vec<PublishedParameter>,
+}
+
+/// One SSM parameter written.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedParameter {
+    /// Region of the parameter.
+    pub region: String,
+    /// Its full name.
+    pub name: String,
+    /// The value written: the region's copy.
+    pub image_id: String,
+    /// Role the parameter was written through (cross-account destinations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// External ID the role was assumed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
 }
 
 /// The image a source selector matched.
@@ -432,6 +595,17 @@ pub struct TargetStatus {
     /// When EC2 deprecates this copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deprecation_time: Option<String>,
+
+    /// EC2's deregistration protection of this copy, as EC2 reports it
+    /// (`enabled-without-cooldown`, ...); absent when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deregistration_protection: Option<String>,
+
+    /// What keeps this older copy from being retired: launch template
+    /// versions and instances in its region and account, or a recent
+    /// launch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub used_by: Vec<String>,
 
     /// How many times a copy to this region was started for this source after
     /// its target went missing; part of the copy's idempotency token.

@@ -84,6 +84,22 @@ pub struct Config {
     #[arg(long, env = "AMICOPY_DEFAULT_POLICY", default_value = "{}", value_parser = parse_policy)]
     pub default_policy: AmiCopyPolicySpec,
 
+    /// How often an older copy kept because something uses it is looked at
+    /// again.
+    #[arg(long, env = "AMICOPY_IN_USE_RECHECK_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub in_use_recheck_interval: Duration,
+
+    /// Where `spec.publish.ssmParameter` may write: under this prefix
+    /// followed by the object's namespace and `/` (by default
+    /// `/amicopy/<namespace>/`), so that no namespace writes another's
+    /// parameters. Keep the IAM policy's `ssm:` resource in line with it.
+    #[arg(
+        long,
+        env = "AMICOPY_SSM_PARAMETER_PREFIX",
+        default_value = "/amicopy/"
+    )]
+    pub ssm_parameter_prefix: String,
+
     /// How long a copy limit lowered by `ResourceLimitExceeded` stays lowered.
     #[arg(skip = Duration::from_secs(120))]
     pub limit_cooldown: Duration,
@@ -135,5 +151,7 @@ mod tests {
         assert_eq!(c.concurrency, 16);
         assert!(!c.allow_public_images);
         assert_eq!(c.default_policy, AmiCopyPolicySpec::default());
+        assert_eq!(c.in_use_recheck_interval, Duration::from_secs(300));
+        assert_eq!(c.ssm_parameter_prefix, "/amicopy/");
     }
 }

@@ -24,6 +24,11 @@ pub enum Error {
 
     #[error("the object changed since this pass read it; reading it again")]
     Stale,
+
+    #[error(
+        "paused (annotation amicopy.dev/paused is \"true\"): nothing is done until it is removed"
+    )]
+    Paused,
 }
 
 impl Error {
@@ -47,6 +52,7 @@ impl Error {
             Error::CleanupPending { .. } => "cleanup_pending",
             Error::Unconfirmed { .. } => "unconfirmed",
             Error::Stale => "stale",
+            Error::Paused => "paused",
         }
     }
 
@@ -55,7 +61,7 @@ impl Error {
     pub fn is_terminal(&self) -> bool {
         use kube::runtime::finalizer::Error as F;
         match self {
-            Error::MissingField(_) => true,
+            Error::MissingField(_) | Error::Paused => true,
             Error::Finalizer(inner) => match inner.as_ref() {
                 F::ApplyFailed(e) | F::CleanupFailed(e) => e.is_terminal(),
                 F::UnnamedObject | F::InvalidFinalizer => true,
@@ -76,7 +82,7 @@ impl Error {
             Error::Ec2(e) => e.is_transient(),
             Error::CleanupPending { .. } | Error::Unconfirmed { .. } | Error::Stale => true,
             Error::Kube(_) => true,
-            Error::Finalizer(_) | Error::MissingField(_) => false,
+            Error::Finalizer(_) | Error::MissingField(_) | Error::Paused => false,
         }
     }
 

@@ -53,6 +53,10 @@ struct RunArgs {
     /// peers); AWS_ENDPOINT_URL_STS works too.
     #[arg(long, env = "AMICOPY_STS_ENDPOINT_URL")]
     sts_endpoint_url: Option<String>,
+    /// SSM endpoint URL for `spec.publish.ssmParameter` (local peers);
+    /// AWS_ENDPOINT_URL_SSM works too.
+    #[arg(long, env = "AMICOPY_SSM_ENDPOINT_URL")]
+    ssm_endpoint_url: Option<String>,
     /// Address of /metrics, /livez and /readyz.
     #[arg(long, env = "AMICOPY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -114,7 +118,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let ec2 = AwsEc2::from_env(args.ec2_endpoint_url, metrics.clone())
         .await
-        .with_sts_endpoint(args.sts_endpoint_url);
+        .with_sts_endpoint(args.sts_endpoint_url)
+        .with_ssm_endpoint(args.ssm_endpoint_url);
     let ctx = Arc::new(Context::new(
         client.clone(),
         ec2,

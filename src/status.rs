@@ -14,6 +14,8 @@ pub const DEGRADED: &str = "Degraded";
 /// `Degraded` (Failed).
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
+/// Condition type present while the object is paused.
+pub const PAUSED: &str = "Paused";
 
 /// Stable condition and destination reasons. They are part of the API:
 /// alerting and the Argo CD health check match on them.
@@ -63,6 +65,20 @@ pub mod reason {
     pub const DEPRECATED: &str = "Deprecated";
     pub const DEREGISTERED: &str = "Deregistered";
     pub const RETAINED: &str = "Retained";
+    /// An older copy is kept because something uses it.
+    pub const RETIREMENT_BLOCKED: &str = "RetirementBlocked";
+    /// An older copy was disabled (`retirement.action: Disable`).
+    pub const DISABLED: &str = "Disabled";
+    /// Deregistration protection was turned on for a current copy.
+    pub const PROTECTED: &str = "Protected";
+    /// The current copies' IDs were published.
+    pub const PUBLISHED: &str = "Published";
+    /// `spec.publish` names an SSM parameter the namespace may not write.
+    pub const PUBLISH_DENIED: &str = "PublishDenied";
+    /// The ConfigMap or an SSM parameter to publish to is someone else's.
+    pub const PUBLISH_CONFLICT: &str = "PublishConflict";
+    /// The object is paused (`amicopy.dev/paused: "true"`).
+    pub const PAUSED: &str = "Paused";
 }
 
 /// Reason and advice for an EC2 rejection of `CopyImage` (or of reading the

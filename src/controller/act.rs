@@ -15,7 +15,7 @@ use crate::ec2::{CopyRequest, Ec2, Grant, ImageInfo, Permission, Scope};
 use crate::error::{Error, Result};
 use crate::plan::ownership::{self, Ownership};
 use crate::plan::{
-    Action, Claim, Copied, CopyFailure, Meta, Outcome, Plan, Retirement, Scopes, Sharing,
+    Action, Claim, Copied, CopyFailure, Meta, Outcome, Plan, Retirement, Retiring, Scopes, Sharing,
 };
 
 /// What the actions of one plan did, and the first error among them.
@@ -35,13 +35,19 @@ pub(super) async fn act<E: Ec2>(plan: &Plan, m: &Meta, scopes: &Scopes, ctx: &Co
             error.get_or_insert(e);
         }
     }
+    let users = users_by_region(plan, scopes, ctx).await;
     let mut outcomes = Vec::with_capacity(plan.actions.len());
     for action in &plan.actions {
         let scope = match action {
             Action::RetireMoved { scope, .. } => scope.clone().on_behalf_of(&m.namespace, &m.name),
             _ => scopes.of(action.region()),
         };
-        let (outcome, failed) = perform(action, m, &scope, ctx).await;
+        let pass = Pass {
+            m,
+            scopes,
+            users: &users,
+        };
+        let (outcome, failed) = perform(action, &pass, &scope, ctx).await;
         outcomes.push(outcome);
         if let Some(e) = failed {
             warn!(region = action.region(), error = %e, "action failed; retrying later");
@@ -49,6 +55,82 @@ pub(super) async fn act<E: Ec2>(plan: &Plan, m: &Meta, scopes: &Scopes, ctx: &Co
         }
     }
     Acted { outcomes, error }
+}
+
+/// What uses the copies this plan retires, per region: one look-up per
+/// region for all of them, right before they are retired.
+async fn users_by_region<E: Ec2>(
+    plan: &Plan,
+    scopes: &Scopes,
+    ctx: &Context<E>,
+) -> BTreeMap<String, Users> {
+    let mut by_region: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for action in &plan.actions {
+        if let Action::Retire { region, image, how } = action
+            && how.keep_in_use
+        {
+            by_region.entry(region).or_default().push(image.id.clone());
+        }
+    }
+    let lookups = by_region.into_iter().map(|(region, ids)| async move {
+        let scope = scopes.of(region);
+        let found = ctx.ec2.images_in_use(&scope, &ids).await;
+        (region.to_owned(), found)
+    });
+    future::join_all(lookups).await.into_iter().collect()
+}
+
+/// What uses each image of a region, or why EC2 could not say.
+pub(super) type Users = std::result::Result<BTreeMap<String, Vec<String>>, crate::ec2::Ec2Error>;
+
+/// Whether a copy may be retired now, and how.
+pub(super) struct Check<'a> {
+    pub how: &'a Retiring,
+    /// What uses the copies of its region; `None` when not looked up.
+    pub users: Option<&'a Users>,
+}
+
+impl Check<'_> {
+    /// No look-up, deregister: the finalizer's and a moved copy's way.
+    pub(super) const PLAIN: Check<'static> = Check {
+        how: &Retiring {
+            disable: false,
+            keep_in_use: false,
+            launched_after: None,
+        },
+        users: None,
+    };
+
+    /// What keeps `image` (read fresh) from being retired; an error when
+    /// the look-up failed (nothing is retired on a guess).
+    fn users_of(&self, image: &ImageInfo) -> Result<Vec<String>> {
+        if !self.how.keep_in_use {
+            return Ok(Vec::new());
+        }
+        let mut users = match self.users {
+            Some(Ok(found)) => found.get(&image.id).cloned().unwrap_or_default(),
+            Some(Err(e)) => return Err(e.clone().into()),
+            None => Vec::new(),
+        };
+        let launched = image
+            .last_launched_time
+            .as_deref()
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        let after = self
+            .how
+            .launched_after
+            .as_deref()
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        if let (Some(launched), Some(after)) = (launched, after)
+            && launched >= after
+        {
+            users.push(format!(
+                "launched at {}",
+                launched.strftime("%Y-%m-%dT%H:%M:%SZ")
+            ));
+        }
+        Ok(users)
+    }
 }
 
 async fn claim<E: Ec2>(c: &Claim, scopes: &Scopes, ec2: &E) -> Result<()> {
@@ -98,14 +180,23 @@ fn verified(
     }
 }
 
+/// What the actions of one pass share.
+struct Pass<'a> {
+    m: &'a Meta,
+    scopes: &'a Scopes,
+    /// What uses the copies being retired, by region.
+    users: &'a BTreeMap<String, Users>,
+}
+
 /// Performs one action in `scope` (the account its region is reached in).
 async fn perform<E: Ec2>(
     action: &Action,
-    m: &Meta,
+    pass: &Pass<'_>,
     scope: &Scope,
     ctx: &Context<E>,
 ) -> (Outcome, Option<Error>) {
     let ec2 = &ctx.ec2;
+    let m = pass.m;
     match action {
         Action::Copy { region, request } => copy(region, request, m, scope, ctx).await,
         Action::TagImage {
@@ -137,7 +228,23 @@ async fn perform<E: Ec2>(
                 at: at.clone(),
             })
         }
-        Action::Retire { region, image } => retire_copy(region, image, m, scope, ctx).await,
+        Action::Retire { region, image, how } => {
+            let check = Check {
+                how,
+                users: pass.users.get(region.as_str()),
+            };
+            retire_copy(region, image, &check, m, scope, ctx).await
+        }
+        Action::Protect { region, image_id } => {
+            let res = ec2
+                .set_deregistration_protection(scope, image_id, true)
+                .await;
+            finish(res.map_err(Error::from), || Outcome::Protected {
+                region: region.clone(),
+                image_id: image_id.clone(),
+            })
+        }
+        Action::Publish(p) => super::publish::publish(p, m, pass.scopes, ctx).await,
         Action::DeleteSnapshots {
             region,
             image_id,
@@ -224,15 +331,23 @@ async fn delete_left<E: Ec2>(
 async fn retire_copy<E: Ec2>(
     region: &str,
     image: &ImageInfo,
+    check: &Check<'_>,
     m: &Meta,
     scope: &Scope,
     ctx: &Context<E>,
 ) -> (Outcome, Option<Error>) {
     let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-    let (res, step) = match retire(&ctx.ec2, &m.uid, scope, &image.id, &named).await {
+    let target = Target {
+        uid: &m.uid,
+        image_id: &image.id,
+        named: &named,
+    };
+    let (res, step) = match retire(&ctx.ec2, scope, &target, check).await {
         Ok((verdict, Retired::Unnamed(snapshots))) => {
             (Ok(verdict), Ok(Retirement::Named { snapshots }))
         }
+        Ok((verdict, Retired::InUse(users))) => (Ok(verdict), Ok(Retirement::InUse { users })),
+        Ok((verdict, Retired::Disabled)) => (Ok(verdict), Ok(Retirement::Disabled)),
         Ok((verdict, Retired::Deregistered(sweep))) => (Ok(verdict), Err(sweep)),
         Err(e) => (Err(e), Err(Sweep::default())),
     };
@@ -245,7 +360,7 @@ async fn retire_copy<E: Ec2>(
             sweep.error,
         ),
     };
-    let deregistered = matches!(step, Retirement::Retired { .. });
+    let deregistered = matches!(step, Retirement::Retired { .. } | Retirement::Disabled);
     let (outcome, e) = verified(res, region, &image.id, || {
         if deregistered {
             untrack(ctx, scope, &image.id);
@@ -315,7 +430,7 @@ async fn retire_moved<E: Ec2>(
             step: Retirement::Released,
         });
     }
-    retire_copy(region, &image, m, scope, ctx).await
+    retire_copy(region, &image, &Check::PLAIN, m, scope, ctx).await
 }
 
 /// Starts a copy once the tracker has a slot for it, tracks it, and tags it.
@@ -541,26 +656,58 @@ pub(super) enum Retired {
     /// Not deregistered: it has snapshots the status does not name yet;
     /// all of its snapshots, to be named first.
     Unnamed(Vec<String>),
+    /// Not retired: something uses it.
+    InUse(Vec<String>),
+    /// Disabled; its snapshots stay.
+    Disabled,
 }
 
-/// Deregisters an image and deletes its owned snapshots, once a fresh read
-/// shows the image is this object's and that the status names (`named`)
-/// every snapshot it has; otherwise touches nothing.
+/// The image [`retire`] is asked to retire, for the object `uid`, whose
+/// status names the snapshots `named`.
+pub(super) struct Target<'a> {
+    pub uid: &'a str,
+    pub image_id: &'a str,
+    pub named: &'a [String],
+}
+
+/// Retires an image once a fresh read shows that it is this object's, that
+/// the status names (`target.named`) every snapshot it has, and that nothing
+/// `check` looks for uses it: lifts its deregistration protection, then
+/// disables it or deregisters it and deletes its owned snapshots. Otherwise
+/// touches nothing.
 pub(super) async fn retire<E: Ec2>(
     ec2: &E,
-    uid: &str,
     scope: &Scope,
-    image_id: &str,
-    named: &[String],
+    target: &Target<'_>,
+    check: &Check<'_>,
 ) -> Result<(Ownership, Retired)> {
+    let (uid, image_id) = (target.uid, target.image_id);
     let (verdict, fresh) = verify(ec2, uid, scope, image_id).await?;
     let (Ownership::Ours, Some(image)) = (&verdict, fresh) else {
         warn!(region = %scope.region, image = %image_id, ?verdict, "not deregistering an image not confirmed as this object's");
         return Ok((verdict, Retired::Deregistered(Sweep::default())));
     };
-    if image.snapshots.iter().any(|s| !named.contains(&s.id)) {
+    if image
+        .snapshots
+        .iter()
+        .any(|s| !target.named.contains(&s.id))
+    {
         let all = image.snapshots.iter().map(|s| s.id.clone()).collect();
         return Ok((verdict, Retired::Unnamed(all)));
+    }
+    let users = check.users_of(&image)?;
+    if !users.is_empty() {
+        info!(region = %scope.region, image = %image.id, ?users, "kept: in use");
+        return Ok((verdict, Retired::InUse(users)));
+    }
+    if image.protected() {
+        ec2.set_deregistration_protection(scope, &image.id, false)
+            .await?;
+    }
+    if check.how.disable {
+        ec2.disable_image(scope, &image.id).await?;
+        info!(region = %scope.region, image = %image.id, "disabled");
+        return Ok((verdict, Retired::Disabled));
     }
     let (snapshots, unseen) = snapshots_of(ec2, uid, scope, &image).await?;
     ec2.deregister_image(scope, &image.id).await?;
@@ -655,7 +802,12 @@ mod tests {
         const SRC: &str = "ami-00000000000000009";
         let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
         let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-        let (verdict, retired) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id, &named)
+        let target = Target {
+            uid: UID,
+            image_id: &image.id,
+            named: &named,
+        };
+        let (verdict, retired) = retire(&ec2, &Scope::region("eu-west-1"), &target, &Check::PLAIN)
             .await
             .unwrap();
         assert_eq!(verdict, Ownership::Ours);
@@ -695,7 +847,12 @@ mod tests {
         ] {
             let (ec2, image) = world(tags, copied_from);
             let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-            let (verdict, _) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id, &named)
+            let target = Target {
+                uid: UID,
+                image_id: &image.id,
+                named: &named,
+            };
+            let (verdict, _) = retire(&ec2, &Scope::region("eu-west-1"), &target, &Check::PLAIN)
                 .await
                 .unwrap();
             assert_ne!(verdict, Ownership::Ours, "{tags:?}");
@@ -714,7 +871,12 @@ mod tests {
         const SRC: &str = "ami-00000000000000009";
         let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
         let all: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-        let (verdict, retired) = retire(&ec2, UID, &Scope::region("eu-west-1"), &image.id, &[])
+        let target = Target {
+            uid: UID,
+            image_id: &image.id,
+            named: &[],
+        };
+        let (verdict, retired) = retire(&ec2, &Scope::region("eu-west-1"), &target, &Check::PLAIN)
             .await
             .unwrap();
         assert_eq!(verdict, Ownership::Ours);

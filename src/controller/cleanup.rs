@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::act::{claim_snapshots, ownership_keys, snapshots_of};
 use super::reconcile::meta;
-use super::{Context, object_ref, report};
+use super::{Context, object_ref, publish, report};
 use crate::api::{AmiCopy, DeletionPolicy, TargetState, TargetStatus};
 use crate::ec2::{Ec2, ImageInfo, Scope};
 use crate::error::{Error, Result};
@@ -79,6 +79,15 @@ pub(super) async fn cleanup<E: Ec2>(
             first.get_or_insert(e);
         }
     }
+    if obj.spec.deletion_policy == DeletionPolicy::Delete
+        && let Err(e) = withdraw_parameters(obj, &m, ctx).await
+    {
+        warn!(error = %e, "published SSM parameters not withdrawn yet");
+        if !e.is_passing() {
+            blocked.push(format!("SSM parameters: {e}"));
+        }
+        first.get_or_insert(e);
+    }
     if let Some(e) = first {
         if !blocked.is_empty() {
             report::cleanup_blocked(obj, api, ctx, &blocked.join("; ")).await;
@@ -97,6 +106,26 @@ pub(super) async fn cleanup<E: Ec2>(
         info!("all target images deregistered and snapshots deleted");
     }
     Ok(Requeue::await_change())
+}
+
+/// `Delete`: the SSM parameters the status says were published, while they
+/// still hold a copy this object made.
+async fn withdraw_parameters<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<()> {
+    let Some(published) = obj.status.as_ref().and_then(|s| s.published.as_ref()) else {
+        return Ok(());
+    };
+    let ours: BTreeSet<String> = obj
+        .status
+        .iter()
+        .flat_map(|s| s.targets())
+        .filter_map(|t| t.image_id.clone())
+        .chain(published.images.values().cloned())
+        .collect();
+    for param in &published.ssm_parameters {
+        let scope = publish::recorded_scope(param, m);
+        publish::withdraw(&ctx.ec2, &scope, &param.name, &ours).await?;
+    }
+    Ok(())
 }
 
 /// Every region of interest, in the account it is reached in now, and in
@@ -290,6 +319,10 @@ impl<E: Ec2> Region<'_, E> {
             DeletionPolicy::Delete => {
                 let owned;
                 (owned, unseen) = snapshots_of(ec2, &self.m.uid, scope, image).await?;
+                if image.protected() {
+                    ec2.set_deregistration_protection(scope, &image.id, false)
+                        .await?;
+                }
                 ec2.deregister_image(scope, &image.id).await?;
                 info!(%region, image = %image.id, snapshots = ?owned, "deregistered by the finalizer");
                 for snap in &owned {

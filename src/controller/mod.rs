@@ -34,6 +34,7 @@ mod act;
 mod cleanup;
 mod intake;
 mod observe;
+mod publish;
 mod reconcile;
 mod report;
 

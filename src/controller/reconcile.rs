@@ -16,7 +16,7 @@ use rand::Rng;
 use tracing::{debug, instrument, warn};
 
 use super::{Context, act, cleanup, observe, report};
-use crate::api::{AmiCopy, FINALIZER, PINNED_ANNOTATION};
+use crate::api::{AmiCopy, FINALIZER, PAUSED_ANNOTATION, PINNED_ANNOTATION};
 use crate::config::Config;
 use crate::ec2::Ec2;
 use crate::error::{Error, Result};
@@ -30,9 +30,20 @@ pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<AmiCopy> = Api::namespaced(ctx.client.clone(), &ns);
     let key = ObjectRef::from_obj(obj.as_ref());
+    let paused = obj
+        .annotations()
+        .get(PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true");
     let res = finalizer(&api, FINALIZER, obj, |event| async {
         match event {
+            Finalizer::Apply(obj) if paused => pause(&obj, &api, &ctx, false).await,
             Finalizer::Apply(obj) => apply(&obj, &api, &ctx).await,
+            // The finalizer stays until the object is resumed: the
+            // clean-up is EC2 calls too.
+            Finalizer::Cleanup(obj) if paused => {
+                pause(&obj, &api, &ctx, true).await?;
+                Err(Error::Paused)
+            }
             Finalizer::Cleanup(obj) => cleanup::cleanup(&obj, &api, &ctx).await,
         }
     })
@@ -47,6 +58,24 @@ pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -
     };
     ctx.metrics.reconciled(outcome, start.elapsed());
     res
+}
+
+/// A paused object: no EC2 call at all, and its copies leave the tracker;
+/// the status says it is paused. Resumed by a change (the annotation's
+/// removal).
+async fn pause<E: Ec2>(
+    obj: &AmiCopy,
+    api: &Api<AmiCopy>,
+    ctx: &Context<E>,
+    deleting: bool,
+) -> Result<Requeue> {
+    let key = ObjectRef::from_obj(obj);
+    if let Some(t) = &ctx.tracker {
+        t.forget(&key);
+    }
+    let written = report::paused(obj, api, deleting).await?;
+    ctx.superseding(&key, obj, written.as_ref());
+    Ok(Requeue::await_change())
 }
 
 /// One pass over a live object.
@@ -152,6 +181,7 @@ pub(super) fn meta(obj: &AmiCopy, config: &Config) -> Result<Meta> {
         allow_public: config.allow_public_images,
         listing_grace: config.listing_grace,
         governing: Vec::new(),
+        ssm_prefix: config.ssm_parameter_prefix.clone(),
         namespace: obj
             .namespace()
             .ok_or(Error::MissingField("metadata.namespace"))?,

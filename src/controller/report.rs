@@ -77,6 +77,40 @@ pub(super) async fn first_status(obj: &AmiCopy, api: &Api<AmiCopy>) -> Result<Op
     write_status(api, obj, &status, false).await
 }
 
+/// A paused object: `Paused` (and `Reconciling` false) in the status, the
+/// rest as it was. The object as written, if it was.
+pub(super) async fn paused(
+    obj: &AmiCopy,
+    api: &Api<AmiCopy>,
+    deleting: bool,
+) -> Result<Option<AmiCopy>> {
+    let message = if deleting {
+        "paused: the clean-up of the copies waits until the annotation amicopy.dev/paused is removed"
+    } else {
+        "paused: no EC2 call is made until the annotation amicopy.dev/paused is removed"
+    };
+    let mut status = obj.status.clone().unwrap_or_default();
+    let now = Time(Timestamp::now());
+    let generation = obj.metadata.generation;
+    let paused = [(status::PAUSED, true), (status::RECONCILING, false)].map(|(type_, on)| {
+        let c = &status.conditions;
+        status::condition(
+            c,
+            type_,
+            on,
+            reason::PAUSED,
+            message.into(),
+            generation,
+            &now,
+        )
+    });
+    status
+        .conditions
+        .retain(|c| c.type_ != status::PAUSED && c.type_ != status::RECONCILING);
+    status.conditions.extend(paused);
+    write_status(api, obj, &status, false).await
+}
+
 /// The finalizer cannot finish: `Degraded` says where and why (a status
 /// write only when that changes), and a Warning Event; the other conditions
 /// and the targets recorded stay as they were.

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
@@ -22,6 +23,13 @@ use super::{
 use crate::api::{TargetState, UID_TAG};
 use crate::metrics::Metrics;
 
+/// The clients of one scope, sharing its credentials.
+#[derive(Clone)]
+struct Clients {
+    ec2: Client,
+    ssm: aws_sdk_ssm::Client,
+}
+
 /// aws-sdk-ec2 behind the [`Ec2`] seam, with one client per region built
 /// from a shared configuration (credentials from the standard chain).
 #[derive(Clone)]
@@ -29,7 +37,8 @@ pub struct AwsEc2 {
     base: aws_config::SdkConfig,
     endpoint_url: Option<String>,
     sts_endpoint_url: Option<String>,
-    clients: Arc<RwLock<HashMap<Scope, Client>>>,
+    ssm_endpoint_url: Option<String>,
+    clients: Arc<RwLock<HashMap<Scope, Clients>>>,
     metrics: Arc<Metrics>,
     own_account: Arc<tokio::sync::OnceCell<String>>,
 }
@@ -44,6 +53,7 @@ impl AwsEc2 {
             base,
             endpoint_url,
             sts_endpoint_url: None,
+            ssm_endpoint_url: None,
             clients: Arc::default(),
             metrics,
             own_account: Arc::default(),
@@ -70,14 +80,31 @@ impl AwsEc2 {
         self
     }
 
-    /// The client of a scope, cached: for a role, its credentials come from
-    /// STS AssumeRole and are refreshed before they expire.
+    /// SSM endpoint for publishing (local peers); AWS's otherwise.
+    pub fn with_ssm_endpoint(mut self, url: Option<String>) -> Self {
+        self.ssm_endpoint_url = url;
+        self
+    }
+
+    /// The EC2 client of a scope.
     async fn client(&self, scope: &Scope) -> Client {
+        self.clients(scope).await.ec2
+    }
+
+    /// The SSM client of a scope.
+    async fn ssm(&self, scope: &Scope) -> aws_sdk_ssm::Client {
+        self.clients(scope).await.ssm
+    }
+
+    /// The clients of a scope, cached: for a role, their credentials come
+    /// from STS AssumeRole and are refreshed before they expire.
+    async fn clients(&self, scope: &Scope) -> Clients {
         if let Some(c) = self.clients.read().expect("client cache lock").get(scope) {
             return c.clone();
         }
         let region = Region::new(scope.region.clone());
-        let mut conf = aws_sdk_ec2::config::Builder::from(&self.base).region(region.clone());
+        let mut ec2 = aws_sdk_ec2::config::Builder::from(&self.base).region(region.clone());
+        let mut ssm = aws_sdk_ssm::config::Builder::from(&self.base).region(region.clone());
         if let Some(role) = &scope.role {
             let mut sts = self.base.clone().into_builder();
             if let Some(url) = &self.sts_endpoint_url {
@@ -90,17 +117,25 @@ impl AwsEc2 {
             if let Some(id) = &role.external_id {
                 assume = assume.external_id(id);
             }
-            conf = conf.credentials_provider(assume.build().await);
+            let provider = SharedCredentialsProvider::new(assume.build().await);
+            ec2 = ec2.credentials_provider(provider.clone());
+            ssm = ssm.credentials_provider(provider);
         }
         if let Some(url) = &self.endpoint_url {
-            conf = conf.endpoint_url(url);
+            ec2 = ec2.endpoint_url(url);
         }
-        let client = Client::from_conf(conf.build());
+        if let Some(url) = &self.ssm_endpoint_url {
+            ssm = ssm.endpoint_url(url);
+        }
+        let clients = Clients {
+            ec2: Client::from_conf(ec2.build()),
+            ssm: aws_sdk_ssm::Client::from_conf(ssm.build()),
+        };
         self.clients
             .write()
             .expect("client cache lock")
             .entry(scope.clone())
-            .or_insert(client)
+            .or_insert(clients)
             .clone()
     }
 
@@ -297,6 +332,8 @@ fn image_info(img: &Image) -> ImageInfo {
         creation_date: img.creation_date().map(str::to_owned),
         deprecation_time: img.deprecation_time().map(str::to_owned),
         source_image_id: img.source_image_id().map(str::to_owned),
+        deregistration_protection: img.deregistration_protection().map(str::to_owned),
+        last_launched_time: img.last_launched_time().map(str::to_owned),
     }
 }
 
@@ -616,6 +653,164 @@ impl Ec2 for AwsEc2 {
         self.own_account.get_or_try_init(ask).await.ok().cloned()
     }
 
+    async fn set_deregistration_protection(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+        on: bool,
+    ) -> Result<(), Ec2Error> {
+        let client = self.client(scope).await;
+        if on {
+            // Without cooldown: the operator lifts the protection right
+            // before it retires the copy, which a 24-hour cooldown would
+            // hold up for a day.
+            let req = client
+                .enable_image_deregistration_protection()
+                .image_id(image_id)
+                .with_cooldown(false)
+                .send();
+            self.call("EnableImageDeregistrationProtection", scope, req)
+                .await
+                .map(drop)
+        } else {
+            let req = client
+                .disable_image_deregistration_protection()
+                .image_id(image_id)
+                .send();
+            self.call("DisableImageDeregistrationProtection", scope, req)
+                .await
+                .map(drop)
+        }
+    }
+
+    async fn disable_image(&self, scope: &Scope, image_id: &str) -> Result<(), Ec2Error> {
+        let req = self
+            .client(scope)
+            .await
+            .disable_image()
+            .image_id(image_id)
+            .send();
+        self.call("DisableImage", scope, req).await.map(drop)
+    }
+
+    async fn images_in_use(
+        &self,
+        scope: &Scope,
+        image_ids: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>, Ec2Error> {
+        let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if image_ids.is_empty() {
+            return Ok(users);
+        }
+        fn among<'a>(ids: &[String], id: Option<&'a str>) -> Option<&'a str> {
+            id.filter(|id| ids.iter().any(|w| w == id))
+        }
+        let client = self.client(scope).await;
+        for chunk in image_ids.chunks(super::MAX_IDS_PER_CALL) {
+            let image_filter = Filter::builder()
+                .name("image-id")
+                .set_values(Some(chunk.to_vec()))
+                .build();
+            let req = client
+                .describe_launch_template_versions()
+                .versions("$Default")
+                .versions("$Latest")
+                .filters(image_filter.clone())
+                .into_paginator()
+                .send();
+            for page in self
+                .pages("DescribeLaunchTemplateVersions", scope, req)
+                .await?
+            {
+                for v in page.launch_template_versions() {
+                    // Matched again here: a peer may not apply the filter.
+                    let image = v.launch_template_data().and_then(|d| d.image_id());
+                    if let Some(image) = among(image_ids, image) {
+                        let version = if v.default_version() == Some(true) {
+                            "$Default".to_owned()
+                        } else {
+                            format!("version {}", v.version_number().unwrap_or_default())
+                        };
+                        let template = v.launch_template_id().unwrap_or("?");
+                        users
+                            .entry(image.to_owned())
+                            .or_default()
+                            .push(format!("launch template {template} ({version})"));
+                    }
+                }
+            }
+            let states = Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("stopping")
+                .values("stopped")
+                .build();
+            let req = client
+                .describe_instances()
+                .filters(image_filter)
+                .filters(states)
+                .into_paginator()
+                .send();
+            for page in self.pages("DescribeInstances", scope, req).await? {
+                for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                    let state = i.state().and_then(|s| s.name()).map(|n| n.as_str());
+                    let live =
+                        matches!(state, Some("pending" | "running" | "stopping" | "stopped"));
+                    if let (Some(image), true) = (among(image_ids, i.image_id()), live) {
+                        let id = i.instance_id().unwrap_or("?");
+                        users
+                            .entry(image.to_owned())
+                            .or_default()
+                            .push(format!("instance {id} ({})", state.unwrap_or_default()));
+                    }
+                }
+            }
+        }
+        for list in users.values_mut() {
+            list.sort();
+            list.dedup();
+        }
+        Ok(users)
+    }
+
+    async fn get_parameter(&self, scope: &Scope, name: &str) -> Result<Option<String>, Ec2Error> {
+        let req = self.ssm(scope).await.get_parameter().name(name).send();
+        match self.call("GetParameter", scope, req).await {
+            Ok(out) => Ok(out.parameter().and_then(|p| p.value()).map(str::to_owned)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn put_parameter(
+        &self,
+        scope: &Scope,
+        name: &str,
+        image_id: &str,
+    ) -> Result<(), Ec2Error> {
+        let req = self
+            .ssm(scope)
+            .await
+            .put_parameter()
+            .name(name)
+            .value(image_id)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .data_type("aws:ec2:image")
+            .overwrite(true)
+            .description("AMI ID published by ami-copy-operator")
+            .send();
+        self.call("PutParameter", scope, req).await.map(drop)
+    }
+
+    async fn delete_parameter(&self, scope: &Scope, name: &str) -> Result<(), Ec2Error> {
+        let req = self.ssm(scope).await.delete_parameter().name(name).send();
+        match self.call("DeleteParameter", scope, req).await {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     async fn find_images(
         &self,
         scope: &Scope,
@@ -649,7 +844,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::ec2::{OPERATIONS, classify};
+    use crate::ec2::{OPERATIONS, SSM_OPERATIONS, classify};
 
     /// The operation names `AwsEc2` passes to `call(...)`, read from this
     /// file's source (the part above the tests).
@@ -665,8 +860,16 @@ mod tests {
 
     #[test]
     fn operations_lists_every_call_and_nothing_else() {
-        let listed: BTreeSet<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
-        assert_eq!(listed.len(), OPERATIONS.len(), "OPERATIONS has duplicates");
+        let listed: BTreeSet<String> = OPERATIONS
+            .iter()
+            .chain(SSM_OPERATIONS)
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            listed.len(),
+            OPERATIONS.len() + SSM_OPERATIONS.len(),
+            "OPERATIONS has duplicates"
+        );
         assert_eq!(called_operations(), listed);
     }
 
@@ -677,6 +880,7 @@ mod tests {
         let policy: serde_json::Value =
             serde_json::from_str(include_str!("../../docs/iam-policy.json")).expect("valid JSON");
         let mut allowed = BTreeSet::new();
+        let mut ssm = BTreeSet::new();
         for statement in policy["Statement"].as_array().expect("statements") {
             assert_eq!(statement["Effect"], "Allow", "{statement}");
             let actions = match &statement["Action"] {
@@ -688,10 +892,20 @@ mod tests {
                 if let Some(op) = action.strip_prefix("ec2:") {
                     allowed.insert(op.to_owned());
                 }
+                if let Some(op) = action.strip_prefix("ssm:") {
+                    // Parameters under the operator's prefix only.
+                    assert_eq!(
+                        statement["Resource"], "arn:aws:ssm:*:*:parameter/amicopy/*",
+                        "{statement}"
+                    );
+                    ssm.insert(op.to_owned());
+                }
             }
         }
         let expected: BTreeSet<String> = OPERATIONS.iter().map(|s| s.to_string()).collect();
         assert_eq!(allowed, expected);
+        let expected: BTreeSet<String> = SSM_OPERATIONS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(ssm, expected);
 
         // docs/iam.md shows the same policy.
         let doc = include_str!("../../docs/iam.md");
@@ -722,6 +936,7 @@ mod tests {
             ("RequestExpired", ErrorKind::Credentials),
             ("InvalidAMIName.Duplicate", ErrorKind::Rejected),
             ("UnauthorizedOperation", ErrorKind::Rejected),
+            ("ParameterNotFound", ErrorKind::NotFound),
             ("InvalidAMIID.Malformed", ErrorKind::Rejected),
         ];
         for (code, kind) in cases {

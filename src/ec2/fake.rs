@@ -19,6 +19,10 @@ pub struct FakeEc2 {
     pub images: Mutex<BTreeMap<(String, String), ImageInfo>>,
     pub snapshots: Mutex<BTreeMap<(String, String), SnapshotInfo>>,
     pub calls: Mutex<Vec<String>>,
+    /// What uses an image, by (region, image ID).
+    pub users: Mutex<BTreeMap<(String, String), Vec<String>>>,
+    /// SSM parameters, by (region, name).
+    pub parameters: Mutex<BTreeMap<(String, String), String>>,
 }
 
 impl FakeEc2 {
@@ -105,10 +109,15 @@ impl Ec2 for FakeEc2 {
     }
     async fn deregister_image(&self, scope: &Scope, id: &str) -> Result<(), Ec2Error> {
         self.log(format!("DeregisterImage {scope} {id}"));
-        self.images
-            .lock()
-            .unwrap()
-            .remove(&(scope.region.clone(), id.into()));
+        let mut images = self.images.lock().unwrap();
+        let key = (scope.region.clone(), id.to_owned());
+        if images.get(&key).is_some_and(ImageInfo::protected) {
+            return Err(Ec2Error::new(
+                "OperationNotPermitted",
+                "deregistration protection is enabled",
+            ));
+        }
+        images.remove(&key);
         Ok(())
     }
     async fn describe_snapshots(
@@ -201,5 +210,76 @@ impl Ec2 for FakeEc2 {
             .filter(|(_, i)| query.tags.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
             .map(|(_, i)| i.clone())
             .collect())
+    }
+
+    async fn set_deregistration_protection(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+        on: bool,
+    ) -> Result<(), Ec2Error> {
+        self.log(format!("DeregistrationProtection {scope} {image_id} {on}"));
+        let mut images = self.images.lock().unwrap();
+        let image = images
+            .get_mut(&(scope.region.clone(), image_id.into()))
+            .ok_or_else(|| not_found("InvalidAMIID"))?;
+        image.deregistration_protection = Some(
+            if on {
+                "enabled-without-cooldown"
+            } else {
+                "disabled"
+            }
+            .into(),
+        );
+        Ok(())
+    }
+    async fn disable_image(&self, scope: &Scope, image_id: &str) -> Result<(), Ec2Error> {
+        self.log(format!("DisableImage {scope} {image_id}"));
+        let mut images = self.images.lock().unwrap();
+        let image = images
+            .get_mut(&(scope.region.clone(), image_id.into()))
+            .ok_or_else(|| not_found("InvalidAMIID"))?;
+        image.state = TargetState::Other("disabled".into());
+        Ok(())
+    }
+    async fn images_in_use(
+        &self,
+        scope: &Scope,
+        image_ids: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>, Ec2Error> {
+        self.log(format!("ImagesInUse {scope} {}", image_ids.len()));
+        let users = self.users.lock().unwrap();
+        Ok(image_ids
+            .iter()
+            .filter_map(|id| {
+                let u = users.get(&(scope.region.clone(), id.clone()))?;
+                Some((id.clone(), u.clone()))
+            })
+            .collect())
+    }
+    async fn get_parameter(&self, scope: &Scope, name: &str) -> Result<Option<String>, Ec2Error> {
+        let params = self.parameters.lock().unwrap();
+        Ok(params.get(&(scope.region.clone(), name.into())).cloned())
+    }
+    async fn put_parameter(
+        &self,
+        scope: &Scope,
+        name: &str,
+        image_id: &str,
+    ) -> Result<(), Ec2Error> {
+        self.log(format!("PutParameter {scope} {name} {image_id}"));
+        self.parameters
+            .lock()
+            .unwrap()
+            .insert((scope.region.clone(), name.into()), image_id.into());
+        Ok(())
+    }
+    async fn delete_parameter(&self, scope: &Scope, name: &str) -> Result<(), Ec2Error> {
+        self.log(format!("DeleteParameter {scope} {name}"));
+        self.parameters
+            .lock()
+            .unwrap()
+            .remove(&(scope.region.clone(), name.into()));
+        Ok(())
     }
 }

@@ -42,6 +42,13 @@ pub struct ImageInfo {
     /// For a copy, the image it was copied from, as EC2 reports it (EC2
     /// does; some peers do not).
     pub source_image_id: Option<String>,
+    /// EC2's deregistration protection: `disabled`,
+    /// `enabled-without-cooldown`, `enabled-with-cooldown`, or `disabled-until
+    /// <time>` during a cooldown; `None` when EC2 does not say.
+    pub deregistration_protection: Option<String>,
+    /// When an instance was last launched from the image (EC2 reports it up
+    /// to 24 hours late).
+    pub last_launched_time: Option<String>,
 }
 
 impl ImageInfo {
@@ -59,6 +66,14 @@ impl ImageInfo {
 
     pub fn instance_store(&self) -> bool {
         self.root_device_type.as_deref() == Some("instance-store")
+    }
+
+    /// Deregistration protection is on (or in its cooldown): EC2 refuses to
+    /// deregister the image.
+    pub fn protected(&self) -> bool {
+        self.deregistration_protection
+            .as_deref()
+            .is_some_and(|p| p != "disabled" && !p.is_empty())
     }
 
     pub fn owned_by(&self, uid: &str) -> bool {
@@ -306,7 +321,12 @@ pub fn classify(code: &str) -> ErrorKind {
         // EC2 answers RequestExpired for expired temporary credentials (and
         // for a clock far off): either way it needs someone to look.
         CREDENTIALS_UNAVAILABLE | "RequestExpired" => ErrorKind::Credentials,
-        c if c.ends_with(".NotFound") || c == "InvalidAMIID.Unavailable" => ErrorKind::NotFound,
+        c if c.ends_with(".NotFound")
+            || c == "InvalidAMIID.Unavailable"
+            || c == "ParameterNotFound" =>
+        {
+            ErrorKind::NotFound
+        }
         "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "ResourceLimitExceeded" => {
             ErrorKind::Throttled
         }
@@ -317,6 +337,9 @@ pub fn classify(code: &str) -> ErrorKind {
 }
 
 /// IDs per batched DescribeImages call (EC2 allows 200 filter values).
+/// How EC2 reports deregistration protection turned on by the operator.
+pub const PROTECTION_ON: &str = "enabled-without-cooldown";
+
 pub const MAX_IDS_PER_CALL: usize = 100;
 
 /// The EC2 calls the operator makes. Every method acts in one scope: one
@@ -431,6 +454,55 @@ pub trait Ec2: Send + Sync + 'static {
     /// GetCallerIdentity), once known; `None` while STS does not answer.
     fn own_account(&self) -> impl Future<Output = Option<String>> + Send;
 
+    /// Turns deregistration protection on (without cooldown) or off.
+    fn set_deregistration_protection(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+        on: bool,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Disables an image (EC2's DisableImage): it can no longer be launched
+    /// and is not listed, but keeps its snapshots and can be enabled again.
+    fn disable_image(
+        &self,
+        scope: &Scope,
+        image_id: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// What uses each of `image_ids` in the scope: the `$Default` and
+    /// `$Latest` versions of launch templates, and instances that are
+    /// pending, running, stopping or stopped. One look-up per kind for all
+    /// the images (a page per 1,000 results); images nothing uses are absent.
+    fn images_in_use(
+        &self,
+        scope: &Scope,
+        image_ids: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, Vec<String>>, Ec2Error>> + Send;
+
+    /// The value of an SSM parameter; `None` when it does not exist.
+    fn get_parameter(
+        &self,
+        scope: &Scope,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<String>, Ec2Error>> + Send;
+
+    /// Writes an SSM parameter holding an AMI ID (type `String`, data type
+    /// `aws:ec2:image`), overwriting its value.
+    fn put_parameter(
+        &self,
+        scope: &Scope,
+        name: &str,
+        image_id: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// Deletes an SSM parameter; one that does not exist is no error.
+    fn delete_parameter(
+        &self,
+        scope: &Scope,
+        name: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
     /// Available images matching `query` (all pages).
     fn find_images(
         &self,
@@ -448,11 +520,20 @@ pub const OPERATIONS: &[&str] = &[
     "DeleteTags",
     "DeregisterImage",
     "DescribeImages",
+    "DescribeInstances",
+    "DescribeLaunchTemplateVersions",
     "DescribeSnapshots",
+    "DisableImage",
+    "DisableImageDeregistrationProtection",
     "EnableImageDeprecation",
+    "EnableImageDeregistrationProtection",
     "ModifyImageAttribute",
     "ModifySnapshotAttribute",
 ];
+
+/// The SSM calls the operator makes (publishing), for metrics and the IAM
+/// policy's `ssm:` statement.
+pub const SSM_OPERATIONS: &[&str] = &["DeleteParameter", "GetParameter", "PutParameter"];
 
 #[cfg(test)]
 pub(crate) mod fake;

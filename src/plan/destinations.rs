@@ -118,6 +118,11 @@ pub fn target_status(
             String::new()
         },
         deprecation_time: img.deprecation_time.clone(),
+        deregistration_protection: img
+            .protected()
+            .then(|| img.deregistration_protection.clone())
+            .flatten(),
+        used_by: Vec::new(),
         shared_with: Vec::new(),
         role_arn: None,
         external_id: None,
@@ -177,6 +182,14 @@ fn follow(
             .push(Note::warning(reason::COPY_FAILED, region, message));
     }
     upkeep(input, region, img, &mut ts, &mut draft.actions);
+    // Only the copies of the current source: older ones are on their way
+    // out, and their protection is lifted right before they go.
+    if input.spec.protect == Some(true) && img.state == TargetState::Available && !img.protected() {
+        draft.actions.push(Action::Protect {
+            region: region.into(),
+            image_id: img.id.clone(),
+        });
+    }
     ts
 }
 

@@ -8,8 +8,10 @@ use std::collections::BTreeSet;
 
 use super::destinations::target_status;
 use super::upkeep::upkeep;
-use super::{Action, Draft, Input};
-use crate::api::{DeletionPolicy, SOURCE_TAG, TargetState, TargetStatus};
+use k8s_openapi::jiff::SignedDuration;
+
+use super::{Action, Draft, Input, Retiring};
+use crate::api::{DeletionPolicy, RetirementAction, SOURCE_TAG, TargetState, TargetStatus};
 use crate::ec2::ImageInfo;
 
 /// What becomes of an older copy.
@@ -19,8 +21,25 @@ enum Fate {
     Keep(String),
     /// Retired (or released, with `Retain`) now.
     Retire(&'static str),
-    /// Retired once the current copy of its region is available.
-    Wait,
+    /// Retired once the current copy of its region is available (and, with
+    /// `spec.publish`, published).
+    Wait(&'static str),
+}
+
+/// A copy EC2 reports as disabled.
+fn disabled(img: &ImageInfo) -> bool {
+    img.state.as_str() == "disabled"
+}
+
+/// Whether the copies of the current source are published, when the spec
+/// publishes: until then consumers still read the older copies' IDs.
+fn published(input: &Input) -> bool {
+    input.spec.publish.is_none()
+        || input
+            .prev
+            .published
+            .as_ref()
+            .is_some_and(|p| p.source_image_id == input.source_id)
 }
 
 /// The copies being retired and the generations kept.
@@ -39,10 +58,12 @@ pub fn plan(
         let current_available = destinations
             .iter()
             .any(|d| d.region == region && d.state == TargetState::Available);
+        // A disabled copy is retired already (peers that list disabled
+        // images say so by its state).
         let mut older: Vec<&ImageInfo> = images
             .iter()
             .copied()
-            .filter(|i| !current.contains(i.id.as_str()))
+            .filter(|i| !current.contains(i.id.as_str()) && !disabled(i))
             .collect();
         // Newest first (EC2's creation dates sort as text).
         older.sort_by(|a, b| b.creation_date.cmp(&a.creation_date).then(a.id.cmp(&b.id)));
@@ -50,16 +71,21 @@ pub fn plan(
             input,
             listed: input.spec.destinations.iter().any(|d| d.region == region),
             current_available,
+            published: published(input),
             kept: 0,
         };
         for img in older {
             let mut ts = target_status(region, img, source_of(img), 0);
             if let Some(l) = input.last_entry(&img.id) {
                 ts.shared_with = l.shared_with.clone();
+                // What used it when last looked at: the Event is sent
+                // when that changes, not at every look.
+                ts.used_by = l.used_by.clone();
             }
             match region_plan.fate(img) {
                 Fate::Keep(message) => {
                     ts.message = message;
+                    ts.used_by.clear();
                     upkeep(input, region, img, &mut ts, &mut draft.actions);
                     generations.push(ts);
                 }
@@ -79,8 +105,8 @@ pub fn plan(
                     draft.actions.push(retire(input, region, img));
                     retiring.push(ts);
                 }
-                Fate::Wait => {
-                    ts.message = "kept until the copy of the current source is available".into();
+                Fate::Wait(message) => {
+                    ts.message = message.into();
                     retiring.push(ts);
                 }
             }
@@ -189,6 +215,8 @@ struct Region<'a> {
     input: &'a Input<'a>,
     listed: bool,
     current_available: bool,
+    /// The current copies are published (or nothing is).
+    published: bool,
     /// Generations kept so far by `spec.retain`.
     kept: usize,
 }
@@ -213,10 +241,12 @@ impl Region<'_> {
             Fate::Retire("duplicate copy of the current source")
         } else if !self.listed {
             Fate::Retire("region removed from spec.destinations")
-        } else if self.current_available {
+        } else if self.current_available && self.published {
             Fate::Retire("replaced by a copy of the current source")
+        } else if self.current_available {
+            Fate::Wait("kept until the copies of the current source are published")
         } else {
-            Fate::Wait
+            Fate::Wait("kept until the copy of the current source is available")
         }
     }
 }
@@ -225,7 +255,29 @@ impl Region<'_> {
 fn retire(input: &Input, region: &str, img: &ImageInfo) -> Action {
     let (region, image) = (region.to_owned(), img.clone());
     match input.spec.deletion_policy {
-        DeletionPolicy::Delete => Action::Retire { region, image },
+        DeletionPolicy::Delete => Action::Retire {
+            region,
+            image,
+            how: retiring(input),
+        },
         DeletionPolicy::Retain => Action::Release { region, image },
+    }
+}
+
+/// How `spec.retirement` retires a copy at `input.now`.
+pub fn retiring(input: &Input) -> Retiring {
+    let spec = input.spec;
+    let window = spec
+        .retirement
+        .as_ref()
+        .and_then(|r| r.last_launched_within.as_deref())
+        .and_then(|w| humantime::parse_duration(w).ok())
+        .and_then(|w| SignedDuration::try_from(w).ok());
+    Retiring {
+        disable: spec.retirement_action() == RetirementAction::Disable,
+        keep_in_use: spec.keeps_in_use(),
+        launched_after: window
+            .and_then(|w| input.now.0.checked_sub(w).ok())
+            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
     }
 }

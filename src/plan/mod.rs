@@ -26,6 +26,7 @@ pub mod generations;
 pub mod moved;
 pub mod naming;
 pub mod ownership;
+pub mod publish;
 pub mod record;
 pub mod requeue;
 pub mod scopes;
@@ -53,6 +54,8 @@ pub struct Meta {
     /// The AmiCopyPolicies that govern the object's namespace (the default
     /// policy when none selects it).
     pub governing: Vec<crate::policy::Governing>,
+    /// Where SSM parameters may be published: `<prefix><namespace>/`.
+    pub ssm_prefix: String,
 }
 
 /// What EC2 reported for one reconcile.
@@ -122,8 +125,17 @@ pub enum Action {
         image_id: String,
         at: String,
     },
-    /// Deregister an owned image and delete its owned snapshots.
-    Retire { region: String, image: ImageInfo },
+    /// Retire an owned image: deregister it and delete its owned
+    /// snapshots, or disable it, unless something uses it.
+    Retire {
+        region: String,
+        image: ImageInfo,
+        how: Retiring,
+    },
+    /// Turn on deregistration protection of a current copy.
+    Protect { region: String, image_id: String },
+    /// Publish the current copies' IDs (or withdraw what no longer is).
+    Publish(Box<publish::Publication>),
     /// Delete the snapshots a deregistered copy left behind.
     DeleteSnapshots {
         region: String,
@@ -157,10 +169,23 @@ impl Action {
             | Action::Deprecate { region, .. }
             | Action::Retire { region, .. }
             | Action::DeleteSnapshots { region, .. }
-            | Action::Release { region, .. } => region,
+            | Action::Release { region, .. }
+            | Action::Protect { region, .. } => region,
             Action::RetireMoved { scope, .. } => &scope.region,
+            Action::Publish(_) => "",
         }
     }
+}
+
+/// How an older copy is retired (`spec.retirement`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retiring {
+    /// Disable it instead of deregistering it.
+    pub disable: bool,
+    /// Keep it while a launch template or an instance uses it.
+    pub keep_in_use: bool,
+    /// Also keep it if it was launched after this time (RFC 3339).
+    pub launched_after: Option<String>,
 }
 
 /// A change of a copy's permissions, from what status says was applied to
@@ -382,6 +407,18 @@ pub fn plan(
         )
         .collect();
     let moved = moved::retire(&input, moved, &held, &mut draft);
+    let published = match publish::plan(&input, &destinations) {
+        Ok(publication) => {
+            draft
+                .actions
+                .extend(publication.map(|p| Action::Publish(Box::new(p))));
+            prev.published.clone()
+        }
+        Err(why) => {
+            verdict.problem.get_or_insert((reason::PUBLISH_DENIED, why));
+            prev.published.clone()
+        }
+    };
     let mut status = AmiCopyStatus {
         observed_generation: meta.generation,
         source_image_id: (!source_id.is_empty()).then(|| source_id.into()),
@@ -391,6 +428,7 @@ pub fn plan(
         retiring,
         generations,
         tag_keys: spec.tags.keys().cloned().collect(),
+        published,
         conditions: Vec::new(),
     };
     let scopes = Scopes::new(spec, previous);

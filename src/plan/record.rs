@@ -27,6 +27,13 @@ pub enum Outcome {
         image_id: String,
         step: Retirement,
     },
+    /// Deregistration protection is on for a current copy.
+    Protected { region: String, image_id: String },
+    /// The publication is done; `None`: nothing is published any more.
+    Published(Option<crate::api::Published>),
+    /// The ConfigMap or a parameter belongs to someone else: nothing was
+    /// published.
+    PublishBlocked(String),
     /// Nothing the status shows (tags), or the action failed.
     Done,
 }
@@ -61,6 +68,10 @@ pub enum Retirement {
     Released,
     /// A fresh read showed it is not this object's: left untouched.
     Foreign { why: String },
+    /// Kept: something uses it (`users` says what).
+    InUse { users: Vec<String> },
+    /// Disabled (`retirement.action: Disable`): it keeps its snapshots.
+    Disabled,
 }
 
 /// How a failed CopyImage is handled.
@@ -151,10 +162,14 @@ pub struct Recorded {
 pub fn record(plan: Plan, outcomes: Vec<Outcome>, previous: &[Condition], now: &Time) -> Recorded {
     let planned_busy = busy(&plan.status);
     let (mut status, mut notes) = (plan.status, plan.notes);
+    let mut global = plan.global;
     for outcome in outcomes {
+        if let Outcome::PublishBlocked(why) = &outcome {
+            global.get_or_insert((reason::PUBLISH_CONFLICT, why.clone()));
+        }
         notes.extend(fold(&mut status, outcome));
     }
-    summarize(&mut status, plan.global, previous, now);
+    summarize(&mut status, global, previous, now);
     let busy = planned_busy || busy(&status);
     Recorded {
         status,
@@ -187,9 +202,11 @@ pub fn outline(status: &AmiCopyStatus) -> String {
         .join("; ")
 }
 
-/// Copies in flight, or older copies still to retire.
+/// Copies in flight, or older copies still to retire (but for those kept
+/// while something uses them, looked at on their own schedule).
 fn busy(status: &AmiCopyStatus) -> bool {
-    status.destinations.iter().any(|d| d.state.is_underway()) || !status.retiring.is_empty()
+    status.destinations.iter().any(|d| d.state.is_underway())
+        || status.retiring.iter().any(|r| r.used_by.is_empty())
 }
 
 /// One outcome into the status; the Event it is worth, if any.
@@ -226,6 +243,27 @@ fn fold(status: &mut AmiCopyStatus, outcome: Outcome) -> Option<Note> {
             image_id,
             step,
         } => fold_retirement(status, &region, &image_id, step),
+        Outcome::Protected { region, image_id } => {
+            if let Some(t) = current_or_kept(status, &image_id) {
+                t.deregistration_protection = Some(crate::ec2::PROTECTION_ON.into());
+            }
+            let message = format!("{image_id} in {region} is protected from deregistration");
+            Some(Note::normal(reason::PROTECTED, &region, message))
+        }
+        Outcome::Published(published) => {
+            let note = published.as_ref().map(|p| {
+                let ids: Vec<String> = p.images.iter().map(|(r, i)| format!("{r}={i}")).collect();
+                let message = format!(
+                    "published the copies of {}: {}",
+                    p.source_image_id,
+                    ids.join(", ")
+                );
+                Note::normal(reason::PUBLISHED, "", message)
+            });
+            status.published = published;
+            note
+        }
+        Outcome::PublishBlocked(why) => Some(Note::warning(reason::PUBLISH_CONFLICT, "", why)),
         Outcome::Done => None,
     }
 }
@@ -306,6 +344,27 @@ fn fold_retirement(
                 region,
                 message,
             ))
+        }
+        Retirement::InUse { users } => {
+            let entry = status
+                .retiring
+                .iter_mut()
+                .find(|t| t.region == region && t.image_id.as_deref() == Some(image_id))?;
+            // The Event once per change of what uses it, not every look.
+            let news = entry.used_by != users;
+            entry.reason = Some(reason::RETIREMENT_BLOCKED.into());
+            entry.message = format!("kept while in use: {}", users.join(", "));
+            entry.snapshots_to_delete.clear();
+            entry.used_by = users;
+            news.then(|| {
+                let message = format!("{image_id} in {region} is {}", entry.message);
+                Note::normal(reason::RETIREMENT_BLOCKED, region, message)
+            })
+        }
+        Retirement::Disabled => {
+            forget(status, region, image_id);
+            let message = format!("disabled {image_id} in {region}; its snapshots are kept");
+            Some(Note::normal(reason::DISABLED, region, message))
         }
     }
 }

@@ -48,6 +48,13 @@ pub fn after(
     } else {
         next
     };
+    // A copy kept while something uses it is looked at again on its own
+    // schedule, not at the pace of copies in flight.
+    let next = if status.retiring.iter().any(|r| !r.used_by.is_empty()) {
+        next.min(config.in_use_recheck_interval)
+    } else {
+        next
+    };
     // A selector is resolved again on its own schedule.
     if spec.source.image_id.is_none() {
         next.min(config.source_refresh_interval)

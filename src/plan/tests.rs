@@ -31,6 +31,7 @@ fn meta(generation: i64) -> Meta {
         pinned: BTreeSet::new(),
         allow_public: false,
         listing_grace: std::time::Duration::from_secs(60),
+        ssm_prefix: "/amicopy/".into(),
     }
 }
 
@@ -63,6 +64,9 @@ fn spec(source: &str, regions: &[&str]) -> AmiCopySpec {
         deprecate_after: None,
         deprecation_time: None,
         snapshot_copy_completion_duration_minutes: None,
+        publish: None,
+        protect: None,
+        retirement: None,
     }
 }
 
