@@ -919,4 +919,110 @@ mod tests {
             "no permission touched"
         );
     }
+
+    fn target<'a>(image: &'a ImageInfo, named: &'a [String]) -> Target<'a> {
+        Target {
+            uid: UID,
+            image_id: &image.id,
+            named,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_copy_in_use_or_launched_lately_is_kept_and_touched_not() {
+        const SRC: &str = "ami-00000000000000009";
+        let how = Retiring {
+            disable: false,
+            keep_in_use: true,
+            launched_after: Some("2026-06-01T00:00:00Z".into()),
+        };
+        let scope = Scope::region("eu-west-1");
+        // Used by a launch template.
+        let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
+        let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+        let users = Ok(BTreeMap::from([(
+            image.id.clone(),
+            vec!["launch template lt-0123456789abcdef0 ($Default)".to_string()],
+        )]));
+        let check = Check {
+            how: &how,
+            users: Some(&users),
+        };
+        let (_, retired) = retire(&ec2, &scope, &target(&image, &named), &check)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&retired, Retired::InUse(u) if u[0].starts_with("launch template")),
+            "{retired:?}"
+        );
+        // Launched after the window's start.
+        let (ec2, mut image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
+        image.last_launched_time = Some("2026-06-02T10:00:00Z".into());
+        ec2.put("eu-west-1", image.clone());
+        let none = Ok(BTreeMap::new());
+        let check = Check {
+            how: &how,
+            users: Some(&none),
+        };
+        let (_, retired) = retire(&ec2, &scope, &target(&image, &named), &check)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&retired, Retired::InUse(u) if u == &["launched at 2026-06-02T10:00:00Z"]),
+            "{retired:?}"
+        );
+        assert_eq!(ec2.images.lock().unwrap().len(), 1, "the image stays");
+        // The look-up failed: nothing is retired on a guess.
+        let failed = Err(crate::ec2::Ec2Error::new(
+            "RequestLimitExceeded",
+            "slow down",
+        ));
+        let check = Check {
+            how: &how,
+            users: Some(&failed),
+        };
+        assert!(
+            retire(&ec2, &scope, &target(&image, &named), &check)
+                .await
+                .is_err()
+        );
+        assert_eq!(ec2.images.lock().unwrap().len(), 1, "the image stays");
+    }
+
+    #[tokio::test]
+    async fn protection_is_lifted_right_before_a_copy_is_disabled_or_deregistered() {
+        const SRC: &str = "ami-00000000000000009";
+        let scope = Scope::region("eu-west-1");
+        for disable in [false, true] {
+            let (ec2, mut image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
+            image.deregistration_protection = Some("enabled-without-cooldown".into());
+            ec2.put("eu-west-1", image.clone());
+            let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
+            let how = Retiring {
+                disable,
+                ..Retiring::default()
+            };
+            let check = Check {
+                how: &how,
+                users: None,
+            };
+            let (_, retired) = retire(&ec2, &scope, &target(&image, &named), &check)
+                .await
+                .unwrap();
+            let calls = ec2.calls.lock().unwrap().clone();
+            assert!(
+                calls[0]
+                    .starts_with("DeregistrationProtection eu-west-1 ami-00000000000000001 false"),
+                "{calls:?}"
+            );
+            if disable {
+                assert!(matches!(retired, Retired::Disabled), "{retired:?}");
+                assert!(calls[1].starts_with("DisableImage"), "{calls:?}");
+                assert_eq!(ec2.snapshots.lock().unwrap().len(), 3, "snapshots stay");
+            } else {
+                assert!(matches!(retired, Retired::Deregistered(_)), "{retired:?}");
+                assert!(ec2.images.lock().unwrap().is_empty());
+            }
+        }
+    }
 }

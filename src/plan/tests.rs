@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::*;
 use crate::api::{
@@ -1511,4 +1511,312 @@ fn a_time_kept_to_the_second_is_recent_for_the_whole_window() {
     assert!(super::recent(Some(at), &now(3_800), window));
     assert!(!super::recent(Some(at), &now(4_100), window));
     assert!(!super::recent(None, &now(0), window));
+}
+
+fn publications(p: &Plan) -> Vec<&publish::Publication> {
+    p.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish(p) => Some(p.as_ref()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn publishing(regions: &[&str], parameter: &str) -> AmiCopySpec {
+    let mut s = spec(SRC, regions);
+    s.publish = Some(crate::api::Publish {
+        config_map: Some(crate::api::PublishConfigMap {
+            name: "golden-ids".into(),
+        }),
+        ssm_parameter: Some(crate::api::PublishSsmParameter {
+            name: parameter.into(),
+        }),
+    });
+    s
+}
+
+#[test]
+fn ids_are_published_only_once_every_destination_is_available() {
+    let s = publishing(
+        &["eu-west-1", "ap-southeast-2"],
+        "/amicopy/images/golden/{region}",
+    );
+    let a = target("ami-00000000000000001", SRC, "available");
+    let b = target("ami-00000000000000002", SRC, "pending");
+    let one = observed(
+        Some(source_image(false)),
+        &[("eu-west-1", vec![a.clone()]), ("ap-southeast-2", vec![b])],
+    );
+    let p = run(&s, None, &one);
+    assert!(publications(&p).is_empty(), "one of two is still pending");
+
+    let b = target("ami-00000000000000002", SRC, "available");
+    let both = observed(
+        Some(source_image(false)),
+        &[("eu-west-1", vec![a.clone()]), ("ap-southeast-2", vec![b])],
+    );
+    let p = run(&s, Some(&p.status), &both);
+    let publication = publications(&p);
+    let [publication] = publication.as_slice() else {
+        panic!("one publication: {publication:?}")
+    };
+    let (name, data) = publication.config_map.clone().expect("a ConfigMap");
+    assert_eq!(name, "golden-ids");
+    assert_eq!(
+        data,
+        BTreeMap::from([
+            ("ap-southeast-2".into(), "ami-00000000000000002".into()),
+            ("eu-west-1".into(), "ami-00000000000000001".into()),
+            ("source".into(), SRC.into()),
+        ])
+    );
+    let names: Vec<(&str, &str)> = publication
+        .parameters
+        .iter()
+        .map(|p| (p.name.as_str(), p.image_id.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (
+                "/amicopy/images/golden/ap-southeast-2",
+                "ami-00000000000000002"
+            ),
+            ("/amicopy/images/golden/eu-west-1", "ami-00000000000000001"),
+        ]
+    );
+    assert!(publication.ours.contains("ami-00000000000000001"));
+    assert!(!publication.ours.contains(SRC), "the source is not a copy");
+
+    // Recorded: nothing more to publish while nothing changes.
+    let mut status = p.status.clone();
+    status.published = publication.record.clone();
+    let p = run(&s, Some(&status), &both);
+    assert!(publications(&p).is_empty(), "{:?}", p.actions);
+}
+
+#[test]
+fn a_parameter_outside_the_namespaces_prefix_is_refused() {
+    for name in [
+        "/amicopy/other-team/golden",
+        "/golden/{region}",
+        "/amicopy/images/{nope}",
+    ] {
+        let s = publishing(&["eu-west-1"], name);
+        let a = target("ami-00000000000000001", SRC, "available");
+        let p = run(
+            &s,
+            None,
+            &observed(Some(source_image(false)), &[("eu-west-1", vec![a])]),
+        );
+        assert!(publications(&p).is_empty(), "{name}");
+        assert_eq!(
+            cond(&p, DEGRADED),
+            ("True", reason::PUBLISH_DENIED),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn the_old_generation_waits_for_the_new_one_to_be_published() {
+    let mut s = publishing(&["eu-west-1"], "/amicopy/images/golden");
+    s.source.image_id = Some(NEW_SRC.into());
+    let mut new_src = source_image(false);
+    new_src.id = NEW_SRC.into();
+    let old = target("ami-00000000000000001", SRC, "available");
+    let new = target("ami-00000000000000002", NEW_SRC, "available");
+    let obs = observed(Some(new_src), &[("eu-west-1", vec![old, new])]);
+    let before = AmiCopyStatus {
+        published: Some(crate::api::Published {
+            source_image_id: SRC.into(),
+            images: BTreeMap::from([("eu-west-1".into(), "ami-00000000000000001".into())]),
+            at: "2026-01-01T00:00:00Z".into(),
+            config_map: Some("golden-ids".into()),
+            ssm_parameters: Vec::new(),
+        }),
+        ..AmiCopyStatus::default()
+    };
+    let p = run(&s, Some(&before), &obs);
+    assert!(retired(&p).is_empty(), "consumers still read the old ID");
+    assert_eq!(publications(&p).len(), 1);
+    let mut after = p.status.clone();
+    after.published = publications(&p)[0].record.clone();
+    let p = run(&s, Some(&after), &obs);
+    assert_eq!(retired(&p), vec!["ami-00000000000000001"]);
+}
+
+#[test]
+fn dropping_publish_withdraws_the_parameters_written() {
+    let s = spec(SRC, &["eu-west-1"]);
+    let a = target("ami-00000000000000001", SRC, "available");
+    let parameter = crate::api::PublishedParameter {
+        region: "eu-west-1".into(),
+        name: "/amicopy/images/golden".into(),
+        image_id: a.id.clone(),
+        role_arn: None,
+        external_id: None,
+    };
+    let before = AmiCopyStatus {
+        published: Some(crate::api::Published {
+            source_image_id: SRC.into(),
+            images: BTreeMap::from([("eu-west-1".into(), a.id.clone())]),
+            at: "2026-01-01T00:00:00Z".into(),
+            config_map: None,
+            ssm_parameters: vec![parameter.clone()],
+        }),
+        ..AmiCopyStatus::default()
+    };
+    let p = run(
+        &s,
+        Some(&before),
+        &observed(Some(source_image(false)), &[("eu-west-1", vec![a])]),
+    );
+    let publication = publications(&p);
+    assert_eq!(publication.len(), 1);
+    assert_eq!(publication[0].stale, vec![parameter]);
+    assert!(publication[0].record.is_none() && publication[0].parameters.is_empty());
+}
+
+#[test]
+fn protection_is_asked_for_the_current_available_copies_only() {
+    let mut s = spec(NEW_SRC, &["eu-west-1"]);
+    s.protect = Some(true);
+    let mut new_src = source_image(false);
+    new_src.id = NEW_SRC.into();
+    let old = target("ami-00000000000000001", SRC, "available");
+    let new = target("ami-00000000000000002", NEW_SRC, "available");
+    let protects = |p: &Plan| -> Vec<String> {
+        p.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Protect { image_id, .. } => Some(image_id.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let p = run(
+        &s,
+        None,
+        &observed(
+            Some(new_src.clone()),
+            &[("eu-west-1", vec![old.clone(), new.clone()])],
+        ),
+    );
+    assert_eq!(protects(&p), vec!["ami-00000000000000002"]);
+
+    let mut protected = new.clone();
+    protected.deregistration_protection = Some("enabled-without-cooldown".into());
+    let p = run(
+        &s,
+        None,
+        &observed(
+            Some(new_src.clone()),
+            &[("eu-west-1", vec![old, protected])],
+        ),
+    );
+    assert!(protects(&p).is_empty());
+    assert_eq!(
+        p.status.destinations[0]
+            .deregistration_protection
+            .as_deref(),
+        Some("enabled-without-cooldown")
+    );
+
+    let mut pending = new;
+    pending.state = "pending".into();
+    let p = run(
+        &s,
+        None,
+        &observed(Some(new_src), &[("eu-west-1", vec![pending])]),
+    );
+    assert!(protects(&p).is_empty(), "not before it is available");
+}
+
+#[test]
+fn retirement_says_how_and_disabled_copies_are_retired_already() {
+    let mut s = spec(NEW_SRC, &["eu-west-1"]);
+    s.retirement = Some(crate::api::RetirementPolicy {
+        keep_in_use: None,
+        last_launched_within: Some("7d".into()),
+        action: crate::api::RetirementAction::Disable,
+    });
+    let mut new_src = source_image(false);
+    new_src.id = NEW_SRC.into();
+    let old = target("ami-00000000000000001", SRC, "available");
+    let mut gone = target("ami-00000000000000003", SRC, "available");
+    gone.state = "disabled".into();
+    let new = target("ami-00000000000000002", NEW_SRC, "available");
+    let p = run(
+        &s,
+        None,
+        &observed(Some(new_src), &[("eu-west-1", vec![old, gone, new])]),
+    );
+    let hows: Vec<(&str, &Retiring)> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Retire { image, how, .. } => Some((image.id.as_str(), how)),
+            _ => None,
+        })
+        .collect();
+    let week_before = now()
+        .0
+        .checked_sub(SignedDuration::from_hours(24 * 7))
+        .unwrap();
+    assert_eq!(
+        hows,
+        vec![(
+            "ami-00000000000000001",
+            &Retiring {
+                disable: true,
+                keep_in_use: true,
+                launched_after: Some(week_before.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+            }
+        )],
+        "the disabled copy is not retired again"
+    );
+}
+
+#[test]
+fn a_copy_kept_in_use_is_not_busy_and_is_looked_at_on_its_own_schedule() {
+    let mut s = spec(NEW_SRC, &["eu-west-1"]);
+    s.source.image_id = Some(NEW_SRC.into());
+    let mut new_src = source_image(false);
+    new_src.id = NEW_SRC.into();
+    let old = target("ami-00000000000000001", SRC, "available");
+    let new = target("ami-00000000000000002", NEW_SRC, "available");
+    let obs = observed(Some(new_src), &[("eu-west-1", vec![old, new])]);
+    let p = run(&s, None, &obs);
+    let users = vec!["instance i-0123456789abcdef0 (running)".to_string()];
+    let outcome = Outcome::Retirement {
+        region: "eu-west-1".into(),
+        image_id: "ami-00000000000000001".into(),
+        step: Retirement::InUse {
+            users: users.clone(),
+        },
+    };
+    let blocked = |r: &Recorded| {
+        r.notes
+            .iter()
+            .filter(|n| n.reason == reason::RETIREMENT_BLOCKED)
+            .count()
+    };
+    let recorded = record(p, vec![outcome.clone()], &[], &now());
+    let entry = &recorded.status.retiring[0];
+    assert_eq!(entry.used_by, users);
+    assert_eq!(entry.reason.as_deref(), Some(reason::RETIREMENT_BLOCKED));
+    assert_eq!(blocked(&recorded), 1);
+
+    // The next look finds the same users: no second Event, and the look
+    // after that on the in-use schedule.
+    let p = run(&s, Some(&recorded.status), &obs);
+    assert_eq!(p.status.retiring[0].used_by, users);
+    let again = record(p, vec![outcome], &[], &now());
+    assert_eq!(blocked(&again), 0);
+    assert!(!again.busy, "not looked at at the pace of copies in flight");
+    let config = crate::config::Config::default();
+    let wait = requeue::after(&config, &s, &again.status, again.busy, &now());
+    assert_eq!(wait, config.in_use_recheck_interval);
 }
