@@ -1,13 +1,17 @@
 //! One function per EC2 action: decode the parameters, apply the model,
 //! encode the response.
 
+use std::collections::HashMap;
+
 use time::OffsetDateTime;
 
 use crate::config::SimConfig;
 use crate::model::{
-    Caller, CopyImage, CreateVolume, Ctx, DeviceRequest, EbsRequest, Filter, Image, ImageQuery,
-    Page, Permission, PermissionChange, RegisterImage, Snapshot, SnapshotQuery, State, StateReason,
-    TagSpec,
+    Caller, CopyImage, CreateLaunchTemplate, CreateLaunchTemplateVersion, CreateVolume, Ctx,
+    DeviceRequest, EbsRequest, Filter, Image, ImageQuery, Instance, InstanceQuery, InstanceState,
+    LaunchTemplate, Page, Permission, PermissionChange, RegisterImage, RunInstances, Snapshot,
+    SnapshotQuery, State, StateReason, TagSpec, TemplateRef, VersionQuery, VersionSpec,
+    VersionView,
 };
 use crate::wire::{ApiError, ApiResult, Params, Xml, parse_timestamp, timestamp};
 
@@ -106,6 +110,48 @@ pub fn dispatch(action: &str, params: &Params, env: Env) -> ApiResult<String> {
             state.enable_image_deprecation(&ctx, id, at)?;
             x.field("return", true);
         }
+        "EnableImageDeregistrationProtection" => {
+            let id = params.required("ImageId")?;
+            let with_cooldown = params.bool("WithCooldown")?.unwrap_or(false);
+            state.enable_deregistration_protection(&ctx, id, with_cooldown)?;
+            x.field("return", true);
+        }
+        "DisableImageDeregistrationProtection" => {
+            state.disable_deregistration_protection(&ctx, params.required("ImageId")?)?;
+            x.field("return", true);
+        }
+        "DisableImage" => {
+            state.disable_image(&ctx, params.required("ImageId")?)?;
+            x.field("return", true);
+        }
+        "EnableImage" => {
+            state.enable_image(&ctx, params.required("ImageId")?)?;
+            x.field("return", true);
+        }
+        "CreateLaunchTemplate" => create_launch_template(state, &ctx, params, x)?,
+        "CreateLaunchTemplateVersion" => create_launch_template_version(state, &ctx, params, x)?,
+        "ModifyLaunchTemplate" => {
+            let default = params
+                .get("SetDefaultVersion")
+                .map(|v| VersionSpec::parse("SetDefaultVersion", v))
+                .transpose()?;
+            let template = state.modify_launch_template(&ctx, &named_template(params)?, default)?;
+            write_launch_template(x, template);
+        }
+        "DeleteLaunchTemplate" => {
+            let template = state.delete_launch_template(&ctx, &named_template(params)?)?;
+            write_launch_template(x, &template);
+        }
+        "DescribeLaunchTemplateVersions" => {
+            describe_launch_template_versions(state, &ctx, params, x)?;
+        }
+        "RunInstances" => run_instances(state, &ctx, params, x)?,
+        "StartInstances" => change_instance_states(state, &ctx, params, x, InstanceState::Running)?,
+        "StopInstances" => change_instance_states(state, &ctx, params, x, InstanceState::Stopped)?,
+        "TerminateInstances" => {
+            change_instance_states(state, &ctx, params, x, InstanceState::Terminated)?;
+        }
+        "DescribeInstances" => describe_instances(state, &ctx, params, x)?,
         other => {
             return Err(ApiError::client(
                 "InvalidAction",
@@ -260,10 +306,13 @@ fn describe_images(state: &State, ctx: &Ctx, params: &Params, x: &mut Xml) -> Ap
         executable_by: params.list("ExecutableBy"),
         filters: filters(params),
         include_deprecated: params.bool("IncludeDeprecated")?.unwrap_or(false),
+        include_disabled: params.bool("IncludeDisabled")?.unwrap_or(false),
         page: page(params)?,
     };
     let (images, next) = state.describe_images(ctx, &query)?;
-    x.list("imagesSet", &images, |x, image| write_image(x, image));
+    x.list("imagesSet", &images, |x, image| {
+        write_image(x, image, ctx.now)
+    });
     x.opt("nextToken", next);
     Ok(())
 }
@@ -435,7 +484,8 @@ fn write_block_devices(x: &mut Xml, image: &Image) {
     });
 }
 
-pub fn write_image(x: &mut Xml, image: &Image) {
+/// `now` decides whether a deregistration-protection cooldown still runs.
+pub fn write_image(x: &mut Xml, image: &Image, now: OffsetDateTime) {
     x.field("imageId", &image.id)
         .field("imageLocation", &image.image_location)
         .field("imageState", image.state.as_str())
@@ -467,6 +517,11 @@ pub fn write_image(x: &mut Xml, image: &Image) {
             .field("sourceImageRegion", &source.region);
     }
     x.opt("deprecationTime", image.deprecation_time.map(timestamp));
+    x.field(
+        "deregistrationProtection",
+        image.deregistration_protection.describe(now),
+    );
+    x.opt("lastLaunchedTime", image.last_launched_time.map(timestamp));
 }
 
 pub fn write_snapshot(x: &mut Xml, s: &Snapshot) {
@@ -487,4 +542,197 @@ pub fn write_snapshot(x: &mut Xml, s: &Snapshot) {
         .field("storageTier", "standard")
         .opt("completionDurationMinutes", s.completion_duration_minutes);
     x.tags(&s.tags);
+}
+
+/// The launch template a call names, if it names one; by ID or by name,
+/// not both.
+fn template_ref(params: &Params) -> ApiResult<Option<TemplateRef>> {
+    match (
+        params.string("LaunchTemplateId"),
+        params.string("LaunchTemplateName"),
+    ) {
+        (Some(_), Some(_)) => Err(ApiError::client(
+            "InvalidParameterCombination",
+            "Specify either LaunchTemplateId or LaunchTemplateName, not both.",
+        )),
+        (Some(id), None) => Ok(Some(TemplateRef::Id(id))),
+        (None, Some(name)) => Ok(Some(TemplateRef::Name(name))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn named_template(params: &Params) -> ApiResult<TemplateRef> {
+    template_ref(params)?.ok_or_else(|| ApiError::missing("LaunchTemplateId or LaunchTemplateName"))
+}
+
+fn create_launch_template(
+    state: &mut State,
+    ctx: &Ctx,
+    params: &Params,
+    x: &mut Xml,
+) -> ApiResult<()> {
+    let req = CreateLaunchTemplate {
+        name: params.required("LaunchTemplateName")?.to_string(),
+        version_description: params.string("VersionDescription"),
+        image_id: params.string("LaunchTemplateData.ImageId"),
+    };
+    write_launch_template(x, state.create_launch_template(ctx, req)?);
+    Ok(())
+}
+
+fn create_launch_template_version(
+    state: &mut State,
+    ctx: &Ctx,
+    params: &Params,
+    x: &mut Xml,
+) -> ApiResult<()> {
+    let req = CreateLaunchTemplateVersion {
+        template: named_template(params)?,
+        source_version: params
+            .get("SourceVersion")
+            .map(|v| VersionSpec::parse("SourceVersion", v))
+            .transpose()?,
+        version_description: params.string("VersionDescription"),
+        image_id: params.string("LaunchTemplateData.ImageId"),
+    };
+    let version = state.create_launch_template_version(ctx, req)?;
+    x.open("launchTemplateVersion");
+    write_launch_template_version(x, &version);
+    x.close("launchTemplateVersion");
+    Ok(())
+}
+
+fn describe_launch_template_versions(
+    state: &State,
+    ctx: &Ctx,
+    params: &Params,
+    x: &mut Xml,
+) -> ApiResult<()> {
+    let query = VersionQuery {
+        template: template_ref(params)?,
+        versions: params
+            .list("LaunchTemplateVersion")
+            .iter()
+            .map(|v| VersionSpec::parse("LaunchTemplateVersion", v))
+            .collect::<ApiResult<_>>()?,
+        filters: filters(params),
+        page: page(params)?,
+    };
+    let (versions, next) = state.describe_launch_template_versions(ctx, &query)?;
+    x.list("launchTemplateVersionSet", &versions, |x, v| {
+        write_launch_template_version(x, v);
+    });
+    x.opt("nextToken", next);
+    Ok(())
+}
+
+fn created_by(account: &str) -> String {
+    format!("arn:aws:iam::{account}:root")
+}
+
+fn write_launch_template(x: &mut Xml, t: &LaunchTemplate) {
+    x.open("launchTemplate")
+        .field("launchTemplateId", &t.id)
+        .field("launchTemplateName", &t.name)
+        .field("createTime", timestamp(t.create_time))
+        .field("createdBy", created_by(&t.owner))
+        .field("defaultVersionNumber", t.default_version)
+        .field("latestVersionNumber", t.latest_version())
+        .close("launchTemplate");
+}
+
+fn write_launch_template_version(x: &mut Xml, v: &VersionView) {
+    x.field("launchTemplateId", &v.template.id)
+        .field("launchTemplateName", &v.template.name)
+        .field("versionNumber", v.version.number)
+        .opt("versionDescription", v.version.description.as_ref())
+        .field("createTime", timestamp(v.version.create_time))
+        .field("createdBy", created_by(&v.template.owner))
+        .field("defaultVersion", v.is_default())
+        .open("launchTemplateData")
+        .opt("imageId", v.version.image_id.as_ref())
+        .close("launchTemplateData");
+}
+
+fn run_instances(state: &mut State, ctx: &Ctx, params: &Params, x: &mut Xml) -> ApiResult<()> {
+    let count = |name: &str| params.int(name)?.ok_or_else(|| ApiError::missing(name));
+    let req = RunInstances {
+        image_id: params.required("ImageId")?.to_string(),
+        min_count: count("MinCount")?,
+        max_count: count("MaxCount")?,
+        instance_type: params.string("InstanceType"),
+    };
+    let instances = state.run_instances(ctx, req)?;
+    let reservation_id = instances
+        .first()
+        .map(|i| i.reservation_id.clone())
+        .unwrap_or_default();
+    x.field("reservationId", reservation_id)
+        .field("ownerId", ctx.account());
+    x.open("groupSet").close("groupSet");
+    x.list("instancesSet", &instances, write_instance);
+    Ok(())
+}
+
+fn change_instance_states(
+    state: &mut State,
+    ctx: &Ctx,
+    params: &Params,
+    x: &mut Xml,
+    target: InstanceState,
+) -> ApiResult<()> {
+    let changes = state.change_instance_states(ctx, &params.list("InstanceId"), target)?;
+    x.list("instancesSet", &changes, |x, change| {
+        x.field("instanceId", &change.instance_id);
+        write_instance_state(x, "currentState", change.current);
+        write_instance_state(x, "previousState", change.previous);
+    });
+    Ok(())
+}
+
+fn describe_instances(state: &State, ctx: &Ctx, params: &Params, x: &mut Xml) -> ApiResult<()> {
+    let query = InstanceQuery {
+        instance_ids: params.list("InstanceId"),
+        filters: filters(params),
+        page: page(params)?,
+    };
+    let (instances, next) = state.describe_instances(ctx, &query)?;
+    // A page's instances grouped by reservation, in the order they come;
+    // a reservation split by a page boundary shows on both pages.
+    let mut reservations: Vec<Vec<&Instance>> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for instance in instances {
+        match index.get(instance.reservation_id.as_str()) {
+            Some(&i) => reservations[i].push(instance),
+            None => {
+                index.insert(&instance.reservation_id, reservations.len());
+                reservations.push(vec![instance]);
+            }
+        }
+    }
+    x.list("reservationSet", &reservations, |x, instances| {
+        if let Some(first) = instances.first() {
+            x.field("reservationId", &first.reservation_id)
+                .field("ownerId", &first.owner);
+        }
+        x.open("groupSet").close("groupSet");
+        x.list("instancesSet", instances, |x, i| write_instance(x, i));
+    });
+    x.opt("nextToken", next);
+    Ok(())
+}
+
+fn write_instance_state(x: &mut Xml, name: &str, state: InstanceState) {
+    x.open(name)
+        .field("code", state.code())
+        .field("name", state.as_str())
+        .close(name);
+}
+
+fn write_instance(x: &mut Xml, i: &Instance) {
+    x.field("instanceId", &i.id).field("imageId", &i.image_id);
+    write_instance_state(x, "instanceState", i.state);
+    x.field("instanceType", &i.instance_type)
+        .field("launchTime", timestamp(i.launch_time))
+        .field("amiLaunchIndex", i.ami_launch_index);
 }

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use crate::actions::{self, Env};
 use crate::config::{AccountRegion, SimConfig};
 use crate::faults::{FaultRule, Faults, Verdict};
-use crate::model::{Caller, Image, SeedImage, Snapshot, State};
+use crate::model::{Caller, Image, Instance, LaunchTemplate, SeedImage, Snapshot, State};
 use crate::wire::{ApiResult, Params};
 
 /// Calls counted per (action, region, outcome); outcome is `ok`, an error
@@ -139,6 +139,16 @@ impl Control {
 
     pub fn snapshots(&self) -> Vec<Snapshot> {
         self.with_state(|s| s.snapshots.values().cloned().collect())
+    }
+
+    /// Launch templates of every account and region, with their versions.
+    pub fn launch_templates(&self) -> Vec<LaunchTemplate> {
+        self.with_state(|s| s.launch_templates.values().cloned().collect())
+    }
+
+    /// Instances of every account and region, terminated ones included.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.with_state(|s| s.instances.values().cloned().collect())
     }
 
     fn with_state<T>(&self, read: impl FnOnce(&State) -> T) -> T {

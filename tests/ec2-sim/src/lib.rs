@@ -4,7 +4,35 @@
 //! SigV4, XML responses) well enough for `aws-sdk-ec2` to drive it, and
 //! models the parts of EC2 an AMI copier depends on: images, snapshots,
 //! copies that take time and may fail, ClientToken idempotency, encryption,
-//! sharing, tags, quotas, throttling, eventual consistency and faults.
+//! sharing, tags, quotas, throttling, eventual consistency and faults; and
+//! what tells whether an image is still in use before it goes away:
+//! deregistration protection, disabled images, launch templates and
+//! instances.
+//!
+//! Actions (anything else is `InvalidAction`):
+//!
+//! - images: RegisterImage, CopyImage, DescribeImages (`IncludeDeprecated`,
+//!   `IncludeDisabled`; reports `deregistrationProtection` and
+//!   `lastLaunchedTime`), DeregisterImage, ModifyImageAttribute,
+//!   DescribeImageAttribute, EnableImageDeprecation, DisableImage,
+//!   EnableImage, EnableImageDeregistrationProtection,
+//!   DisableImageDeregistrationProtection;
+//! - snapshots and volumes: CreateVolume, CreateSnapshot, DescribeSnapshots,
+//!   DeleteSnapshot, ModifySnapshotAttribute;
+//! - tags: CreateTags, DeleteTags;
+//! - launch templates: CreateLaunchTemplate, CreateLaunchTemplateVersion,
+//!   ModifyLaunchTemplate, DeleteLaunchTemplate,
+//!   DescribeLaunchTemplateVersions (one template, or `$Latest`/`$Default`
+//!   of all; `image-id` and `is-default-version` filters); only
+//!   `LaunchTemplateData.ImageId` is modelled;
+//! - instances: RunInstances, StartInstances, StopInstances,
+//!   TerminateInstances, DescribeInstances; state changes are immediate
+//!   and terminated instances stay described;
+//! - STS: GetCallerIdentity, AssumeRole.
+//!
+//! Every action is signed, counted ([`Control::calls`]) and open to fault
+//! rules alike. Each resource's rules are documented on its module under
+//! [`model`].
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -38,7 +66,10 @@ use tokio::task::JoinHandle;
 pub use config::{AccountRegion, DEFAULT_ACCOUNT, DEFAULT_REGIONS, Identity, SimConfig};
 pub use control::{CallCount, Control};
 pub use faults::{FaultKind, FaultRule, Phase, Trigger};
-pub use model::{Image, ImageState, Permission, SeedImage, Snapshot, SnapshotState, StateReason};
+pub use model::{
+    DeregistrationProtection, Image, ImageState, Instance, InstanceState, LaunchTemplate,
+    LaunchTemplateVersion, Permission, SeedImage, Snapshot, SnapshotState, StateReason,
+};
 
 /// A running simulator. Dereferences to its [`Control`]; stops when dropped.
 pub struct Simulator {

@@ -33,6 +33,8 @@ pub fn router(control: Arc<Control>) -> Router {
         )
         .route("/_sim/images", get(list_images).post(seed_image))
         .route("/_sim/snapshots", get(list_snapshots))
+        .route("/_sim/launch-templates", get(list_launch_templates))
+        .route("/_sim/instances", get(list_instances))
         .route("/_sim/advance", post(advance))
         .route("/_sim/finish-copies", post(finish_copies))
         .route("/_sim/encryption-by-default", post(encryption_by_default))
@@ -370,6 +372,14 @@ async fn seed_image(State(control): Ctl, Json(seed): Json<SeedImage>) -> Respons
 
 async fn list_snapshots(State(control): Ctl) -> Response {
     Json(control.snapshots()).into_response()
+}
+
+async fn list_launch_templates(State(control): Ctl) -> Response {
+    Json(control.launch_templates()).into_response()
+}
+
+async fn list_instances(State(control): Ctl) -> Response {
+    Json(control.instances()).into_response()
 }
 
 #[derive(Deserialize)]

@@ -1,5 +1,6 @@
-//! The JSON control API under `/_sim/`, driven over plain HTTP, and the
-//! EC2 behaviour its knobs switch on, as it shows on the wire.
+//! The JSON control API under `/_sim/`, driven over plain HTTP, and EC2
+//! behaviour as it shows on the wire: what the knobs switch on, and the
+//! documents of the actions whose XML the SDK parses by element name.
 
 use std::time::Duration;
 
@@ -421,4 +422,227 @@ async fn eventual_consistency_shows_on_the_wire() {
     advance().await;
     let (status, body) = ec2(&sim, &by_id).await;
     assert_eq!((status, field(&body, "imageId")), (200, None), "{body}");
+}
+
+/// How many times `<name>` opens in `xml`.
+fn count(xml: &str, name: &str) -> usize {
+    xml.matches(&format!("<{name}>")).count()
+}
+
+#[tokio::test]
+async fn launch_templates_and_instances_show_on_the_wire() {
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let a = sim.seed_image(SeedImage::new("us-east-1", "image-a"));
+    let b = sim.seed_image(SeedImage::new("us-east-1", "image-b"));
+
+    let (status, body) = ec2(
+        &sim,
+        &[
+            ("Action", "CreateLaunchTemplate"),
+            ("LaunchTemplateName", "web"),
+            ("VersionDescription", "first"),
+            ("LaunchTemplateData.ImageId", a.as_str()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("<launchTemplate><launchTemplateId>lt-"),
+        "{body}"
+    );
+    let web = field(&body, "launchTemplateId").unwrap().to_string();
+    assert_eq!(web.len(), 20);
+    assert_eq!(field(&body, "defaultVersionNumber"), Some("1"));
+    assert_eq!(field(&body, "latestVersionNumber"), Some("1"));
+    let (status, body) = ec2(
+        &sim,
+        &[
+            ("Action", "CreateLaunchTemplateVersion"),
+            ("LaunchTemplateId", web.as_str()),
+            ("LaunchTemplateData.ImageId", b.as_str()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<launchTemplateVersion><launchTemplateId>"));
+    assert_eq!(field(&body, "versionNumber"), Some("2"));
+    assert_eq!(field(&body, "defaultVersion"), Some("false"));
+
+    // What the operator asks: the latest and default versions of every
+    // template, by image, a page at a time.
+    let mut describe = vec![
+        ("Action", "DescribeLaunchTemplateVersions"),
+        ("LaunchTemplateVersion.1", "$Latest"),
+        ("LaunchTemplateVersion.2", "$Default"),
+        ("Filter.1.Name", "image-id"),
+        ("Filter.1.Value.1", a.as_str()),
+        ("Filter.1.Value.2", b.as_str()),
+        ("MaxResults", "1"),
+    ];
+    let (status, body) = ec2(&sim, &describe).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!(
+            "<launchTemplateVersionSet><item><launchTemplateId>{web}</launchTemplateId>\
+             <launchTemplateName>web</launchTemplateName><versionNumber>1</versionNumber>\
+             <versionDescription>first</versionDescription><createTime>"
+        )),
+        "{body}"
+    );
+    assert!(body.contains(&format!(
+        "<defaultVersion>true</defaultVersion><launchTemplateData><imageId>{a}</imageId></launchTemplateData></item></launchTemplateVersionSet>"
+    )));
+    let token = field(&body, "nextToken").unwrap().to_string();
+    describe.push(("NextToken", token.as_str()));
+    let (_, body) = ec2(&sim, &describe).await;
+    assert_eq!(count(&body, "item"), 1, "{body}");
+    assert_eq!(field(&body, "versionNumber"), Some("2"));
+    assert_eq!(field(&body, "imageId"), Some(b.as_str()));
+    assert_eq!(field(&body, "nextToken"), None);
+
+    let (status, body) = ec2(
+        &sim,
+        &[
+            ("Action", "RunInstances"),
+            ("ImageId", a.as_str()),
+            ("MinCount", "1"),
+            ("MaxCount", "2"),
+            ("InstanceType", "t3.micro"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<reservationId>r-"), "{body}");
+    assert!(body.contains("<instancesSet><item><instanceId>i-"));
+    assert_eq!(count(&body, "instanceId"), 2);
+    let first = field(&body, "instanceId").unwrap().to_string();
+    let stop = [
+        ("Action", "StopInstances"),
+        ("InstanceId.1", first.as_str()),
+    ];
+    let (status, body) = ec2(&sim, &stop).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(
+        "<currentState><code>80</code><name>stopped</name></currentState>\
+         <previousState><code>16</code><name>running</name></previousState>"
+    ));
+
+    let (status, body) = ec2(
+        &sim,
+        &[
+            ("Action", "DescribeInstances"),
+            ("Filter.1.Name", "image-id"),
+            ("Filter.1.Value.1", a.as_str()),
+            ("Filter.1.Value.2", b.as_str()),
+            ("Filter.2.Name", "instance-state-name"),
+            ("Filter.2.Value.1", "running"),
+            ("Filter.2.Value.2", "pending"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("<reservationSet><item><reservationId>r-"),
+        "{body}"
+    );
+    assert!(body.contains(
+        "<ownerId>123456789012</ownerId><groupSet></groupSet><instancesSet><item><instanceId>i-"
+    ));
+    assert_eq!(count(&body, "instanceId"), 1, "the stopped one is left out");
+    assert_ne!(field(&body, "instanceId"), Some(first.as_str()));
+    assert!(body.contains(&format!(
+        "<imageId>{a}</imageId><instanceState><code>16</code><name>running</name></instanceState>\
+         <instanceType>t3.micro</instanceType><launchTime>"
+    )));
+
+    // The image shows its use, and its protection.
+    let protect = [
+        ("Action", "EnableImageDeregistrationProtection"),
+        ("ImageId", a.as_str()),
+        ("WithCooldown", "true"),
+    ];
+    let (status, body) = ec2(&sim, &protect).await;
+    assert_eq!((status, field(&body, "return")), (200, Some("true")));
+    let by_id = [("Action", "DescribeImages"), ("ImageId.1", a.as_str())];
+    let (_, body) = ec2(&sim, &by_id).await;
+    assert_eq!(
+        field(&body, "deregistrationProtection"),
+        Some("enabled-with-cooldown")
+    );
+    let launched = field(&body, "lastLaunchedTime").expect("launched from");
+    assert!(
+        launched.ends_with('Z') && launched.len() == 24,
+        "{launched}"
+    );
+    let deregister = [("Action", "DeregisterImage"), ("ImageId", a.as_str())];
+    let (status, body) = ec2(&sim, &deregister).await;
+    assert_eq!(
+        (status, field(&body, "Code")),
+        (400, Some("OperationNotPermitted"))
+    );
+    let unprotect = [
+        ("Action", "DisableImageDeregistrationProtection"),
+        ("ImageId", a.as_str()),
+    ];
+    assert_eq!(ec2(&sim, &unprotect).await.0, 200);
+    let (_, body) = ec2(&sim, &by_id).await;
+    let protection = field(&body, "deregistrationProtection").unwrap();
+    assert!(protection.starts_with("disabled-until 20"), "{protection}");
+    sim.advance(Duration::from_secs(24 * 3600));
+    let (_, body) = ec2(&sim, &by_id).await;
+    assert_eq!(field(&body, "deregistrationProtection"), Some("disabled"));
+    assert_eq!(ec2(&sim, &deregister).await.0, 200);
+
+    // Counted, and open to faults, like every other action.
+    assert_eq!(
+        sim.call_count("DescribeLaunchTemplateVersions", "us-east-1"),
+        2
+    );
+    assert_eq!(outcomes(&sim, "DeregisterImage").len(), 2);
+    let rule =
+        json!({"kind": "throttle", "when": "next", "count": 1, "action": "DescribeInstances"});
+    assert_eq!(call(&sim, "POST", "/_sim/faults", Some(rule)).await.0, 204);
+    let (status, body) = ec2(&sim, &[("Action", "DescribeInstances")]).await;
+    assert_eq!(
+        (status, field(&body, "Code")),
+        (503, Some("RequestLimitExceeded"))
+    );
+    assert_eq!(
+        count(
+            &ec2(&sim, &[("Action", "DescribeInstances")]).await.1,
+            "instanceId"
+        ),
+        2
+    );
+    let instances = json(&sim, "GET", "/_sim/instances", None).await;
+    assert_eq!(instances.as_array().unwrap().len(), 2);
+    let templates = json(&sim, "GET", "/_sim/launch-templates", None).await;
+    assert_eq!(templates[0]["id"], web.as_str());
+    assert_eq!(sim.launch_templates()[0].latest_version(), 2);
+}
+
+#[tokio::test]
+async fn disabled_images_show_only_when_asked_for() {
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let id = sim.seed_image(SeedImage::new("us-east-1", "retired"));
+    let disable = [("Action", "DisableImage"), ("ImageId", id.as_str())];
+    let (status, body) = ec2(&sim, &disable).await;
+    assert_eq!((status, field(&body, "return")), (200, Some("true")));
+    let (status, body) = ec2(&sim, &disable).await;
+    assert_eq!(
+        (status, field(&body, "Code")),
+        (400, Some("IncorrectState"))
+    );
+
+    let mut by_id = vec![("Action", "DescribeImages"), ("ImageId.1", id.as_str())];
+    let (status, body) = ec2(&sim, &by_id).await;
+    assert_eq!((status, field(&body, "imageId")), (200, None), "{body}");
+    by_id.push(("IncludeDisabled", "true"));
+    let (_, body) = ec2(&sim, &by_id).await;
+    assert_eq!(field(&body, "imageState"), Some("disabled"));
+
+    let enable = [("Action", "EnableImage"), ("ImageId", id.as_str())];
+    assert_eq!(ec2(&sim, &enable).await.0, 200);
+    let (_, body) = ec2(&sim, &by_id[..2]).await;
+    assert_eq!(field(&body, "imageState"), Some("available"));
 }

@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 
 use super::images::{BlockDevice, EbsDevice, Image, ImageSource, ImageState, StateReason};
 use super::kms::{default_ebs_key, resolve_kms_key};
+use super::protection::DeregistrationProtection;
 use super::snapshots::{Snapshot, SnapshotState};
 use super::tags::{TagSpec, Tags, merge_tags, tags_for};
 use super::{Ctx, State, check_description};
@@ -268,6 +269,10 @@ impl State {
                 ready_at,
                 failure: failure(),
             }),
+            // A copy starts unprotected and never launched, whatever its
+            // source: neither is copied (CopyImage has no such parameter).
+            deregistration_protection: DeregistrationProtection::Disabled,
+            last_launched_time: None,
         };
         self.insert_image(image);
         self.propagate(ctx, &id);

@@ -1,5 +1,5 @@
-//! Images: registering, describing and deregistering them, and the
-//! attributes their owner may change.
+//! Images: registering, describing, disabling and deregistering them, and
+//! the attributes their owner may change.
 
 use std::collections::BTreeSet;
 
@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 
 use super::copies::CopyTask;
 use super::permissions::Permission;
+use super::protection::{DeregistrationProtection, check_deregistrable};
 use super::query::{
     Filter, Page, among, check_page, is_literal, matches_filters, named_ids, paginate,
     resolve_owners, tag_filter_values,
@@ -93,6 +94,13 @@ pub struct Image {
     #[serde(with = "time::serde::rfc3339::option")]
     pub deprecation_time: Option<OffsetDateTime>,
     pub copy: Option<CopyTask>,
+    #[serde(default)]
+    pub deregistration_protection: DeregistrationProtection,
+    /// When RunInstances last launched from it. EC2 reports a launch some
+    /// 24 hours late; the simulator reports it at once, so that a test need
+    /// not wait a day for what it would then see.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_launched_time: Option<OffsetDateTime>,
 }
 
 impl Image {
@@ -132,6 +140,8 @@ pub struct ImageQuery {
     pub executable_by: Vec<String>,
     pub filters: Vec<Filter>,
     pub include_deprecated: bool,
+    /// Disabled images are left out unless asked for, by ID too.
+    pub include_disabled: bool,
     pub page: Page,
 }
 
@@ -408,6 +418,8 @@ impl State {
             source: None,
             deprecation_time: None,
             copy: None,
+            deregistration_protection: DeregistrationProtection::Disabled,
+            last_launched_time: None,
         };
         self.insert_image(image);
         self.propagate(ctx, &id);
@@ -446,7 +458,7 @@ impl State {
                 "The parameter ImageIds cannot be used with the parameter MaxResults or NextToken",
             ));
         }
-        check_page(&query.page)?;
+        check_page(&query.page, 1..=1000)?;
         for id in &query.image_ids {
             check_image_id(id)?;
         }
@@ -498,7 +510,7 @@ impl State {
                 format!("The image id '[{id}]' is no longer available"),
             ));
         }
-        self.owned_image_mut(ctx, id)?;
+        check_deregistrable(self.owned_image_mut(ctx, id)?, ctx.now)?;
         let image = self.remove_image(id).expect("checked above");
         self.deregistered.insert(id.to_string());
         let mut deletions = Vec::new();
@@ -576,6 +588,42 @@ impl State {
         self.owned_image_mut(ctx, id)?.deprecation_time = Some(at);
         Ok(())
     }
+
+    /// DisableImage: only an available image of the caller's; it can no
+    /// longer be launched and is private from then on (EC2 removes every
+    /// launch permission, and EnableImage does not bring them back). Its
+    /// snapshots stay.
+    pub fn disable_image(&mut self, ctx: &Ctx, id: &str) -> ApiResult<()> {
+        let image = self.owned_image_mut(ctx, id)?;
+        check_state(image, ImageState::Available, "disabled")?;
+        image.state = ImageState::Disabled;
+        image.launch_permissions.clear();
+        Ok(())
+    }
+
+    /// EnableImage: a disabled image of the caller's is available again.
+    pub fn enable_image(&mut self, ctx: &Ctx, id: &str) -> ApiResult<()> {
+        let image = self.owned_image_mut(ctx, id)?;
+        check_state(image, ImageState::Disabled, "enabled")?;
+        image.state = ImageState::Available;
+        Ok(())
+    }
+}
+
+/// Refuses a state change that needs `image` to be in `state` first.
+fn check_state(image: &Image, state: ImageState, becoming: &str) -> ApiResult<()> {
+    if image.state == state {
+        return Ok(());
+    }
+    Err(ApiError::client(
+        "IncorrectState",
+        format!(
+            "Image {} is in state {}; only {} images can be {becoming}.",
+            image.id,
+            image.state.as_str(),
+            state.as_str()
+        ),
+    ))
 }
 
 /// A DescribeImages query, with its owner lists resolved for the caller.
@@ -617,6 +665,9 @@ impl<'a> Selection<'a> {
                 || (who == account && image.is_public())
         };
         if !self.executable_by.is_empty() && !self.executable_by.iter().any(executable) {
+            return Ok(false);
+        }
+        if image.state == ImageState::Disabled && !query.include_disabled {
             return Ok(false);
         }
         if query.image_ids.is_empty()

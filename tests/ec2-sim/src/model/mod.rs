@@ -8,8 +8,11 @@
 mod consistency;
 mod copies;
 mod images;
+mod instances;
 mod kms;
+mod launch_templates;
 mod permissions;
+mod protection;
 mod query;
 mod seed;
 mod snapshots;
@@ -30,8 +33,14 @@ pub use images::{
     BlockDevice, DeviceRequest, EbsDevice, EbsRequest, Image, ImageQuery, ImageSource, ImageState,
     RegisterImage, SnapshotDeletion, StateReason, check_image_id, check_image_name,
 };
+pub use instances::{Instance, InstanceQuery, InstanceState, RunInstances, StateChange};
 pub use kms::{default_ebs_key, resolve_kms_key};
+pub use launch_templates::{
+    CreateLaunchTemplate, CreateLaunchTemplateVersion, LaunchTemplate, LaunchTemplateVersion,
+    TemplateRef, VersionQuery, VersionSpec, VersionView,
+};
 pub use permissions::{Permission, PermissionChange};
+pub use protection::{COOLDOWN, DeregistrationProtection};
 pub use query::{Filter, Page, wildcard};
 pub use seed::SeedImage;
 pub use snapshots::{Snapshot, SnapshotQuery, SnapshotState, check_snapshot_id};
@@ -72,6 +81,8 @@ pub struct State {
     pub images: BTreeMap<String, Image>,
     pub snapshots: BTreeMap<String, Snapshot>,
     pub volumes: BTreeMap<String, Volume>,
+    pub launch_templates: BTreeMap<String, LaunchTemplate>,
+    pub instances: BTreeMap<String, Instance>,
     deregistered: BTreeSet<String>,
     tokens: HashMap<TokenKey, (CopyImage, String)>,
     rng: StdRng,
@@ -95,6 +106,8 @@ impl State {
             images: BTreeMap::new(),
             snapshots: BTreeMap::new(),
             volumes: BTreeMap::new(),
+            launch_templates: BTreeMap::new(),
+            instances: BTreeMap::new(),
             deregistered: BTreeSet::new(),
             tokens: HashMap::new(),
             rng: StdRng::seed_from_u64(seed),
@@ -135,3 +148,5 @@ fn check_description(description: Option<&str>) -> ApiResult<()> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod usage_tests;

@@ -2,6 +2,7 @@
 //! lists.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::RangeInclusive;
 
 use super::tags::Tags;
 use crate::wire::{ApiError, ApiResult};
@@ -123,11 +124,13 @@ pub(super) fn matches_filters<T>(
     Ok(true)
 }
 
-/// Ids sorted; a page starts after the id the token names.
-pub(super) fn paginate<'a, T>(
-    items: Vec<(&'a String, &'a T)>,
+/// Items sorted by key; a page starts after the key the token names. Keys
+/// are resource IDs, or built from them where one resource holds several
+/// items (launch template versions).
+pub(super) fn paginate<K: AsRef<str>, T>(
+    items: Vec<(K, T)>,
     page: &Page,
-) -> ApiResult<(Vec<&'a T>, Option<String>)> {
+) -> ApiResult<(Vec<T>, Option<String>)> {
     let start = match &page.next_token {
         None => 0,
         Some(token) => {
@@ -140,26 +143,28 @@ pub(super) fn paginate<'a, T>(
                         format!("The pagination token '{token}' is invalid"),
                     )
                 })?;
-            items.partition_point(|(id, _)| id.as_str() <= after.as_str())
+            items.partition_point(|(key, _)| key.as_ref() <= after.as_str())
         }
     };
-    let rest = &items[start..];
-    match page.max_results {
+    let mut rest: Vec<(K, T)> = items.into_iter().skip(start).collect();
+    let token = match page.max_results {
         Some(max) if (max as usize) < rest.len() => {
-            let max = max as usize;
-            let token = hex::encode(rest[max - 1].0);
-            Ok((rest[..max].iter().map(|(_, t)| *t).collect(), Some(token)))
+            rest.truncate(max as usize);
+            rest.last().map(|(key, _)| hex::encode(key.as_ref()))
         }
-        _ => Ok((rest.iter().map(|(_, t)| *t).collect(), None)),
-    }
+        _ => None,
+    };
+    Ok((rest.into_iter().map(|(_, item)| item).collect(), token))
 }
 
-pub(super) fn check_page(page: &Page) -> ApiResult<()> {
+/// `MaxResults` must lie in `limits`, which differ by action (DescribeImages
+/// 1–1000, DescribeLaunchTemplateVersions 1–200, DescribeInstances 5–1000).
+pub(super) fn check_page(page: &Page, limits: RangeInclusive<i64>) -> ApiResult<()> {
     match page.max_results {
-        Some(n) if !(1..=1000).contains(&n) => Err(ApiError::invalid_value(
+        Some(n) if !limits.contains(&n) => Err(ApiError::invalid_value(
             "MaxResults",
             &n.to_string(),
-            "Must be between 1 and 1000.",
+            &format!("Must be between {} and {}.", limits.start(), limits.end()),
         )),
         _ => Ok(()),
     }

@@ -7,6 +7,7 @@ use super::State;
 use super::images::{BlockDevice, EbsDevice, Image, ImageState};
 use super::kms::default_ebs_key;
 use super::permissions::Permission;
+use super::protection::DeregistrationProtection;
 use super::snapshots::{Snapshot, SnapshotState};
 use super::tags::Tags;
 use crate::config::SimConfig;
@@ -112,6 +113,8 @@ impl State {
             source: None,
             deprecation_time: None,
             copy: None,
+            deregistration_protection: DeregistrationProtection::Disabled,
+            last_launched_time: None,
         };
         self.insert_image(image);
         id

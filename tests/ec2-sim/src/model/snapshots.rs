@@ -182,7 +182,7 @@ impl State {
                 "The parameter SnapshotIds cannot be used with the parameter MaxResults or NextToken",
             ));
         }
-        check_page(&query.page)?;
+        check_page(&query.page, 1..=1000)?;
         for id in &query.snapshot_ids {
             self.usable_snapshot(ctx, id)?;
         }
