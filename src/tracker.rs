@@ -83,11 +83,19 @@ impl Queue {
     }
 }
 
+/// A source image as last read, when, and for whom.
+struct Remembered {
+    info: Option<ImageInfo>,
+    at: Instant,
+    readers: Vec<ObjectRef<AmiCopy>>,
+}
+
 #[derive(Default)]
 struct State {
     images: HashMap<Key, Entry>,
-    /// Source images by source region and ID.
-    sources: HashMap<(String, String), (Option<ImageInfo>, Instant)>,
+    /// Source images by source region and ID, with the objects that read
+    /// them: a source no object reads any more is no longer refreshed.
+    sources: HashMap<(String, String), Remembered>,
     /// Admitted copies whose CopyImage has not returned yet, per destination
     /// and per source region.
     reserved: HashMap<Scope, usize>,
@@ -190,24 +198,47 @@ impl Tracker {
         for q in st.waiting.values_mut() {
             q.remove(watcher);
         }
+        st.sources.retain(|_, known| {
+            known.readers.retain(|r| r != watcher);
+            !known.readers.is_empty()
+        });
     }
 
     /// A source image read within the last two drift periods.
     pub fn source(&self, region: &str, id: &str) -> Option<Option<ImageInfo>> {
         let st = self.state();
-        let (info, at) = st.sources.get(&(region.to_owned(), id.to_owned()))?;
+        let known = st.sources.get(&(region.to_owned(), id.to_owned()))?;
         // Drift rounds refresh remembered sources; two periods of slack.
-        let fresh = at.elapsed() < self.config.resync_interval * 2
-            && info
+        let fresh = known.at.elapsed() < self.config.resync_interval * 2
+            && known
+                .info
                 .as_ref()
                 .is_some_and(|i| i.state != TargetState::Pending);
-        fresh.then(|| info.clone())
+        fresh.then(|| known.info.clone())
     }
 
-    pub fn remember_source(&self, region: &str, id: &str, info: Option<ImageInfo>) {
-        self.state()
+    /// Remembers a source image `reader` read, to be refreshed in batches
+    /// for as long as an object reads it.
+    pub fn remember_source(
+        &self,
+        reader: &ObjectRef<AmiCopy>,
+        region: &str,
+        id: &str,
+        info: Option<ImageInfo>,
+    ) {
+        let mut st = self.state();
+        let known = st
             .sources
-            .insert((region.to_owned(), id.to_owned()), (info, Instant::now()));
+            .entry((region.to_owned(), id.to_owned()))
+            .or_insert_with(|| Remembered {
+                info: None,
+                at: Instant::now(),
+                readers: Vec::new(),
+            });
+        (known.info, known.at) = (info, Instant::now());
+        if !known.readers.contains(reader) {
+            known.readers.push(reader.clone());
+        }
     }
 
     /// Reserves a copy slot, or says why the copy must wait (and wakes
@@ -363,7 +394,9 @@ impl Tracker {
                 let now = Instant::now();
                 for id in chunk {
                     let info = found.iter().find(|i| &i.id == id).cloned();
-                    st.sources.insert((region.clone(), id.clone()), (info, now));
+                    if let Some(known) = st.sources.get_mut(&(region.clone(), id.clone())) {
+                        (known.info, known.at) = (info, now);
+                    }
                 }
             }
         }
@@ -737,9 +770,10 @@ mod tests {
         for i in 0..150 {
             let id = format!("ami-{i:017x}");
             ec2.put("us-east-1", image(&id, "available"));
-            t.remember_source("us-east-1", &id, Some(image(&id, "available")));
+            t.remember_source(&obj("a"), "us-east-1", &id, Some(image(&id, "available")));
         }
         t.remember_source(
+            &obj("b"),
             "us-east-1",
             "ami-0000000000000dead",
             Some(image("ami-0000000000000dead", "available")),
@@ -759,6 +793,10 @@ mod tests {
             None,
             "a vanished source is asked for again"
         );
+        // A source no object reads any more is not refreshed.
+        t.forget(&obj("a"));
+        t.refresh(&ec2, &Metrics::default(), true).await.unwrap();
+        assert_eq!(ec2.calls.lock().unwrap().len(), 3, "one call, for b's");
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use futures::future;
 use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
 use tracing::warn;
 
 use super::{Context, object_ref};
@@ -35,7 +36,10 @@ pub(super) async fn observe<E: Ec2>(
         .as_deref()
         .or(resolved.as_ref().map(|r| r.image_id.as_str()));
     let source = match source_id {
-        Some(id) => observe_source(&spec.source.region, id, &ctx.ec2, tracker).await,
+        Some(id) => {
+            let reader = tracker.map(|t| (t, object_ref(m)));
+            observe_source(&spec.source.region, id, &ctx.ec2, reader).await
+        }
         None => Ok(None),
     };
     let own_account = if m.governing.iter().any(Governing::needs_own_account) {
@@ -199,9 +203,9 @@ async fn observe_source<E: Ec2>(
     region: &str,
     id: &str,
     ec2: &E,
-    tracker: Option<&Tracker>,
+    tracker: Option<(&Tracker, ObjectRef<AmiCopy>)>,
 ) -> std::result::Result<Option<ImageInfo>, Ec2Error> {
-    if let Some(hit) = tracker.and_then(|t| t.source(region, id)) {
+    if let Some(hit) = tracker.as_ref().and_then(|(t, _)| t.source(region, id)) {
         return Ok(hit);
     }
     match ec2
@@ -209,8 +213,8 @@ async fn observe_source<E: Ec2>(
         .await
     {
         Ok(img) => {
-            if let Some(t) = tracker {
-                t.remember_source(region, id, img.clone());
+            if let Some((t, reader)) = &tracker {
+                t.remember_source(reader, region, id, img.clone());
             }
             Ok(img)
         }

@@ -13,6 +13,7 @@ use k8s_openapi::jiff::SignedDuration;
 use super::{Action, Draft, Input, Retiring};
 use crate::api::{DeletionPolicy, RetirementAction, SOURCE_TAG, TargetState, TargetStatus};
 use crate::ec2::ImageInfo;
+use crate::status::reason;
 
 /// What becomes of an older copy.
 #[derive(Debug, PartialEq, Eq)]
@@ -90,7 +91,14 @@ pub fn plan(
                     generations.push(ts);
                 }
                 Fate::Retire(message) => {
-                    ts.message = message.into();
+                    // Still in use when last looked at: it says so until
+                    // the look right before retiring it says otherwise.
+                    ts.message = if ts.used_by.is_empty() {
+                        message.into()
+                    } else {
+                        ts.reason = Some(reason::RETIREMENT_BLOCKED.into());
+                        super::record::in_use(&ts.used_by)
+                    };
                     // Written before the image is deregistered, so that its
                     // snapshots are still deleted if the operator stops
                     // between the two.

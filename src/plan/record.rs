@@ -353,7 +353,7 @@ fn fold_retirement(
             // The Event once per change of what uses it, not every look.
             let news = entry.used_by != users;
             entry.reason = Some(reason::RETIREMENT_BLOCKED.into());
-            entry.message = format!("kept while in use: {}", users.join(", "));
+            entry.message = in_use(&users);
             entry.snapshots_to_delete.clear();
             entry.used_by = users;
             news.then(|| {
@@ -400,6 +400,11 @@ fn leave_snapshots(status: &mut AmiCopyStatus, region: &str, image_id: &str, lef
         entry.message = format!("deregistered; deleting its snapshots {}", left.join(", "));
         entry.snapshots_to_delete = left;
     }
+}
+
+/// What an older copy kept in use says.
+pub fn in_use(users: &[String]) -> String {
+    format!("kept while in use: {}", users.join(", "))
 }
 
 /// A retired or released copy leaves the status.

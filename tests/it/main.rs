@@ -13,4 +13,5 @@ mod monitoring;
 mod operator;
 mod policy;
 mod reliability;
+mod rollout;
 mod testbed;

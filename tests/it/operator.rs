@@ -905,7 +905,7 @@ async fn sim_missing_source_is_degraded() {
 }
 
 /// Events recorded for an object: (reason, note).
-async fn events_for(kube: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+pub(crate) async fn events_for(kube: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
     use k8s_openapi::api::events::v1::Event;
     let api: Api<Event> = Api::namespaced(kube.clone(), ns);
     api.list(&Default::default())

@@ -138,7 +138,9 @@ impl Operator {
             Some(ec2_endpoint.to_owned()),
             metrics.clone(),
         )
-        .with_sts_endpoint(Some(ec2_endpoint.to_owned()));
+        .with_sts_endpoint(Some(ec2_endpoint.to_owned()))
+        // Published parameters go to moto's SSM, whichever the EC2 peer.
+        .with_ssm_endpoint(Some(crate::ec2peer::moto_endpoint()));
         let mut config = Config {
             default_policy: serde_json::from_str(TRUST_ALL_POLICY).expect("a policy"),
             poll_interval: Duration::from_millis(300),
