@@ -243,6 +243,8 @@ fn default_render_is_a_hardened_single_replica_cluster_wide_operator() {
             "--copy-limit-per-source-region=25",
             "--max-concurrent-reconciles=16",
             "--source-refresh-interval=10m",
+            "--in-use-recheck-interval=5m",
+            "--ssm-parameter-prefix=/amicopy/",
             "--default-policy={\"kmsKeys\":[\"destination-account\"],\"regions\":[\"*\"],\"roles\":[],\"sharing\":{\"accounts\":[],\"organizationalUnits\":[],\"organizations\":[],\"public\":false,\"snapshots\":false},\"sourceOwners\":[\"self\"]}",
             "--log-format=text"
         ]
@@ -432,7 +434,9 @@ fn other_values_render_as_documented() {
         "ops",
         &json!({"tracking": "per-object", "copyLimits": {"perRegion": 20, "perSourceRegion": 10},
                 "maxConcurrentReconciles": 4, "allowPublicImages": true,
-                "aws": {"stsEndpointUrl": "https://sts.eu-west-1.amazonaws.com"}}),
+                "inUseRecheckInterval": "1h", "ssmParameterPrefix": "/images/",
+                "aws": {"stsEndpointUrl": "https://sts.eu-west-1.amazonaws.com",
+                        "ssmEndpointUrl": "https://ssm.eu-west-1.amazonaws.com"}}),
     ));
     for flag in [
         "--tracking=per-object",
@@ -441,6 +445,9 @@ fn other_values_render_as_documented() {
         "--max-concurrent-reconciles=4",
         "--allow-public-images",
         "--sts-endpoint-url=https://sts.eu-west-1.amazonaws.com",
+        "--ssm-endpoint-url=https://ssm.eu-west-1.amazonaws.com",
+        "--in-use-recheck-interval=1h",
+        "--ssm-parameter-prefix=/images/",
     ] {
         assert!(tuned.contains(&flag.to_owned()), "{flag} in {tuned:?}");
     }
@@ -551,6 +558,8 @@ const OPERATOR_GRANTS: &[(&str, &str, &str, &str)] = &[
     ("amicopy.dev", "amicopies", "patch", ""),
     ("amicopy.dev", "amicopies/status", "get", ""),
     ("amicopy.dev", "amicopies/status", "patch", ""),
+    ("", "configmaps", "get", ""),
+    ("", "configmaps", "patch", ""),
     ("events.k8s.io", "events", "create", ""),
     ("events.k8s.io", "events", "patch", ""),
 ];
@@ -916,9 +925,19 @@ async fn access_reviews_cluster_wide_mode() {
         checks.push(check("events.k8s.io/events", "patch", namespace, true));
         checks.push(check("events.k8s.io/events", "delete", namespace, false));
         checks.push(check("/events", "create", namespace, false));
-        for resource in ["/secrets", "/configmaps", "/pods", "/serviceaccounts"] {
+        for resource in ["/secrets", "/pods", "/serviceaccounts"] {
             checks.push(check(resource, "get", namespace, false));
             checks.push(check(resource, "list", namespace, false));
+        }
+        // spec.publish.configMap: read one by name, write it by
+        // server-side apply; never list or delete.
+        for (verb, allowed) in [
+            ("get", true),
+            ("patch", true),
+            ("list", false),
+            ("delete", false),
+        ] {
+            checks.push(check("/configmaps", verb, namespace, allowed));
         }
         // Without leader election there is no Lease access at all.
         checks.push(check(
@@ -987,6 +1006,8 @@ async fn access_reviews_namespaced_mode_with_leader_election() {
     checks.push(check("/secrets", "get", &watched, false));
     checks.push(check("/secrets", "list", &ns, false));
     checks.push(check("/configmaps", "list", &watched, false));
+    checks.push(check("/configmaps", "patch", &watched, true));
+    checks.push(check("/configmaps", "patch", &ns, false));
     // Leases: create in the release namespace; get and patch only its own.
     checks.push(check("coordination.k8s.io/leases", "create", &ns, true));
     for (verb, name, allowed) in [
