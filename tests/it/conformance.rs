@@ -52,6 +52,8 @@ against_both!(
     snapshot_in_use_cannot_be_deleted,
     bad_ids_have_ec2_error_codes,
     launch_permissions_round_trip,
+    disabled_image_is_enabled_again,
+    images_in_use_name_launch_templates_and_live_instances,
 );
 
 fn filter(name: &str, value: &str) -> Filter {
@@ -1144,4 +1146,157 @@ async fn sim_only_deprecation_and_description() {
         .await
         .unwrap();
     assert_eq!(out.description().and_then(|d| d.value()), Some("new words"));
+}
+
+/// DisableImage makes an image `disabled` (still described with
+/// IncludeDisabled), EnableImage makes it `available` again.
+async fn disabled_image_is_enabled_again(peer: Peer) {
+    let env = PeerEnv::start(peer).await;
+    let ec2 = env.client(SOURCE);
+    let seeded = seed_image(&ec2, SOURCE, &unique("disable"), &[]).await;
+    ec2.disable_image()
+        .image_id(&seeded.image_id)
+        .send()
+        .await
+        .expect("DisableImage");
+    let out = ec2
+        .describe_images()
+        .image_ids(&seeded.image_id)
+        .include_disabled(true)
+        .send()
+        .await
+        .expect("DescribeImages");
+    assert_eq!(out.images()[0].state(), Some(&ImageState::Disabled));
+    ec2.enable_image()
+        .image_id(&seeded.image_id)
+        .send()
+        .await
+        .expect("EnableImage");
+    let image = describe_image(&ec2, &seeded.image_id)
+        .await
+        .expect("described");
+    assert_eq!(image.state(), Some(&ImageState::Available));
+}
+
+/// The operator's look-up of what uses its copies (`Ec2::images_in_use`):
+/// the `$Default`/`$Latest` launch template versions and the live instances
+/// of each image, and nothing once they move on. moto ignores the look-up's
+/// `image-id` filter on launch template versions; the operator matches the
+/// images again itself, so the answer is the same.
+async fn images_in_use_name_launch_templates_and_live_instances(peer: Peer) {
+    use ami_copy_operator::ec2::{AwsEc2, Ec2, Scope};
+    use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
+
+    let env = PeerEnv::start(peer).await;
+    let ec2 = env.client(SOURCE);
+    let [a, b, c] = [
+        seed_image(&ec2, SOURCE, &unique("in-use-a"), &[]).await,
+        seed_image(&ec2, SOURCE, &unique("in-use-b"), &[]).await,
+        seed_image(&ec2, SOURCE, &unique("in-use-c"), &[]).await,
+    ]
+    .map(|s| s.image_id);
+    let template = ec2
+        .create_launch_template()
+        .launch_template_name(unique("in-use"))
+        .launch_template_data(RequestLaunchTemplateData::builder().image_id(&a).build())
+        .send()
+        .await
+        .expect("CreateLaunchTemplate")
+        .launch_template()
+        .and_then(|t| t.launch_template_id())
+        .expect("a launch template ID")
+        .to_owned();
+    let instance = ec2
+        .run_instances()
+        .image_id(&b)
+        .instance_type(InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("RunInstances")
+        .instances()[0]
+        .instance_id()
+        .expect("an instance ID")
+        .to_owned();
+    let operator = AwsEc2::new(
+        crate::testbed::sdk_config().await,
+        Some(env.endpoint().to_owned()),
+        std::sync::Arc::default(),
+    );
+    let scope = Scope::region(SOURCE);
+    let ids = [a.clone(), b.clone(), c.clone()];
+    let users = operator.images_in_use(&scope, &ids).await.expect("look-up");
+    assert_eq!(
+        users.get(&a),
+        Some(&vec![format!("launch template {template} ($Default)")])
+    );
+    assert_eq!(
+        users.get(&b),
+        Some(&vec![format!("instance {instance} (running)")])
+    );
+    assert_eq!(users.get(&c), None, "nothing uses it");
+
+    // The template's new default version uses c; the instance is gone.
+    ec2.create_launch_template_version()
+        .launch_template_id(&template)
+        .launch_template_data(RequestLaunchTemplateData::builder().image_id(&c).build())
+        .send()
+        .await
+        .expect("CreateLaunchTemplateVersion");
+    ec2.modify_launch_template()
+        .launch_template_id(&template)
+        .default_version("2")
+        .send()
+        .await
+        .expect("ModifyLaunchTemplate");
+    ec2.terminate_instances()
+        .instance_ids(&instance)
+        .send()
+        .await
+        .expect("TerminateInstances");
+    let users = operator.images_in_use(&scope, &ids).await.expect("look-up");
+    assert_eq!(users.get(&a), None);
+    assert_eq!(users.get(&b), None, "a terminated instance uses nothing");
+    assert_eq!(
+        users.get(&c),
+        Some(&vec![format!("launch template {template} ($Default)")])
+    );
+    ec2.delete_launch_template()
+        .launch_template_id(&template)
+        .send()
+        .await
+        .expect("DeleteLaunchTemplate");
+}
+
+/// Deregistration protection: DeregisterImage is refused while it is on,
+/// and works once it is off (without cooldown). moto does not model it.
+#[tokio::test]
+async fn sim_only_deregistration_protection() {
+    let env = sim_env().await;
+    let ec2 = env.client(SOURCE);
+    let seeded = seed_image(&ec2, SOURCE, &unique("protected"), &[]).await;
+    let id = seeded.image_id;
+    ec2.enable_image_deregistration_protection()
+        .image_id(&id)
+        .send()
+        .await
+        .expect("EnableImageDeregistrationProtection");
+    let image = describe_image(&ec2, &id).await.expect("described");
+    assert_eq!(
+        image.deregistration_protection(),
+        Some("enabled-without-cooldown")
+    );
+    let refused = failure_code(ec2.deregister_image().image_id(&id).send().await);
+    assert_eq!(refused.as_deref(), Some("OperationNotPermitted"));
+    ec2.disable_image_deregistration_protection()
+        .image_id(&id)
+        .send()
+        .await
+        .expect("DisableImageDeregistrationProtection");
+    ec2.deregister_image()
+        .image_id(&id)
+        .send()
+        .await
+        .expect("DeregisterImage once unprotected");
 }
