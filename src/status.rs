@@ -91,7 +91,13 @@ pub fn copy_error(err: &Ec2Error) -> (&'static str, String) {
             reason::CREDENTIALS_UNAVAILABLE,
             "the operator has no credentials here: check its IAM role (IRSA or Pod Identity), and for a destination with a roleArn, that the role exists, trusts the operator's role and accepts the externalId",
         ),
-        "AuthFailure" | "UnauthorizedOperation" | "AccessDenied" | "Blocked" => (
+        // What the first call into a region meets when the region is not
+        // enabled for the account (or does not exist).
+        "AuthFailure" | "OptInRequired" => (
+            reason::REGION_UNAVAILABLE,
+            "check the region's name, that it is enabled for this account (opt-in regions), and the operator's permissions there",
+        ),
+        "UnauthorizedOperation" | "AccessDenied" | "Blocked" => (
             reason::ACCESS_DENIED,
             "grant the operator's IAM role the EC2 (and KMS) permissions in docs/iam.md",
         ),
@@ -283,12 +289,15 @@ impl Summary<'_> {
         if !waiting.is_empty() {
             parts.push(format!("waiting to copy to {}", waiting.join(", ")));
         }
-        if !self.retiring.is_empty() {
-            let ids: Vec<&str> = self
-                .retiring
-                .iter()
-                .filter_map(|r| r.image_id.as_deref())
-                .collect();
+        // A copy kept while something uses it is no work in progress: the
+        // rollout is done, and kstatus and Argo CD should say so.
+        let ids: Vec<&str> = self
+            .retiring
+            .iter()
+            .filter(|r| r.used_by.is_empty())
+            .filter_map(|r| r.image_id.as_deref())
+            .collect();
+        if !ids.is_empty() {
             parts.push(format!("retiring {}", ids.join(", ")));
         }
         if parts.is_empty() {
