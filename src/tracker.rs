@@ -38,6 +38,8 @@ struct Entry {
     info: Option<Box<ImageInfo>>,
     /// Seen in a DescribeImages answer at least once.
     seen: bool,
+    /// The operator tagged it (the peer left it untagged on creation).
+    self_tagged: bool,
     since: Instant,
     source_region: String,
     // Almost always one object: a Vec made for one is a fraction of the
@@ -182,6 +184,21 @@ impl Tracker {
         let mut st = self.state();
         unreserve(&mut st, scope, source_region);
         upsert(&mut st, watcher, scope, info, source_region, false);
+    }
+
+    /// The operator tagged this target itself: its snapshots need a claim.
+    pub fn mark_tagged(&self, scope: &Scope, id: &str) {
+        if let Some(e) = self.state().images.get_mut(&(scope.clone(), id.to_owned())) {
+            e.self_tagged = true;
+        }
+    }
+
+    /// Whether the operator tagged this target itself.
+    pub fn tagged_by_operator(&self, scope: &Scope, id: &str) -> bool {
+        self.state()
+            .images
+            .get(&(scope.clone(), id.to_owned()))
+            .is_some_and(|e| e.self_tagged)
     }
 
     pub fn untrack(&self, scope: &Scope, id: &str) {
@@ -502,6 +519,7 @@ fn upsert(
         .or_insert_with(|| Entry {
             info: None,
             seen: false,
+            self_tagged: false,
             since: Instant::now(),
             source_region: source_region.to_owned(),
             watchers: vec![watcher.clone()],

@@ -467,15 +467,6 @@ async fn copy<E: Ec2>(
                 };
                 t.track_new(&key, scope, placeholder, src_region);
             }
-            // Some EC2 peers ignore TagSpecifications; the image ID just
-            // returned is certainly ours, so tag it explicitly. EC2, which
-            // applied them, may not know the new image yet (NotFound): that
-            // is no failure.
-            let tagged = ctx
-                .ec2
-                .create_tags(scope, std::slice::from_ref(&id), &request.tags)
-                .await
-                .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) });
             let started = Outcome::Copy {
                 region: region.to_owned(),
                 copy: Copied::Started {
@@ -484,7 +475,7 @@ async fn copy<E: Ec2>(
                     at,
                 },
             };
-            (started, tagged.err().map(Error::from))
+            (started, None)
         }
         Err(e) => {
             warn!(%region, token, error = %e, "CopyImage refused or unanswered");

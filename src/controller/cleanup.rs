@@ -253,6 +253,20 @@ impl<E: Ec2> Region<'_, E> {
                 continue;
             }
             match self.ctx.ec2.owned_image(scope, id).await? {
+                // A copy the peer left untagged is tagged first, so that
+                // the checks and the sweep below find it as any other.
+                Some(mut image)
+                    if t.source_image_id
+                        .as_deref()
+                        .is_some_and(|src| ownership::untagged_copy(&image, src)) =>
+                {
+                    let src = t.source_image_id.as_deref().unwrap_or_default();
+                    let tags = plan::desired_tags(&self.obj.spec, self.m, src);
+                    let ids = [image.id.clone()];
+                    self.ctx.ec2.create_tags(scope, &ids, &tags).await?;
+                    image.tags.extend(tags);
+                    listed.push(image);
+                }
                 Some(image) => listed.push(image),
                 // A copy started just before the deletion may not be listed
                 // yet; one that was available was listed long ago.

@@ -2,18 +2,18 @@
 //! knows every target the status names, else by asking EC2 (and tracking
 //! what it says).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{Context, object_ref};
 use crate::api::{AmiCopy, ResolvedSource, TargetState};
 use crate::ec2::{Ec2, Ec2Error, ImageInfo, ImageQuery};
 use crate::error::Result;
-use crate::plan::{self, Meta, Observed, Scopes};
+use crate::plan::{self, Meta, Observed, Scopes, ownership};
 use crate::policy::{self, Governing};
 use crate::status::reason;
 use crate::tracker::{Known, Tracker};
@@ -50,31 +50,30 @@ pub(super) async fn observe<E: Ec2>(
     // A destination the policies refuse is not looked at either: its role
     // may be one the operator must not assume.
     let blocked = policy::judge(&m.governing, spec, None, own_account.as_deref()).blocked;
-    if let Some((owned, recorded)) = tracker.and_then(|t| from_cache(obj, m, source_id?, scopes, t))
-    {
-        return Ok(set_aside(
-            Observed {
-                source: Some(source),
-                owned,
-                recorded,
-                unreachable: BTreeMap::new(),
-                resolved,
-                own_account,
-            },
-            &blocked,
-        ));
-    }
-    let (owned, unreachable) = list_owned(obj, m, scopes, &blocked, ctx).await;
-    let recorded = look_up_recorded(obj, &owned, scopes, &blocked, &ctx.ec2).await?;
-    if let Some(t) = tracker {
-        let key = object_ref(m);
-        for (region, images) in &owned {
-            let scope = scopes.of(region);
-            for img in images {
-                t.track(&key, &scope, img.clone(), &spec.source.region);
+    let cached = tracker.and_then(|t| from_cache(obj, m, source_id?, scopes, t));
+    let (mut owned, mut recorded, unreachable, tagged_by_ec2) = match cached {
+        Some(found) => (
+            found.owned,
+            found.recorded,
+            BTreeMap::new(),
+            found.tagged_by_ec2,
+        ),
+        None => {
+            let (owned, unreachable) = list_owned(obj, m, scopes, &blocked, ctx).await;
+            let recorded = look_up_recorded(obj, &owned, scopes, &blocked, &ctx.ec2).await?;
+            if let Some(t) = tracker {
+                let key = object_ref(m);
+                for (region, images) in &owned {
+                    let scope = scopes.of(region);
+                    for img in images {
+                        t.track(&key, &scope, img.clone(), &spec.source.region);
+                    }
+                }
             }
+            (owned, recorded, unreachable, BTreeSet::new())
         }
-    }
+    };
+    tag_untagged(obj, m, scopes, (&mut owned, &mut recorded), ctx).await?;
     Ok(set_aside(
         Observed {
             source: Some(source),
@@ -83,9 +82,55 @@ pub(super) async fn observe<E: Ec2>(
             unreachable,
             resolved,
             own_account,
+            tagged_by_ec2,
         },
         &blocked,
     ))
+}
+
+/// Tags the copies this object started that EC2 shows without any owner's
+/// tags (peers that ignore TagSpecifications on CopyImage): the ID came
+/// back from this object's own CopyImage, so the copy is its own. EC2, which
+/// applies the tags with the copy, needs no call here. A tagged copy joins
+/// the owned images; its snapshots are claimed once it is available.
+async fn tag_untagged<E: Ec2>(
+    obj: &AmiCopy,
+    m: &Meta,
+    scopes: &Scopes,
+    (owned, recorded): (&mut Owned, &mut BTreeMap<String, Option<ImageInfo>>),
+    ctx: &Context<E>,
+) -> Result<()> {
+    let Some(prev) = obj.status.as_ref() else {
+        return Ok(());
+    };
+    for entry in &prev.destinations {
+        let (Some(id), Some(source)) = (&entry.image_id, &entry.source_image_id) else {
+            continue;
+        };
+        let untagged = recorded
+            .get(id)
+            .and_then(Option::as_ref)
+            .is_some_and(|img| ownership::untagged_copy(img, source));
+        if !untagged {
+            continue;
+        }
+        let scope = scopes.of(&entry.region);
+        let tags = plan::desired_tags(&obj.spec, m, source);
+        ctx.ec2
+            .create_tags(&scope, std::slice::from_ref(id), &tags)
+            .await?;
+        info!(region = %entry.region, image = %id, "tagged a copy the EC2 peer left untagged");
+        let Some(Some(mut img)) = recorded.remove(id) else {
+            continue;
+        };
+        img.tags.extend(tags);
+        if let Some(t) = &ctx.tracker {
+            t.track(&object_ref(m), &scope, img.clone(), &obj.spec.source.region);
+            t.mark_tagged(&scope, id);
+        }
+        owned.entry(entry.region.clone()).or_default().push(img);
+    }
+    Ok(())
 }
 
 /// The regions the policies refuse, as if EC2 had not answered there: what
@@ -113,7 +158,7 @@ async fn list_owned<E: Ec2>(
     blocked: &BTreeMap<String, String>,
     ctx: &Context<E>,
 ) -> (Owned, BTreeMap<String, Ec2Error>) {
-    let mut regions = plan::regions_of_interest(&obj.spec, obj.status.as_ref());
+    let mut regions = plan::regions_to_list(obj.status.as_ref());
     regions.retain(|r| !blocked.contains_key(r));
     let listed = future::join_all(regions.into_iter().map(|r| async move {
         let res = ctx.ec2.owned_images(&scopes.of(&r), &m.uid).await;
@@ -225,6 +270,15 @@ async fn observe_source<E: Ec2>(
     }
 }
 
+/// What the tracker knows of an object's targets.
+struct Cached {
+    owned: Owned,
+    recorded: BTreeMap<String, Option<ImageInfo>>,
+    /// Owned copies that carried their tags when the tracker first saw
+    /// them: EC2 applied the tags with the copy, to its snapshots too.
+    tagged_by_ec2: BTreeSet<String>,
+}
+
 /// The targets as the tracker knows them, if it knows every one the status
 /// names and the spec has not changed since that status.
 fn from_cache(
@@ -233,7 +287,7 @@ fn from_cache(
     source_id: &str,
     scopes: &Scopes,
     tracker: &Tracker,
-) -> Option<(Owned, BTreeMap<String, Option<ImageInfo>>)> {
+) -> Option<Cached> {
     let prev = obj.status.as_ref()?;
     if prev.observed_generation != m.generation
         || prev.source_image_id.as_deref() != Some(source_id)
@@ -256,11 +310,16 @@ fn from_cache(
         .map(|r| (r, Vec::new()))
         .collect();
     let mut recorded = BTreeMap::new();
+    let mut tagged_by_ec2 = BTreeSet::new();
     for t in prev.targets() {
         let Some(id) = &t.image_id else { continue };
-        match tracker.lookup(&scopes.of(&t.region), id) {
+        let scope = scopes.of(&t.region);
+        match tracker.lookup(&scope, id) {
             Known::Unknown => return None,
             Known::Image(Some(info)) if info.owned_by(&m.uid) => {
+                if !tracker.tagged_by_operator(&scope, id) {
+                    tagged_by_ec2.insert(id.clone());
+                }
                 owned.entry(t.region.clone()).or_default().push(info)
             }
             Known::Image(other) => {
@@ -268,5 +327,9 @@ fn from_cache(
             }
         }
     }
-    Some((owned, recorded))
+    Some(Cached {
+        owned,
+        recorded,
+        tagged_by_ec2,
+    })
 }

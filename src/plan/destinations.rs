@@ -166,7 +166,9 @@ fn follow(
             .map(|s| s.id.clone())
             .filter(|id| !input.source_snapshots.contains(id.as_str()))
             .collect();
-        if !snapshot_ids.is_empty() {
+        // Copies EC2 tagged on creation have tagged snapshots already.
+        let tagged = input.observed.tagged_by_ec2.contains(&img.id);
+        if !snapshot_ids.is_empty() && !tagged {
             draft.claims.push(Claim {
                 region: region.into(),
                 image_id: img.id.clone(),

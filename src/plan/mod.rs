@@ -77,6 +77,10 @@ pub struct Observed {
     pub resolved: Option<ResolvedSource>,
     /// The operator's own account, when a policy needed it and STS said.
     pub own_account: Option<String>,
+    /// Copies that carried this object's tags when first seen, before the
+    /// operator tagged anything: EC2 applied the tags of CopyImage, to the
+    /// snapshots too, so these need no claim.
+    pub tagged_by_ec2: BTreeSet<String>,
 }
 
 impl Observed {
@@ -496,6 +500,20 @@ pub fn regions_of_interest(
         regions.extend(p.targets().map(|d| d.region.clone()));
     }
     regions
+}
+
+/// Regions whose images are listed by tag: those the last status names a
+/// copy in (current, retiring or kept, started or only planned). Every
+/// CopyImage is preceded by a status write that names it, so in a region the
+/// status names nothing this object has started nothing, and listing it
+/// would find nothing: a new object, or a destination just added, starts
+/// without that call.
+pub fn regions_to_list(previous: Option<&AmiCopyStatus>) -> BTreeSet<String> {
+    previous
+        .iter()
+        .flat_map(|p| p.targets())
+        .map(|t| t.region.clone())
+        .collect()
 }
 
 /// Image IDs the last status names that the tag query did not return: they

@@ -37,6 +37,26 @@ pub fn check(image: Option<&ImageInfo>, uid: &str) -> Ownership {
     }
 }
 
+/// A copy whose ID the status recorded from this object's own CopyImage
+/// (`recorded_source`: the source it was copied from), that EC2 shows with
+/// no owner's tag at all: the peer ignored the TagSpecifications of the
+/// copy. It is this object's, to tag, when EC2 shows what this object's
+/// copies are: named `<base>-<source>` (names are unique in a region, and
+/// CopyImage refuses a taken one) and, where EC2 says, copied from that
+/// source. An image tagged by anyone is judged by [`check`] instead.
+pub fn untagged_copy(image: &ImageInfo, recorded_source: &str) -> bool {
+    let named = image
+        .name
+        .as_deref()
+        .is_some_and(|n| n.ends_with(&format!("-{recorded_source}")));
+    named
+        && !image.tags.contains_key(crate::api::UID_TAG)
+        && image
+            .source_image_id
+            .as_deref()
+            .is_none_or(|s| s == recorded_source)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -77,6 +97,31 @@ mod tests {
         assert!(
             matches!(&copy_of_our_copy, Ownership::Foreign(why) if why.contains("ami-0000000000000000b")),
             "{copy_of_our_copy:?}"
+        );
+    }
+
+    #[test]
+    fn an_untagged_copy_of_the_recorded_source_is_ours_to_tag() {
+        const SRC: &str = "ami-00000000000000001";
+        let named = |tags: &[(&str, &str)], source: Option<&str>, name: &str| ImageInfo {
+            name: Some(name.into()),
+            ..image(tags, source)
+        };
+        let ours = format!("golden-{SRC}");
+        assert!(untagged_copy(&named(&[], Some(SRC), &ours), SRC));
+        assert!(untagged_copy(&named(&[("team", "a")], None, &ours), SRC));
+        assert!(
+            !untagged_copy(&named(&[], Some(SRC), "someone-elses"), SRC),
+            "not named as this object's copies are"
+        );
+        assert!(!untagged_copy(&image(&[], Some(SRC)), SRC), "no name");
+        assert!(!untagged_copy(
+            &named(&[], Some("ami-0000000000000000b"), &ours),
+            SRC
+        ));
+        assert!(
+            !untagged_copy(&named(&[(UID_TAG, "u2")], Some(SRC), &ours), SRC),
+            "another owner's"
         );
     }
 }

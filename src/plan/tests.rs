@@ -8,7 +8,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::*;
 use crate::api::{
-    AmiCopySpec, DeletionPolicy, Destination, OWNER_TAG, SOURCE_TAG, Source, TargetState, UID_TAG,
+    AmiCopySpec, DeletionPolicy, Destination, OWNER_TAG, SOURCE_TAG, Source, TargetState,
+    TargetStatus, UID_TAG,
 };
 use crate::ec2::{ImageInfo, SnapshotRef};
 use crate::status::{DEGRADED, PROGRESSING, READY, reason};
@@ -112,6 +113,7 @@ fn observed(source: Option<ImageInfo>, owned: &[(&str, Vec<ImageInfo>)]) -> Obse
         unreachable: BTreeMap::new(),
         resolved: None,
         own_account: None,
+        tagged_by_ec2: BTreeSet::new(),
     }
 }
 
@@ -1819,4 +1821,45 @@ fn a_copy_kept_in_use_is_not_busy_and_is_looked_at_on_its_own_schedule() {
     let config = crate::config::Config::default();
     let wait = requeue::after(&config, &s, &again.status, again.busy, &now());
     assert_eq!(wait, config.in_use_recheck_interval);
+}
+
+#[test]
+fn copies_ec2_tagged_on_creation_need_no_snapshot_claim() {
+    let s = spec(SRC, &["eu-west-1", "ap-southeast-2"]);
+    let mut obs = available_in_both();
+    obs.tagged_by_ec2 = BTreeSet::from(["ami-00000000000000001".to_string()]);
+    let p = run(&s, None, &obs);
+    let claimed: Vec<&str> = p.claims.iter().map(|c| c.image_id.as_str()).collect();
+    assert_eq!(
+        claimed,
+        vec!["ami-00000000000000002"],
+        "only the copy the operator tagged"
+    );
+}
+
+#[test]
+fn only_regions_the_status_names_a_copy_in_are_listed() {
+    assert!(
+        regions_to_list(None).is_empty(),
+        "a new object lists nothing"
+    );
+    let status = AmiCopyStatus {
+        destinations: vec![TargetStatus {
+            region: "eu-west-1".into(),
+            state: TargetState::Pending,
+            planned_at: Some("2026-01-01T00:00:00Z".into()),
+            ..TargetStatus::default()
+        }],
+        retiring: vec![TargetStatus {
+            region: "ap-south-1".into(),
+            image_id: Some("ami-00000000000000001".into()),
+            ..TargetStatus::default()
+        }],
+        ..AmiCopyStatus::default()
+    };
+    assert_eq!(
+        regions_to_list(Some(&status)),
+        BTreeSet::from(["ap-south-1".to_string(), "eu-west-1".to_string()]),
+        "a copy only planned is looked for too"
+    );
 }

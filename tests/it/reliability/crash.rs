@@ -70,9 +70,9 @@ async fn converge_then_delete(b: &Bed, name: &str, uid: &str) {
 async fn sigkill_after_first_copy_before_status_write() {
     let b = bed("crash-first", 11).await;
     let source = harness::seed_source(&b.sim, "crash-first");
-    // CopyImage in A answers; the CreateTags that follows it hangs, so the
-    // status (written after every action) is not written yet.
-    b.sim.add_fault(hang("CreateTags", A));
+    // CopyImage in A starts the copy, and its reply hangs, so the status
+    // (written after every action) does not record it yet.
+    b.sim.add_fault(hang("CopyImage", A).after_action());
     let op = b.launch.spawn();
     let obj = harness::create(&b.api, "first", harness::spec(&source, &[A, B])).await;
     let uid = obj.uid().unwrap();
@@ -101,7 +101,7 @@ async fn sigkill_after_first_copy_before_status_write() {
 async fn sigkill_after_every_copy_before_status_write() {
     let b = bed("crash-every", 12).await;
     let source = harness::seed_source(&b.sim, "crash-every");
-    b.sim.add_fault(hang("CreateTags", B));
+    b.sim.add_fault(hang("CopyImage", B).after_action());
     let op = b.launch.spawn();
     let obj = harness::create(&b.api, "every", harness::spec(&source, &[A, B])).await;
     let uid = obj.uid().unwrap();

@@ -89,8 +89,11 @@ async fn ec2_faults_converge_without_duplicates_and_bounded_calls() {
          {ops} EC2 operations, {calls} requests at the simulator, injected {injected:?}",
         REGIONS.len()
     );
+    // About 30 % of requests fail; a copy costs few requests now (no tag
+    // or snapshot calls on a peer that tags on creation), so some 50 to 60
+    // requests see 15 to 20 failures.
     assert!(
-        injected.values().sum::<u64>() >= 30,
+        injected.values().sum::<u64>() >= 10,
         "faults were injected: {injected:?}"
     );
     // The SDK makes at most 3 attempts per operation (structural); each
