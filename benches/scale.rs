@@ -59,6 +59,11 @@ struct Args {
     moto_sizes: Vec<usize>,
     paced_sizes: Vec<usize>,
     copy: Duration,
+    /// Where to write the figures as JSON.
+    json: Option<String>,
+    /// Largest N whose objects then move to a new source (the rollout
+    /// phase: publication, in-use look-ups, retirement).
+    rollout_max: usize,
 }
 
 /// A comma-separated list of object counts; empty for none.
@@ -78,6 +83,8 @@ fn args() -> Args {
         moto_sizes: Vec::new(),
         paced_sizes: Vec::new(),
         copy: Duration::from_secs(10),
+        json: None,
+        rollout_max: 1000,
         operator: std::env::var("AMICOPY_OPERATOR_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ami-copy-operator").into()),
     };
@@ -94,6 +101,8 @@ fn args() -> Args {
             "--interval-secs" => {
                 a.interval = Duration::from_secs(value().parse().expect("a number"))
             }
+            "--json" => a.json = Some(value()),
+            "--rollout-max" => a.rollout_max = value().parse().expect("a number"),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -120,6 +129,22 @@ struct Row {
     /// kube-apiserver requests but watches (verb resource[/sub]) from
     /// the copies turning available until all objects are Ready.
     ready_requests: BTreeMap<String, u64>,
+    /// The move of every object to a new source, up to `--rollout-max`.
+    rollout: Option<Rollout>,
+}
+
+/// Every object moved to a new source: copies, publication of the new IDs,
+/// the in-use look-ups of the old copies and their retirement.
+#[derive(Default)]
+struct Rollout {
+    /// From the first patch until every object has published the new
+    /// copies and retired the old ones.
+    done_s: Option<f64>,
+    /// EC2 calls in that phase, by operation.
+    calls: BTreeMap<String, u64>,
+    /// Reconciles in that phase (the operator's count), for the calls per
+    /// round.
+    reconciles: u64,
 }
 
 #[tokio::main]
@@ -148,6 +173,10 @@ async fn main() {
         }
     }
     print_ready_cpu(&rows);
+    print_rollouts(&rows);
+    if let Some(path) = &args.json {
+        write_json(path, &args, &rows);
+    }
     if !args.paced_sizes.is_empty() {
         println!();
         println!(
@@ -244,6 +273,117 @@ fn print_ready_cpu(rows: &[Row]) {
             requests.join(", ")
         );
     }
+}
+
+/// The rollout phase of each row that had one.
+fn print_rollouts(rows: &[Row]) {
+    if rows.iter().all(|r| r.rollout.is_none()) {
+        return;
+    }
+    println!();
+    println!(
+        "| tracking | N×3 | new source → published and old copies retired s | EC2 calls per object (by operation) | in-use look-ups (DescribeLaunchTemplateVersions + DescribeInstances) per region per 100 objects | reconciles per object |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        let Some(ro) = &r.rollout else { continue };
+        let n = r.n as f64;
+        let total: u64 = ro.calls.values().sum();
+        let per_op: Vec<String> = ro
+            .calls
+            .iter()
+            .map(|(op, c)| format!("{op} {:.2}", *c as f64 / n))
+            .collect();
+        println!(
+            "| {} | {} | {} | {:.2} ({}) | {:.2} | {:.2} |",
+            r.mode,
+            r.n,
+            seconds(ro.done_s),
+            total as f64 / n,
+            per_op.join(", "),
+            in_use_lookups(ro) as f64 / REGIONS.len() as f64 / n * 100.0,
+            ro.reconciles as f64 / n,
+        );
+    }
+}
+
+/// The in-use look-ups of a rollout: launch template versions and
+/// instances, every region.
+fn in_use_lookups(ro: &Rollout) -> u64 {
+    ["DescribeLaunchTemplateVersions", "DescribeInstances"]
+        .iter()
+        .map(|op| ro.calls.get(*op).copied().unwrap_or(0))
+        .sum()
+}
+
+/// The figures of every row as JSON, with the date, commit and machine.
+fn write_json(path: &str, args: &Args, rows: &[Row]) {
+    let per_object = |calls: &BTreeMap<String, u64>, n: usize| -> serde_json::Value {
+        calls
+            .iter()
+            .map(|(op, c)| (op.clone(), json!(*c as f64 / n as f64)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let records: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let total: u64 = r.calls.values().sum();
+            let operator_ready_cpu = r
+                .ready_cpu
+                .iter()
+                .find(|(name, _)| name == "operator")
+                .map(|(_, s)| *s);
+            let ready_cpu: serde_json::Map<String, serde_json::Value> = r
+                .ready_cpu
+                .iter()
+                .map(|(name, s)| (name.clone(), json!(s)))
+                .collect();
+            json!({
+                "tracking": r.mode,
+                "n": r.n,
+                "destinations": REGIONS.len(),
+                "apply_s": r.apply_s,
+                "copy_image_issued_s": r.issue_s,
+                "peak_rss_mib": r.rss_mib,
+                "ec2_calls_per_object": total as f64 / r.n as f64,
+                "ec2_calls_per_object_by_operation": per_object(&r.calls, r.n),
+                "describe_images_per_interval_per_region": r.describe_pending_per_interval,
+                "describe_images_per_drift_period_per_region_steady": r.describe_steady_per_resync,
+                "steady_calls_per_object_per_period": r.steady_calls_per_object,
+                "ready_after_available_s": r.ready_s,
+                "ready_intervals": r.ready_s.map(|s| s / args.interval.as_secs_f64()),
+                "operator_cpu_s": r.cpu_s,
+                "operator_cpu_s_while_turning_ready": operator_ready_cpu,
+                "operator_cpu_ms_per_object": operator_ready_cpu.map(|s| s * 1000.0 / r.n as f64),
+                "cpu_s_while_turning_ready_by_process": ready_cpu,
+                "apiserver_requests_per_object_while_turning_ready": per_object(&r.ready_requests, r.n),
+                "rollout": r.rollout.as_ref().map(|ro| json!({
+                    "published_and_retired_s": ro.done_s,
+                    "ec2_calls_per_object_by_operation": per_object(&ro.calls, r.n),
+                    "in_use_lookups_per_region_per_100_objects":
+                        in_use_lookups(ro) as f64 / REGIONS.len() as f64 / r.n as f64 * 100.0,
+                    "reconciles_per_object": ro.reconciles as f64 / r.n as f64,
+                })),
+            })
+        })
+        .collect();
+    let env = |k: &str| std::env::var(k).ok();
+    let doc = json!({
+        "date": env("AMICOPY_BENCH_DATE"),
+        "commit": env("AMICOPY_BENCH_COMMIT"),
+        "command": env("AMICOPY_BENCH_COMMAND"),
+        "machine": {
+            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "memory_gib": env("AMICOPY_BENCH_MEMORY_GIB"),
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
+        },
+        "tracking_interval_s": args.interval.as_secs_f64(),
+        "drift_period_s": resync(args).as_secs_f64(),
+        "records": records,
+    });
+    let text = serde_json::to_string_pretty(&doc).expect("JSON") + "\n";
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {path}: {e}"));
 }
 
 /// CPU seconds so far of the operator, the test bed's peers and this process.
@@ -526,7 +666,8 @@ impl Run {
                     "metadata": {"name": format!("copy-{i:05}")},
                     "spec": {"source": {"region": "us-east-1", "imageId": source},
                              "destinations": REGIONS.iter().map(|r| json!({"region": r})).collect::<Vec<_>>(),
-                             "name": format!("bench-{i:05}")},
+                             "name": format!("bench-{i:05}"),
+                             "publish": {"configMap": {"name": format!("copy-{i:05}-ids")}}},
                 }))
                 .unwrap();
                 async move { api.create(&PostParams::default(), &obj).await.map(drop) }
@@ -540,6 +681,20 @@ impl Run {
 
     /// EC2 calls by operation as the operator counts them (its /metrics).
     async fn operator_calls(&self) -> BTreeMap<String, u64> {
+        self.operator_counter("amicopy_ec2_calls_total{", "operation")
+            .await
+    }
+
+    /// Reconciles so far, whatever their outcome (the operator's count).
+    async fn reconciles(&self) -> u64 {
+        let by_outcome = self
+            .operator_counter("amicopy_reconciles_total{", "outcome")
+            .await;
+        by_outcome.values().sum()
+    }
+
+    /// A counter of the operator's /metrics, summed by one label.
+    async fn operator_counter(&self, prefix: &str, label: &str) -> BTreeMap<String, u64> {
         let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
             .await
             .expect("metrics");
@@ -548,24 +703,59 @@ impl Run {
             .unwrap();
         let mut body = String::new();
         conn.read_to_string(&mut body).await.unwrap();
-        let mut calls = BTreeMap::new();
-        for line in body
-            .lines()
-            .filter(|l| l.starts_with("amicopy_ec2_calls_total{"))
-        {
-            let op = line
-                .split("operation=\"")
+        let mut out = BTreeMap::new();
+        for line in body.lines().filter(|l| l.starts_with(prefix)) {
+            let value = line
+                .split(&format!("{label}=\""))
                 .nth(1)
                 .and_then(|r| r.split('"').next())
                 .unwrap_or("?");
             let n: u64 = line
                 .rsplit(' ')
                 .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            *calls.entry(op.to_owned()).or_default() += n;
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+            *out.entry(value.to_owned()).or_default() += n;
         }
-        calls
+        out
+    }
+
+    /// Moves every object to `source` (a merge patch, 32 at a time).
+    async fn move_to(&self, source: &str, n: usize) {
+        stream::iter(0..n)
+            .map(|i| {
+                let api = self.api.clone();
+                let patch = json!({"spec": {"source": {"region": "us-east-1", "imageId": source}}});
+                async move {
+                    api.patch(
+                        &format!("copy-{i:05}"),
+                        &kube::api::PatchParams::default(),
+                        &kube::api::Patch::Merge(patch),
+                    )
+                    .await
+                    .map(drop)
+                }
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<_>>()
+            .await
+            .expect("patch the AmiCopies");
+    }
+
+    /// Objects that published the copies of `source` and retired the rest.
+    fn rolled_out(&self, source: &str) -> usize {
+        self.reader
+            .state()
+            .iter()
+            .filter(|o| {
+                o.status.as_ref().is_some_and(|s| {
+                    s.retiring.is_empty()
+                        && s.published
+                            .as_ref()
+                            .is_some_and(|p| p.source_image_id == source)
+                })
+            })
+            .count()
     }
 
     async fn stop(mut self) -> (f64, f64) {
@@ -639,8 +829,15 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         .map(|(k, v)| v - before.get(k).copied().unwrap_or(0))
         .sum();
 
+    let cycle = counts(&sim);
+    let rollout = if n <= args.rollout_max {
+        Some(rollout(&sim, &run, n).await)
+    } else {
+        None
+    };
+
     let mut calls = BTreeMap::new();
-    for ((action, _), c) in counts(&sim) {
+    for ((action, _), c) in cycle {
         if !matches!(
             action.as_str(),
             "RegisterImage" | "CreateVolume" | "CreateSnapshot"
@@ -663,6 +860,50 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         cpu_s,
         ready_cpu,
         ready_requests,
+        rollout,
+    }
+}
+
+/// Every object moves to a new source: N × 3 copies, then publication of
+/// their IDs, the in-use look-ups of the old copies and their retirement.
+async fn rollout(sim: &Simulator, run: &Run, n: usize) -> Rollout {
+    let next = sim.seed_image(SeedImage {
+        region: "us-east-1".into(),
+        name: format!("bench-next-{n}"),
+        ..SeedImage::default()
+    });
+    let before = counts(sim);
+    let reconciles = run.reconciles().await;
+    let start = Instant::now();
+    run.move_to(&next, n).await;
+    while start.elapsed() < deadline(n) && copies_issued(sim) < 6 * n {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sim.finish_copies();
+    let mut done_s = None;
+    while start.elapsed() < deadline(n) * 2 {
+        if run.rolled_out(&next) >= n {
+            done_s = Some(start.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut calls = BTreeMap::new();
+    for (key, after) in counts(sim) {
+        let delta = after - before.get(&key).copied().unwrap_or(0);
+        if delta > 0
+            && !matches!(
+                key.0.as_str(),
+                "RegisterImage" | "CreateVolume" | "CreateSnapshot"
+            )
+        {
+            *calls.entry(key.0).or_default() += delta;
+        }
+    }
+    Rollout {
+        done_s,
+        calls,
+        reconciles: run.reconciles().await - reconciles,
     }
 }
 

@@ -6,6 +6,7 @@
 #   hack/bench.sh [--sizes 100,1000,10000] [--modes batched,per-object]
 #                 [--naive-max 1000] [--interval-secs 5] [--moto-sizes 100,1000]
 #                 [--paced-sizes 100] [--copy-secs 10]
+#                 [--rollout-max 1000] [--json FILE]
 #
 # The release build takes about 20 minutes on 2 cores the first time; it goes
 # to its own target directory so that it never blocks the test build.
@@ -36,6 +37,11 @@ for p in kube-apiserver etcd; do
 done
 export AMICOPY_BENCH_PEERS="$peers"
 
-echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; hack/bench.sh $*"
+# What --json records beside the figures.
+export AMICOPY_BENCH_DATE="$(date -u +%FT%TZ)"
+export AMICOPY_BENCH_COMMIT="$(git rev-parse HEAD)$(git diff --quiet HEAD -- src benches Cargo.lock || echo -dirty)"
+export AMICOPY_BENCH_COMMAND="hack/bench.sh $*"
+export AMICOPY_BENCH_MEMORY_GIB="$(free -g | awk '/Mem:/ {print $2}')"
+echo "# $(date -u +%F) $(nproc) cores, $AMICOPY_BENCH_MEMORY_GIB GiB; hack/bench.sh $*"
 AMICOPY_OPERATOR_BIN="$CARGO_TARGET_DIR/release/ami-copy-operator" \
   cargo bench --locked --bench scale -- "$@"

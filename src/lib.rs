@@ -15,6 +15,7 @@ pub mod policy;
 pub mod server;
 pub mod status;
 pub mod tracker;
+pub mod usage;
 
 pub use api::{AmiCopy, AmiCopySpec, AmiCopyStatus};
 pub use error::{Error, Result};

@@ -17,6 +17,7 @@ use crate::plan::ownership::{self, Ownership};
 use crate::plan::{
     Action, Claim, Copied, CopyFailure, Meta, Outcome, Plan, Retirement, Retiring, Scopes, Sharing,
 };
+use crate::usage::Users;
 
 /// What the actions of one plan did, and the first error among them.
 pub(super) struct Acted {
@@ -58,7 +59,8 @@ pub(super) async fn act<E: Ec2>(plan: &Plan, m: &Meta, scopes: &Scopes, ctx: &Co
 }
 
 /// What uses the copies this plan retires, per region: one look-up per
-/// region for all of them, right before they are retired.
+/// region for all of them, shared with the other objects retiring copies
+/// there (`usage`), right before they are retired.
 async fn users_by_region<E: Ec2>(
     plan: &Plan,
     scopes: &Scopes,
@@ -74,14 +76,14 @@ async fn users_by_region<E: Ec2>(
     }
     let lookups = by_region.into_iter().map(|(region, ids)| async move {
         let scope = scopes.of(region);
-        let found = ctx.ec2.images_in_use(&scope, &ids).await;
+        let found = ctx
+            .lookups
+            .users(&ctx.ec2, &scope, &ids, crate::usage::WINDOW)
+            .await;
         (region.to_owned(), found)
     });
     future::join_all(lookups).await.into_iter().collect()
 }
-
-/// What uses each image of a region, or why EC2 could not say.
-pub(super) type Users = std::result::Result<BTreeMap<String, Vec<String>>, crate::ec2::Ec2Error>;
 
 /// Whether a copy may be retired now, and how.
 pub(super) struct Check<'a> {

@@ -53,6 +53,8 @@ pub struct Context<E> {
     pub config: Config,
     /// Shared batched tracking; `None` when each object polls its own targets.
     pub tracker: Option<Tracker>,
+    /// In-use look-ups of copies about to be retired, batched per scope.
+    pub lookups: crate::usage::Lookups,
     wake: tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<AmiCopy>>>>,
     failures: Mutex<HashMap<ObjectRef<AmiCopy>, u32>>,
     /// Per object, the resourceVersion its last status write replaced: a
@@ -85,6 +87,7 @@ impl<E: Ec2> Context<E> {
             metrics,
             config,
             tracker,
+            lookups: crate::usage::Lookups::default(),
             wake: tokio::sync::Mutex::new(wake),
             failures: Mutex::default(),
             superseded: Mutex::default(),
