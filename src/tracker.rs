@@ -35,7 +35,7 @@ type Key = (Scope, String);
 
 struct Entry {
     // Boxed: the map holds its entries inline, with room to spare.
-    info: Option<Box<ImageInfo>>,
+    info: Option<Box<Compact>>,
     /// Seen in a DescribeImages answer at least once.
     seen: bool,
     /// The operator tagged it (the peer left it untagged on creation).
@@ -45,6 +45,80 @@ struct Entry {
     // Almost always one object: a Vec made for one is a fraction of the
     // memory of a set, and there are tens of thousands of entries.
     watchers: Vec<ObjectRef<AmiCopy>>,
+}
+
+/// What the planner reads of a target, in as little memory as it takes:
+/// tens of thousands are kept. EC2's description of an image holds much
+/// more (owner, device and virtualization types, ...) that only a source
+/// needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Compact {
+    state: TargetState,
+    state_reason: Option<Box<str>>,
+    name: Option<Box<str>>,
+    tags: Box<[(Box<str>, Box<str>)]>,
+    snapshots: Box<[(Box<str>, bool, Option<Box<str>>)]>,
+    creation_date: Option<Box<str>>,
+    deprecation_time: Option<Box<str>>,
+    source_image_id: Option<Box<str>>,
+    deregistration_protection: Option<Box<str>>,
+}
+
+impl From<ImageInfo> for Compact {
+    fn from(i: ImageInfo) -> Self {
+        let boxed = |s: Option<String>| s.map(String::into_boxed_str);
+        Self {
+            state: i.state,
+            state_reason: boxed(i.state_reason),
+            name: boxed(i.name),
+            tags: i
+                .tags
+                .into_iter()
+                .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+                .collect(),
+            snapshots: i
+                .snapshots
+                .into_iter()
+                .map(|s| (s.id.into_boxed_str(), s.encrypted, boxed(s.kms_key_id)))
+                .collect(),
+            creation_date: boxed(i.creation_date),
+            deprecation_time: boxed(i.deprecation_time),
+            source_image_id: boxed(i.source_image_id),
+            deregistration_protection: boxed(i.deregistration_protection),
+        }
+    }
+}
+
+impl Compact {
+    /// The image as the planner reads it.
+    fn expand(&self, id: &str) -> ImageInfo {
+        let string = |s: &Option<Box<str>>| s.as_deref().map(str::to_owned);
+        ImageInfo {
+            id: id.to_owned(),
+            name: string(&self.name),
+            state: self.state.clone(),
+            state_reason: string(&self.state_reason),
+            tags: self
+                .tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            snapshots: self
+                .snapshots
+                .iter()
+                .map(|(id, encrypted, kms)| crate::ec2::SnapshotRef {
+                    id: id.to_string(),
+                    encrypted: *encrypted,
+                    kms_key_id: string(kms),
+                })
+                .collect(),
+            creation_date: string(&self.creation_date),
+            deprecation_time: string(&self.deprecation_time),
+            source_image_id: string(&self.source_image_id),
+            deregistration_protection: string(&self.deregistration_protection),
+            ..ImageInfo::default()
+        }
+    }
 }
 
 impl Entry {
@@ -155,7 +229,7 @@ impl Tracker {
 
     pub fn lookup(&self, scope: &Scope, id: &str) -> Known {
         match self.state().images.get(&(scope.clone(), id.to_owned())) {
-            Some(e) => Known::Image(e.info.as_deref().cloned()),
+            Some(e) => Known::Image(e.info.as_ref().map(|c| c.expand(id))),
             None => Known::Unknown,
         }
     }
@@ -435,7 +509,7 @@ impl Tracker {
             let before = match found.remove(id) {
                 Some(info) => {
                     entry.seen = true;
-                    entry.info.replace(Box::new(info))
+                    entry.info.replace(Box::new(info.into()))
                 }
                 // Not listed yet: a new copy gets some time before it counts as gone.
                 None if !entry.seen && entry.since.elapsed() < grace => continue,
@@ -525,7 +599,7 @@ fn upsert(
             watchers: vec![watcher.clone()],
         });
     if listed || entry.info.is_none() {
-        entry.info = Some(Box::new(info));
+        entry.info = Some(Box::new(info.into()));
     }
     entry.seen |= listed;
     if !entry.watchers.contains(watcher) {
