@@ -145,6 +145,10 @@ struct Rollout {
     /// Reconciles in that phase (the operator's count), for the calls per
     /// round.
     reconciles: u64,
+    /// The operator's peak RSS by the end of the phase, and its CPU
+    /// seconds in it.
+    peak_rss_mib: f64,
+    cpu_s: f64,
 }
 
 #[tokio::main]
@@ -282,9 +286,9 @@ fn print_rollouts(rows: &[Row]) {
     }
     println!();
     println!(
-        "| tracking | N×3 | new source → published and old copies retired s | EC2 calls per object (by operation) | in-use look-ups (DescribeLaunchTemplateVersions + DescribeInstances) per region per 100 objects | reconciles per object |"
+        "| tracking | N×3 | new source → published and old copies retired s | EC2 calls per object (by operation) | in-use look-ups (DescribeLaunchTemplateVersions + DescribeInstances) per region per 100 objects | reconciles per object | peak RSS MiB by its end | CPU s |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
         let Some(ro) = &r.rollout else { continue };
         let n = r.n as f64;
@@ -295,7 +299,7 @@ fn print_rollouts(rows: &[Row]) {
             .map(|(op, c)| format!("{op} {:.2}", *c as f64 / n))
             .collect();
         println!(
-            "| {} | {} | {} | {:.2} ({}) | {:.2} | {:.2} |",
+            "| {} | {} | {} | {:.2} ({}) | {:.2} | {:.2} | {:.1} | {:.1} |",
             r.mode,
             r.n,
             seconds(ro.done_s),
@@ -303,6 +307,8 @@ fn print_rollouts(rows: &[Row]) {
             per_op.join(", "),
             in_use_lookups(ro) as f64 / REGIONS.len() as f64 / n * 100.0,
             ro.reconciles as f64 / n,
+            ro.peak_rss_mib,
+            ro.cpu_s,
         );
     }
 }
@@ -364,6 +370,8 @@ fn write_json(path: &str, args: &Args, rows: &[Row]) {
                     "in_use_lookups_per_region_per_100_objects":
                         in_use_lookups(ro) as f64 / REGIONS.len() as f64 / r.n as f64 * 100.0,
                     "reconciles_per_object": ro.reconciles as f64 / r.n as f64,
+                    "peak_rss_mib": ro.peak_rss_mib,
+                    "operator_cpu_s": ro.cpu_s,
                 })),
             })
         })
@@ -830,6 +838,8 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
         .sum();
 
     let cycle = counts(&sim);
+    // The copy cycle's own footprint, before the rollout phase adds its own.
+    let (rss_mib, cpu_s) = usage(run.pid);
     let rollout = if n <= args.rollout_max {
         Some(rollout(&sim, &run, n).await)
     } else {
@@ -845,7 +855,12 @@ async fn scenario(kube: &Client, args: &Args, mode: &str, n: usize) -> Row {
             *calls.entry(action).or_default() += c;
         }
     }
-    let (rss_mib, cpu_s) = run.stop().await;
+    let (rollout_rss, rollout_cpu) = run.stop().await;
+    let rollout = rollout.map(|r| Rollout {
+        peak_rss_mib: rollout_rss,
+        cpu_s: rollout_cpu - cpu_s,
+        ..r
+    });
     Row {
         mode: mode.into(),
         n,
@@ -904,6 +919,7 @@ async fn rollout(sim: &Simulator, run: &Run, n: usize) -> Rollout {
         done_s,
         calls,
         reconciles: run.reconciles().await - reconciles,
+        ..Rollout::default()
     }
 }
 

@@ -57,12 +57,15 @@ struct Compact {
     state_reason: Option<Box<str>>,
     name: Option<Box<str>>,
     tags: Box<[(Box<str>, Box<str>)]>,
-    snapshots: Box<[(Box<str>, bool, Option<Box<str>>)]>,
+    snapshots: Box<[Snapshot]>,
     creation_date: Option<Box<str>>,
     deprecation_time: Option<Box<str>>,
     source_image_id: Option<Box<str>>,
     deregistration_protection: Option<Box<str>>,
 }
+
+/// A snapshot of a target: its ID, whether it is encrypted, its KMS key.
+type Snapshot = (Box<str>, bool, Option<Box<str>>);
 
 impl From<ImageInfo> for Compact {
     fn from(i: ImageInfo) -> Self {

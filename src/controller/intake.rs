@@ -41,9 +41,15 @@ pub(super) fn read_event(
     let read = |mut raw: DynamicObject| {
         raw.managed_fields_mut().clear();
         raw.annotations_mut().remove(LAST_APPLIED);
-        serde_json::to_value(&raw)
-            .and_then(serde_json::from_value::<AmiCopy>)
-            .map_err(|e| Box::new((raw, e.to_string())))
+        match typed(&raw) {
+            Ok((spec, status)) => {
+                let mut obj = AmiCopy::new(&raw.name_any(), spec);
+                obj.metadata = std::mem::take(&mut raw.metadata);
+                obj.status = status;
+                Ok(obj)
+            }
+            Err(e) => Err(Box::new((raw, e.to_string()))),
+        }
     };
     let cached = |raw: &DynamicObject| {
         let key = ObjectRef::new(&raw.name_any()).within(&raw.namespace().unwrap_or_default());
@@ -72,6 +78,18 @@ pub(super) fn read_event(
             Err(unread) => cached(&unread.0),
         },
     }
+}
+
+/// The spec and status of an object, read in place from the JSON the watch
+/// brought (no copy of it is made).
+fn typed(raw: &DynamicObject) -> serde_json::Result<(AmiCopySpec, Option<AmiCopyStatus>)> {
+    use serde::Deserialize;
+    let spec = AmiCopySpec::deserialize(raw.data.get("spec").unwrap_or(&serde_json::Value::Null))?;
+    let status = match raw.data.get("status") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(status) => Some(AmiCopyStatus::deserialize(status)?),
+    };
+    Ok((spec, status))
 }
 
 /// Reports an object that cannot be read, retrying a failed report a few

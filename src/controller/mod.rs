@@ -18,7 +18,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
-use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
@@ -273,7 +273,18 @@ pub async fn run<E: Ec2>(
             })
         })
         .reflect(writer)
-        .touched_objects();
+        .touched_objects()
+        // The operator's own status writes come back through the watch; they
+        // need no reconcile (each would plan again to find nothing to do).
+        // What does: the spec (generation, which deletion bumps too), the
+        // annotations (pins, pause), labels and finalizers.
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::annotations)
+                .combine(predicates::labels)
+                .combine(predicates::finalizers),
+            Default::default(),
+        );
     let ((policies, namespaces), governance) = watch_governance(&ctx.client);
     let (policy_tx, policy_rx) = futures::channel::mpsc::unbounded();
     *ctx.governance.write().expect("governance lock") =

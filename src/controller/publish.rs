@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use tracing::info;
 
@@ -42,15 +42,6 @@ async fn try_publish<E: Ec2>(
     ctx: &Context<E>,
 ) -> Result<std::result::Result<(), String>> {
     let scope_of = |param: &PublishedParameter| scopes.of(&param.region);
-    let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &m.namespace);
-    if let Some((name, _)) = &p.config_map
-        && let Some(existing) = configmaps.get_opt(name).await.map_err(Error::Kube)?
-        && !owned(&existing, &m.uid)
-    {
-        return Ok(Err(format!(
-            "ConfigMap {name} exists and is not owned by this AmiCopy; it is left untouched"
-        )));
-    }
     for param in &p.parameters {
         let scope = scope_of(param);
         let value = ctx.ec2.get_parameter(&scope, &param.name).await?;
@@ -61,15 +52,20 @@ async fn try_publish<E: Ec2>(
             )));
         }
     }
+    if let Some((name, data)) = &p.config_map {
+        let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &m.namespace);
+        let cm = config_map(name, data, m);
+        if let Err(why) = write_config_map(&configmaps, cm, m, p.config_map_written).await? {
+            return Ok(Err(why));
+        }
+        info!(configmap = %name, "published");
+    }
     for param in &p.parameters {
         let scope = scope_of(param);
         ctx.ec2
             .put_parameter(&scope, &param.name, &param.image_id)
             .await?;
         info!(region = %param.region, parameter = %param.name, image = %param.image_id, "published");
-    }
-    if let Some((name, data)) = &p.config_map {
-        apply_config_map(&configmaps, name, data, m).await?;
     }
     for param in &p.stale {
         let scope = recorded_scope(param, m);
@@ -114,14 +110,9 @@ fn owned(cm: &ConfigMap, uid: &str) -> bool {
     cm.owner_references().iter().any(|o| o.uid == uid)
 }
 
-/// Writes the ConfigMap by server-side apply, owned by the AmiCopy so that
-/// it goes with it.
-async fn apply_config_map(
-    api: &Api<ConfigMap>,
-    name: &str,
-    data: &BTreeMap<String, String>,
-    m: &Meta,
-) -> Result<()> {
+/// The ConfigMap of a publication, owned by the AmiCopy so that it goes with
+/// it.
+fn config_map(name: &str, data: &BTreeMap<String, String>, m: &Meta) -> ConfigMap {
     let owner = OwnerReference {
         api_version: AmiCopy::api_version(&()).into_owned(),
         kind: AmiCopy::kind(&()).into_owned(),
@@ -130,24 +121,53 @@ async fn apply_config_map(
         controller: Some(true),
         block_owner_deletion: None,
     };
-    let cm = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "namespace": m.namespace,
-            "ownerReferences": [owner],
-            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(m.namespace.clone()),
+            owner_references: Some(vec![owner]),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                FIELD_MANAGER.to_owned(),
+            )])),
+            ..ObjectMeta::default()
         },
-        "data": data,
-    });
+        data: Some(data.clone()),
+        ..ConfigMap::default()
+    }
+}
+
+/// Writes the ConfigMap: by server-side apply over one this object wrote
+/// before; else created, and, when one of that name exists, applied over
+/// only if this AmiCopy owns it. `Ok(Err(why))` when someone else does.
+async fn write_config_map(
+    api: &Api<ConfigMap>,
+    cm: ConfigMap,
+    m: &Meta,
+    written: bool,
+) -> Result<std::result::Result<(), String>> {
+    let name = cm.name_any();
+    if !written {
+        match api.create(&PostParams::default(), &cm).await {
+            Ok(_) => return Ok(Ok(())),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let existing = api.get(&name).await.map_err(Error::Kube)?;
+                if !owned(&existing, &m.uid) {
+                    return Ok(Err(format!(
+                        "ConfigMap {name} exists and is not owned by this AmiCopy; it is left untouched"
+                    )));
+                }
+            }
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    }
+    // k8s-openapi writes the apiVersion and kind server-side apply needs.
     api.patch(
-        name,
+        &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(cm),
+        &Patch::Apply(&cm),
     )
     .await
     .map_err(Error::Kube)?;
-    info!(configmap = %name, "published");
-    Ok(())
+    Ok(Ok(()))
 }

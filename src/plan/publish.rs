@@ -17,6 +17,9 @@ pub struct Publication {
     pub record: Option<Published>,
     /// The ConfigMap to write: its name and data.
     pub config_map: Option<(String, BTreeMap<String, String>)>,
+    /// The ConfigMap is one this object wrote before (the last publication
+    /// names it): it is written over without being read first.
+    pub config_map_written: bool,
     /// The SSM parameters to write.
     pub parameters: Vec<PublishedParameter>,
     /// Parameters written before that are no longer wanted: deleted while
@@ -94,7 +97,12 @@ pub fn plan(input: &Input, destinations: &[TargetStatus]) -> Result<Option<Publi
         .filter_map(|t| t.image_id.clone())
         .chain(prev.into_iter().flat_map(|p| p.images.values().cloned()))
         .collect();
+    let config_map_written = match (&config_map, prev) {
+        (Some((name, _)), Some(p)) => p.config_map.as_ref() == Some(name),
+        _ => false,
+    };
     Ok(Some(Publication {
+        config_map_written,
         parameters: want
             .as_ref()
             .map(|w| w.ssm_parameters.clone())

@@ -169,6 +169,11 @@ pub fn record(plan: Plan, outcomes: Vec<Outcome>, previous: &[Condition], now: &
         }
         notes.extend(fold(&mut status, outcome));
     }
+    // The publication names every copy: one Event says they are available
+    // and published, not one more per kind of news.
+    if notes.iter().any(|n| n.reason == reason::PUBLISHED) {
+        notes.retain(|n| n.reason != reason::COPY_AVAILABLE);
+    }
     summarize(&mut status, global, previous, now);
     let busy = planned_busy || busy(&status);
     Recorded {

@@ -1590,6 +1590,16 @@ fn ids_are_published_only_once_every_destination_is_available() {
     );
     assert!(publication.ours.contains("ami-00000000000000001"));
     assert!(!publication.ours.contains(SRC), "the source is not a copy");
+    assert!(!publication.config_map_written, "created, not written over");
+    // Published: one Event names the copies, instead of CopyAvailable too.
+    let done = record(
+        p.clone(),
+        vec![Outcome::Published(publication.record.clone())],
+        &[],
+        &now(),
+    );
+    let reasons: Vec<&str> = done.notes.iter().map(|n| n.reason).collect();
+    assert_eq!(reasons, vec![reason::PUBLISHED]);
 
     // Recorded: nothing more to publish while nothing changes.
     let mut status = p.status.clone();

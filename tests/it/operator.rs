@@ -502,9 +502,13 @@ async fn sim_snapshots_a_retired_copy_left_are_deleted_later() {
         "a deregistered copy with snapshots to delete",
         |o| {
             o.status.as_ref().is_some_and(|st| {
-                st.retiring
-                    .iter()
-                    .any(|r| r.region == "eu-central-1" && !r.snapshots_to_delete.is_empty())
+                // Deregistered: the entry written ahead of the
+                // deregistration names the snapshots already.
+                st.retiring.iter().any(|r| {
+                    r.region == "eu-central-1"
+                        && r.state.as_str() == "deregistered"
+                        && !r.snapshots_to_delete.is_empty()
+                })
             })
         },
     )
