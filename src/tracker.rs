@@ -73,7 +73,9 @@ impl From<ImageInfo> for Compact {
         Self {
             state: i.state,
             state_reason: boxed(i.state_reason),
-            name: boxed(i.name),
+            // Only an untagged copy's name is ever read (to tell it is this
+            // object's): a tagged one's is not kept.
+            name: boxed(i.name).filter(|_| !i.tags.contains_key(crate::api::UID_TAG)),
             tags: i
                 .tags
                 .into_iter()

@@ -9,7 +9,7 @@
 //! - [`cleanup`]: the finalizer's clean-up when an object is deleted;
 //! - [`report`]: the status write, Events.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{StreamExt, future};
@@ -65,7 +65,8 @@ pub struct Context<E> {
     /// the current run see them.
     governance: RwLock<Option<(Store<AmiCopyPolicy>, Store<Namespace>)>>,
     /// Each object's conditions as the objects gauge last counted them.
-    counted: Mutex<HashMap<ObjectRef<AmiCopy>, Vec<ConditionLabels>>>,
+    /// Shared: thousands of objects have the same few sets of conditions.
+    counted: Mutex<Counted>,
 }
 
 impl<E: Ec2> Context<E> {
@@ -132,12 +133,7 @@ impl<E: Ec2> Context<E> {
         conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     ) {
         let new = Metrics::condition_labels(conditions);
-        let mut counted = self.counted.lock().expect("counted lock");
-        let old = if new.is_empty() {
-            counted.remove(&key)
-        } else {
-            counted.insert(key, new.clone())
-        };
+        let old = self.counted.lock().expect("counted lock").set(key, &new);
         self.metrics
             .object_conditions(old.as_deref().unwrap_or_default(), &new);
     }
@@ -166,6 +162,45 @@ impl<E: Ec2> Context<E> {
         }
         selected.sort_by(|a, b| a.name.cmp(&b.name));
         selected
+    }
+}
+
+/// The conditions the objects gauge counted for each object, each set of
+/// them kept once.
+#[derive(Default)]
+struct Counted {
+    by_object: HashMap<ObjectRef<AmiCopy>, Arc<[ConditionLabels]>>,
+    sets: HashSet<Arc<[ConditionLabels]>>,
+}
+
+impl Counted {
+    /// Records `labels` for `key` (none: forgets it); what was recorded
+    /// before.
+    fn set(
+        &mut self,
+        key: ObjectRef<AmiCopy>,
+        labels: &[ConditionLabels],
+    ) -> Option<Arc<[ConditionLabels]>> {
+        let old = if labels.is_empty() {
+            self.by_object.remove(&key)
+        } else {
+            let shared = match self.sets.get(labels) {
+                Some(set) => set.clone(),
+                None => {
+                    let set: Arc<[ConditionLabels]> = labels.into();
+                    self.sets.insert(set.clone());
+                    set
+                }
+            };
+            self.by_object.insert(key, shared)
+        };
+        // A set no object has any more goes.
+        if let Some(set) = &old
+            && Arc::strong_count(set) == 2
+        {
+            self.sets.remove(set.as_ref());
+        }
+        old
     }
 }
 
@@ -356,4 +391,39 @@ pub async fn run<E: Ec2>(
 /// The cache key of the object `m` describes.
 fn object_ref(m: &crate::plan::Meta) -> ObjectRef<AmiCopy> {
     ObjectRef::new(&m.name).within(&m.namespace)
+}
+
+#[cfg(test)]
+mod counted_tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    use super::*;
+
+    #[test]
+    fn objects_with_the_same_conditions_share_one_set_and_it_goes_with_the_last() {
+        let ready = |status: &str| {
+            Metrics::condition_labels(&[Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                reason: "Available".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+            }])
+        };
+        let key = |name: &str| ObjectRef::<AmiCopy>::new(name).within("ns");
+        let mut counted = Counted::default();
+        assert!(counted.set(key("a"), &ready("True")).is_none());
+        assert!(counted.set(key("b"), &ready("True")).is_none());
+        assert_eq!(counted.sets.len(), 1, "one set for both");
+        let old = counted.set(key("a"), &ready("False")).unwrap();
+        assert_eq!(old.as_ref(), ready("True").as_slice());
+        assert_eq!(counted.sets.len(), 2);
+        drop(old);
+        counted.set(key("b"), &[]);
+        assert_eq!(counted.sets.len(), 1, "the set nobody has goes");
+        assert_eq!(counted.by_object.len(), 1);
+    }
 }

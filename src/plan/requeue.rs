@@ -24,7 +24,10 @@ pub fn after(
         .destinations
         .iter()
         .any(|d| matches!(d.state, TargetState::Waiting | TargetState::Queued));
-    let next = if busy && (!config.batched() || unstarted) {
+    // Retiring is the object's own work, step by step (name the snapshots,
+    // deregister, delete what is left): no tracker wakes it for that.
+    let retiring = status.retiring.iter().any(|r| r.used_by.is_empty());
+    let next = if busy && (!config.batched() || unstarted || retiring) {
         config.poll_interval
     } else if config.batched() {
         // The tracker re-checks every target each drift period and wakes the
@@ -128,6 +131,32 @@ mod tests {
                 "{tracking:?} {state} busy={busy} selector={selector}"
             );
         }
+    }
+
+    #[test]
+    fn an_older_copy_to_retire_is_looked_at_again_soon_even_when_batched() {
+        let config = Config {
+            poll_interval: Duration::from_secs(15),
+            ..Config::default()
+        };
+        let mut st = status(TargetState::Available);
+        st.retiring.push(TargetStatus {
+            region: "eu-west-1".into(),
+            image_id: Some("ami-00000000000000001".into()),
+            ..TargetStatus::default()
+        });
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        assert_eq!(
+            after(&config, &spec(false), &st, true, &now),
+            Duration::from_secs(15),
+            "no tracker wakes it for the next step"
+        );
+        st.retiring[0].used_by = vec!["instance i-1 (running)".into()];
+        assert_eq!(
+            after(&config, &spec(false), &st, false, &now),
+            config.in_use_recheck_interval,
+            "kept in use: its own schedule"
+        );
     }
 
     #[test]
