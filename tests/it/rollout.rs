@@ -629,3 +629,73 @@ async fn sim_a_paused_object_makes_no_ec2_call_and_resumes() {
     );
     b.op.stop().await;
 }
+
+/// `lastLaunchedWithin`: an older copy launched within the window is kept
+/// (EC2's lastLaunchedTime, which the simulator sets at RunInstances), even
+/// once the instance is gone; without the window it is retired.
+#[tokio::test]
+async fn sim_a_copy_launched_lately_is_kept_within_the_window() {
+    let peer = Peer::sim().await;
+    let b = bed(&peer, "launched").await;
+    let ec2 = peer.ec2(EU);
+    let source = peer.seed_source("launched").await;
+    create(
+        &b.api,
+        "golden",
+        json!({"source": {"region": SOURCE_REGION, "imageId": source},
+               "destinations": [{"region": EU}],
+               "retirement": {"lastLaunchedWithin": "1h"}}),
+    )
+    .await;
+    let o = wait_for(&b.api, "golden", "ready", is_ready).await;
+    let old = target_of(&o, EU).unwrap();
+    let run = ec2
+        .run_instances()
+        .image_id(&old)
+        .instance_type(InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("RunInstances");
+    let instance = run.instances()[0].instance_id().unwrap().to_owned();
+    ec2.terminate_instances()
+        .instance_ids(&instance)
+        .send()
+        .await
+        .expect("TerminateInstances");
+    let next = peer.seed_source("launched-next").await;
+    patch_spec(
+        &b.api,
+        "golden",
+        json!({"source": {"region": SOURCE_REGION, "imageId": next}}),
+    )
+    .await;
+    let o = wait_for(&b.api, "golden", "kept: launched within the hour", |o| {
+        o.status.as_ref().is_some_and(|s| {
+            s.retiring
+                .iter()
+                .any(|r| r.used_by.iter().any(|u| u.starts_with("launched at ")))
+        })
+    })
+    .await;
+    assert_eq!(
+        o.status.unwrap().retiring[0].used_by.len(),
+        1,
+        "no instance runs"
+    );
+    assert!(ec2peer::describe_image(&ec2, &old).await.is_some());
+
+    patch_spec(
+        &b.api,
+        "golden",
+        json!({"retirement": {"lastLaunchedWithin": null}}),
+    )
+    .await;
+    wait_for(&b.api, "golden", "retired without the window", |o| {
+        o.status.as_ref().is_some_and(|s| s.retiring.is_empty())
+    })
+    .await;
+    assert!(ec2peer::describe_image(&ec2, &old).await.is_none());
+    b.op.stop().await;
+}
