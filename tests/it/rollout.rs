@@ -80,6 +80,46 @@ fn data(cm: &ConfigMap) -> BTreeMap<String, String> {
     cm.data.clone().unwrap_or_default()
 }
 
+/// Creates the object `golden`, copying a source seeded for it to `EU`, with
+/// `extra` in its spec; waits until it is Ready and returns its copy.
+async fn ready_copy(peer: &Peer, b: &Bed, seed: &str, extra: serde_json::Value) -> String {
+    let source = peer.seed_source(seed).await;
+    let mut spec = json!({"source": {"region": SOURCE_REGION, "imageId": source},
+                          "destinations": [{"region": EU}]});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    create(&b.api, "golden", spec).await;
+    let o = wait_for(&b.api, "golden", "ready", is_ready).await;
+    target_of(&o, EU).expect("a copy in EU")
+}
+
+/// Moves the object `name` to a new source seeded for it; the source's ID.
+async fn new_source(peer: &Peer, api: &Api<AmiCopy>, name: &str, seed: &str) -> String {
+    let next = peer.seed_source(seed).await;
+    patch_spec(
+        api,
+        name,
+        json!({"source": {"region": SOURCE_REGION, "imageId": next}}),
+    )
+    .await;
+    next
+}
+
+/// Launches one instance of `image`; its ID.
+async fn run_instance(ec2: &aws_sdk_ec2::Client, image: &str) -> String {
+    let run = ec2
+        .run_instances()
+        .image_id(image)
+        .instance_type(InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("RunInstances");
+    run.instances()[0].instance_id().unwrap().to_owned()
+}
+
 fn available_in(o: &AmiCopy, region: &str, source: &str) -> bool {
     o.status.as_ref().is_some_and(|s| {
         s.destinations.iter().any(|d| {
@@ -179,13 +219,7 @@ async fn sim_ids_are_published_only_when_every_destination_is_available() {
 
     // A new source: the consumers keep the old IDs until every new copy is
     // available, and the old copies stay until then.
-    let next = peer.seed_source("published-next").await;
-    patch_spec(
-        &b.api,
-        "golden",
-        json!({"source": {"region": SOURCE_REGION, "imageId": next}}),
-    )
-    .await;
+    let next = new_source(&peer, &b.api, "golden", "published-next").await;
     wait_for(&b.api, "golden", "the new copies started", |o| {
         o.status.as_ref().is_some_and(|s| {
             s.destinations.iter().all(|d| {
@@ -336,13 +370,7 @@ async fn sim_a_protected_copy_survives_others_and_is_retired_in_time() {
         .expect("still there");
     assert_eq!(image.state(), Some(&ImageState::Available));
 
-    let next = peer.seed_source("protected-next").await;
-    patch_spec(
-        &b.api,
-        "golden",
-        json!({"source": {"region": SOURCE_REGION, "imageId": next}}),
-    )
-    .await;
+    let next = new_source(&peer, &b.api, "golden", "protected-next").await;
     let o = wait_for(&b.api, "golden", "the old copy retired", |o| {
         is_ready(o)
             && available_in(o, EU, &next)
@@ -378,16 +406,7 @@ async fn sim_a_copy_in_use_is_kept_reported_and_retired_once_unused() {
     let peer = Peer::sim().await;
     let b = bed(&peer, "in-use").await;
     let ec2 = peer.ec2(EU);
-    let source = peer.seed_source("in-use").await;
-    create(
-        &b.api,
-        "golden",
-        json!({"source": {"region": SOURCE_REGION, "imageId": source},
-               "destinations": [{"region": EU}]}),
-    )
-    .await;
-    let o = wait_for(&b.api, "golden", "ready", is_ready).await;
-    let old = target_of(&o, EU).unwrap();
+    let old = ready_copy(&peer, &b, "in-use", json!({})).await;
     let template = ec2
         .create_launch_template()
         .launch_template_name(ec2peer::unique("golden"))
@@ -400,24 +419,9 @@ async fn sim_a_copy_in_use_is_kept_reported_and_retired_once_unused() {
         .and_then(|t| t.launch_template_id())
         .unwrap()
         .to_owned();
-    let run = ec2
-        .run_instances()
-        .image_id(&old)
-        .instance_type(InstanceType::T3Micro)
-        .min_count(1)
-        .max_count(1)
-        .send()
-        .await
-        .expect("RunInstances");
-    let instance = run.instances()[0].instance_id().unwrap().to_owned();
+    let instance = run_instance(&ec2, &old).await;
 
-    let next = peer.seed_source("in-use-next").await;
-    patch_spec(
-        &b.api,
-        "golden",
-        json!({"source": {"region": SOURCE_REGION, "imageId": next}}),
-    )
-    .await;
+    new_source(&peer, &b.api, "golden", "in-use-next").await;
     let o = wait_for(&b.api, "golden", "the old copy kept in use", |o| {
         is_ready(o)
             && o.status.as_ref().is_some_and(|s| {
@@ -487,24 +491,14 @@ async fn sim_disable_leaves_images_that_can_be_enabled_again() {
     let peer = Peer::sim().await;
     let b = bed(&peer, "disable").await;
     let ec2 = peer.ec2(EU);
-    let source = peer.seed_source("disable").await;
-    create(
-        &b.api,
-        "golden",
-        json!({"source": {"region": SOURCE_REGION, "imageId": source},
-               "destinations": [{"region": EU}],
-               "retirement": {"action": "Disable"}}),
+    let old = ready_copy(
+        &peer,
+        &b,
+        "disable",
+        json!({"retirement": {"action": "Disable"}}),
     )
     .await;
-    let o = wait_for(&b.api, "golden", "ready", is_ready).await;
-    let old = target_of(&o, EU).unwrap();
-    let next = peer.seed_source("disable-next").await;
-    patch_spec(
-        &b.api,
-        "golden",
-        json!({"source": {"region": SOURCE_REGION, "imageId": next}}),
-    )
-    .await;
+    let next = new_source(&peer, &b.api, "golden", "disable-next").await;
     wait_for(&b.api, "golden", "the old copy retired", |o| {
         is_ready(o)
             && available_in(o, EU, &next)
@@ -638,39 +632,20 @@ async fn sim_a_copy_launched_lately_is_kept_within_the_window() {
     let peer = Peer::sim().await;
     let b = bed(&peer, "launched").await;
     let ec2 = peer.ec2(EU);
-    let source = peer.seed_source("launched").await;
-    create(
-        &b.api,
-        "golden",
-        json!({"source": {"region": SOURCE_REGION, "imageId": source},
-               "destinations": [{"region": EU}],
-               "retirement": {"lastLaunchedWithin": "1h"}}),
+    let old = ready_copy(
+        &peer,
+        &b,
+        "launched",
+        json!({"retirement": {"lastLaunchedWithin": "1h"}}),
     )
     .await;
-    let o = wait_for(&b.api, "golden", "ready", is_ready).await;
-    let old = target_of(&o, EU).unwrap();
-    let run = ec2
-        .run_instances()
-        .image_id(&old)
-        .instance_type(InstanceType::T3Micro)
-        .min_count(1)
-        .max_count(1)
-        .send()
-        .await
-        .expect("RunInstances");
-    let instance = run.instances()[0].instance_id().unwrap().to_owned();
+    let instance = run_instance(&ec2, &old).await;
     ec2.terminate_instances()
         .instance_ids(&instance)
         .send()
         .await
         .expect("TerminateInstances");
-    let next = peer.seed_source("launched-next").await;
-    patch_spec(
-        &b.api,
-        "golden",
-        json!({"source": {"region": SOURCE_REGION, "imageId": next}}),
-    )
-    .await;
+    new_source(&peer, &b.api, "golden", "launched-next").await;
     let o = wait_for(&b.api, "golden", "kept: launched within the hour", |o| {
         o.status.as_ref().is_some_and(|s| {
             s.retiring
