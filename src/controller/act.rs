@@ -10,9 +10,10 @@ use k8s_openapi::jiff::Timestamp;
 use tracing::{info, warn};
 
 use super::{Context, object_ref};
-use crate::api::{OWNER_TAG, SOURCE_TAG, TargetState, UID_TAG};
+use crate::api::{AmiCopySpec, OWNER_TAG, SOURCE_TAG, TargetState, UID_TAG};
 use crate::ec2::{CopyRequest, Ec2, Grant, ImageInfo, Permission, Scope};
 use crate::error::{Error, Result};
+use crate::plan::destinations::rfc3339;
 use crate::plan::ownership::{self, Ownership};
 use crate::plan::{
     Action, Claim, Copied, CopyFailure, Meta, Outcome, Plan, Retirement, Retiring, Scopes, Sharing,
@@ -37,16 +38,16 @@ pub(super) async fn act<E: Ec2>(plan: &Plan, m: &Meta, scopes: &Scopes, ctx: &Co
         }
     }
     let users = users_by_region(plan, scopes, ctx).await;
+    let pass = Pass {
+        m,
+        scopes,
+        users: &users,
+    };
     let mut outcomes = Vec::with_capacity(plan.actions.len());
     for action in &plan.actions {
         let scope = match action {
             Action::RetireMoved { scope, .. } => scope.clone().on_behalf_of(&m.namespace, &m.name),
             _ => scopes.of(action.region()),
-        };
-        let pass = Pass {
-            m,
-            scopes,
-            users: &users,
         };
         let (outcome, failed) = perform(action, &pass, &scope, ctx).await;
         outcomes.push(outcome);
@@ -126,10 +127,7 @@ impl Check<'_> {
         if let (Some(launched), Some(after)) = (launched, after)
             && launched >= after
         {
-            users.push(format!(
-                "launched at {}",
-                launched.strftime("%Y-%m-%dT%H:%M:%SZ")
-            ));
+            users.push(format!("launched at {}", rfc3339(&Time(launched))));
         }
         Ok(users)
     }
@@ -561,6 +559,28 @@ pub(super) async fn claim_snapshots<E: Ec2>(
     Ok(())
 }
 
+/// Tags `image`, a copy the status recorded from this object's own
+/// CopyImage (copied from `source`), when EC2 shows it with no owner's tags
+/// (a peer that ignores the TagSpecifications of CopyImage); whether it did.
+/// `image` then carries the tags.
+pub(super) async fn tag_untagged_copy<E: Ec2>(
+    ec2: &E,
+    (spec, m): (&AmiCopySpec, &Meta),
+    scope: &Scope,
+    image: &mut ImageInfo,
+    source: &str,
+) -> Result<bool> {
+    if !ownership::untagged_copy(image, source) {
+        return Ok(false);
+    }
+    let tags = crate::plan::desired_tags(spec, m, source);
+    ec2.create_tags(scope, std::slice::from_ref(&image.id), &tags)
+        .await?;
+    info!(region = %scope.region, image = %image.id, "tagged a copy the EC2 peer left untagged");
+    image.tags.extend(tags);
+    Ok(true)
+}
+
 /// Snapshots of `image` that carry this object's UID tag.
 async fn owned_snapshot_ids<E: Ec2>(
     ec2: &E,
@@ -795,11 +815,7 @@ mod tests {
         const SRC: &str = "ami-00000000000000009";
         let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
         let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-        let target = Target {
-            uid: UID,
-            image_id: &image.id,
-            named: &named,
-        };
+        let target = target(&image, &named);
         let (verdict, retired) = retire(&ec2, &Scope::region("eu-west-1"), &target, &Check::PLAIN)
             .await
             .unwrap();
@@ -840,11 +856,7 @@ mod tests {
         ] {
             let (ec2, image) = world(tags, copied_from);
             let named: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-            let target = Target {
-                uid: UID,
-                image_id: &image.id,
-                named: &named,
-            };
+            let target = target(&image, &named);
             let (verdict, _) = retire(&ec2, &Scope::region("eu-west-1"), &target, &Check::PLAIN)
                 .await
                 .unwrap();
@@ -864,11 +876,7 @@ mod tests {
         const SRC: &str = "ami-00000000000000009";
         let (ec2, image) = world(&[(UID_TAG, UID), (SOURCE_TAG, SRC)], Some(SRC));
         let all: Vec<String> = image.snapshots.iter().map(|s| s.id.clone()).collect();
-        let target = Target {
-            uid: UID,
-            image_id: &image.id,
-            named: &[],
-        };
+        let target = target(&image, &[]);
         let (verdict, retired) = retire(&ec2, &Scope::region("eu-west-1"), &target, &Check::PLAIN)
             .await
             .unwrap();

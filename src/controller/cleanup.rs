@@ -15,7 +15,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
 use tracing::{info, warn};
 
-use super::act::{claim_snapshots, ownership_keys, snapshots_of};
+use super::act::{claim_snapshots, ownership_keys, snapshots_of, tag_untagged_copy};
 use super::reconcile::meta;
 use super::{Context, object_ref, publish, report};
 use crate::api::{AmiCopy, DeletionPolicy, TargetState, TargetStatus};
@@ -111,16 +111,13 @@ pub(super) async fn cleanup<E: Ec2>(
 /// `Delete`: the SSM parameters the status says were published, while they
 /// still hold a copy this object made.
 async fn withdraw_parameters<E: Ec2>(obj: &AmiCopy, m: &Meta, ctx: &Context<E>) -> Result<()> {
-    let Some(published) = obj.status.as_ref().and_then(|s| s.published.as_ref()) else {
+    let Some(status) = obj.status.as_ref() else {
         return Ok(());
     };
-    let ours: BTreeSet<String> = obj
-        .status
-        .iter()
-        .flat_map(|s| s.targets())
-        .filter_map(|t| t.image_id.clone())
-        .chain(published.images.values().cloned())
-        .collect();
+    let Some(published) = &status.published else {
+        return Ok(());
+    };
+    let ours = plan::publish::own_images(status);
     for param in &published.ssm_parameters {
         let scope = publish::recorded_scope(param, m);
         publish::withdraw(&ctx.ec2, &scope, &param.name, &ours).await?;
@@ -253,21 +250,16 @@ impl<E: Ec2> Region<'_, E> {
                 continue;
             }
             match self.ctx.ec2.owned_image(scope, id).await? {
-                // A copy the peer left untagged is tagged first, so that
-                // the checks and the sweep below find it as any other.
-                Some(mut image)
-                    if t.source_image_id
-                        .as_deref()
-                        .is_some_and(|src| ownership::untagged_copy(&image, src)) =>
-                {
-                    let src = t.source_image_id.as_deref().unwrap_or_default();
-                    let tags = plan::desired_tags(&self.obj.spec, self.m, src);
-                    let ids = [image.id.clone()];
-                    self.ctx.ec2.create_tags(scope, &ids, &tags).await?;
-                    image.tags.extend(tags);
+                Some(mut image) => {
+                    // A copy the peer left untagged is tagged first, so
+                    // that the checks and the sweep below find it as any
+                    // other.
+                    if let Some(src) = t.source_image_id.as_deref() {
+                        let spec = (&self.obj.spec, self.m);
+                        tag_untagged_copy(&self.ctx.ec2, spec, scope, &mut image, src).await?;
+                    }
                     listed.push(image);
                 }
-                Some(image) => listed.push(image),
                 // A copy started just before the deletion may not be listed
                 // yet; one that was available was listed long ago.
                 None if t.state == TargetState::Pending && self.deletion_is_recent() => {

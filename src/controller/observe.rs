@@ -5,15 +5,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::{Context, object_ref};
+use super::{Context, act, object_ref};
 use crate::api::{AmiCopy, ResolvedSource, TargetState};
 use crate::ec2::{Ec2, Ec2Error, ImageInfo, ImageQuery};
 use crate::error::Result;
-use crate::plan::{self, Meta, Observed, Scopes, ownership};
+use crate::plan::{self, Meta, Observed, Scopes};
 use crate::policy::{self, Governing};
 use crate::status::reason;
 use crate::tracker::{Known, Tracker};
@@ -107,23 +108,17 @@ async fn tag_untagged<E: Ec2>(
         let (Some(id), Some(source)) = (&entry.image_id, &entry.source_image_id) else {
             continue;
         };
-        let untagged = recorded
-            .get(id)
-            .and_then(Option::as_ref)
-            .is_some_and(|img| ownership::untagged_copy(img, source));
-        if !untagged {
-            continue;
-        }
-        let scope = scopes.of(&entry.region);
-        let tags = plan::desired_tags(&obj.spec, m, source);
-        ctx.ec2
-            .create_tags(&scope, std::slice::from_ref(id), &tags)
-            .await?;
-        info!(region = %entry.region, image = %id, "tagged a copy the EC2 peer left untagged");
-        let Some(Some(mut img)) = recorded.remove(id) else {
+        let Some(Some(img)) = recorded.get_mut(id) else {
             continue;
         };
-        img.tags.extend(tags);
+        let scope = scopes.of(&entry.region);
+        let spec = (&obj.spec, m);
+        if !act::tag_untagged_copy(&ctx.ec2, spec, &scope, img, source).await? {
+            continue;
+        }
+        let Some(Some(img)) = recorded.remove(id) else {
+            continue;
+        };
         if let Some(t) = &ctx.tracker {
             t.track(&object_ref(m), &scope, img.clone(), &obj.spec.source.region);
             t.mark_tagged(&scope, id);
@@ -238,7 +233,7 @@ async fn resolve_source<E: Ec2>(
     Ok(newest.map(|img| ResolvedSource {
         image_id: img.id,
         name: img.name,
-        resolved_at: now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        resolved_at: plan::destinations::rfc3339(&Time(now)),
     }))
 }
 

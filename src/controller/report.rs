@@ -2,7 +2,7 @@
 //! the Events of one reconcile.
 
 use futures::future;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType};
@@ -104,10 +104,7 @@ pub(super) async fn paused(
             &now,
         )
     });
-    status
-        .conditions
-        .retain(|c| c.type_ != status::PAUSED && c.type_ != status::RECONCILING);
-    status.conditions.extend(paused);
+    replace_conditions(&mut status, paused);
     write_status(api, obj, &status, false).await
 }
 
@@ -133,13 +130,21 @@ pub(super) async fn cleanup_blocked<E: Ec2>(
         obj.metadata.generation,
         &Time(Timestamp::now()),
     );
-    status.conditions.retain(|c| c.type_ != status::DEGRADED);
-    status.conditions.push(degraded);
+    replace_conditions(&mut status, [degraded]);
     if let Err(e) = write_status(api, obj, &status, true).await {
         warn!(error = %e, "could not report a blocked clean-up in the status");
     }
     let note = Note::warning(reason::CLEANUP_BLOCKED, "", message);
     ctx.publish(obj, &note).await;
+}
+
+/// Puts `conditions` in the status in place of those of the same types; the
+/// others stay as they were.
+fn replace_conditions(status: &mut AmiCopyStatus, conditions: impl IntoIterator<Item = Condition>) {
+    for condition in conditions {
+        status.conditions.retain(|c| c.type_ != condition.type_);
+        status.conditions.push(condition);
+    }
 }
 
 /// Writes status by server-side apply, unless nothing changed; the object

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use super::destinations::target_status;
 use super::upkeep::upkeep;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::SignedDuration;
 
 use super::{Action, Draft, Input, Retiring};
@@ -286,6 +287,6 @@ pub fn retiring(input: &Input) -> Retiring {
         keep_in_use: spec.keeps_in_use(),
         launched_after: window
             .and_then(|w| input.now.0.checked_sub(w).ok())
-            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+            .map(|t| super::destinations::rfc3339(&Time(t))),
     }
 }

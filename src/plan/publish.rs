@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::Input;
 use super::destinations::rfc3339;
-use crate::api::{Published, PublishedParameter, TargetState, TargetStatus};
+use crate::api::{AmiCopyStatus, Published, PublishedParameter, TargetState, TargetStatus};
 
 /// What to publish, and what to withdraw.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,13 +90,8 @@ pub fn plan(input: &Input, destinations: &[TargetStatus]) -> Result<Option<Publi
         data.insert(SOURCE_KEY.into(), w.source_image_id.clone());
         Some((w.config_map.clone()?, data))
     });
-    let ours = input
-        .prev
-        .targets()
-        .chain(destinations)
-        .filter_map(|t| t.image_id.clone())
-        .chain(prev.into_iter().flat_map(|p| p.images.values().cloned()))
-        .collect();
+    let mut ours = own_images(input.prev);
+    ours.extend(destinations.iter().filter_map(|t| t.image_id.clone()));
     let config_map_written = match (&config_map, prev) {
         (Some((name, _)), Some(p)) => p.config_map.as_ref() == Some(name),
         _ => false,
@@ -112,6 +107,18 @@ pub fn plan(input: &Input, destinations: &[TargetStatus]) -> Result<Option<Publi
         stale,
         ours,
     }))
+}
+
+/// The image IDs a status names as this object's: the copies it records,
+/// and those it published.
+pub fn own_images(status: &AmiCopyStatus) -> BTreeSet<String> {
+    let published = status.published.iter().flat_map(|p| p.images.values());
+    status
+        .targets()
+        .filter_map(|t| t.image_id.as_ref())
+        .chain(published)
+        .cloned()
+        .collect()
 }
 
 /// The current copy of every destination the policies allow, by region,

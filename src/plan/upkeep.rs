@@ -91,7 +91,7 @@ fn deprecate(input: &Input, region: &str, img: &ImageInfo) -> Option<Action> {
     (!set).then(|| Action::Deprecate {
         region: region.into(),
         image_id: img.id.clone(),
-        at: at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        at: super::destinations::rfc3339(&Time(at)),
     })
 }
 
