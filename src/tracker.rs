@@ -13,7 +13,7 @@
 //! that finds no slot is `queued`; its object is woken when a slot frees.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::{StreamExt, stream};
@@ -30,9 +30,6 @@ use crate::metrics::Metrics;
 /// DescribeImages calls of one round in flight at once.
 const CALLS_AT_ONCE: usize = 4;
 
-/// A target image: where it is, and its ID.
-type Key = (Scope, String);
-
 struct Entry {
     // Boxed: the map holds its entries inline, with room to spare.
     info: Option<Box<Compact>>,
@@ -41,10 +38,10 @@ struct Entry {
     /// The operator tagged it (the peer left it untagged on creation).
     self_tagged: bool,
     since: Instant,
-    source_region: String,
+    source_region: Arc<str>,
     // Almost always one object: a Vec made for one is a fraction of the
     // memory of a set, and there are tens of thousands of entries.
-    watchers: Vec<ObjectRef<AmiCopy>>,
+    watchers: Vec<Arc<ObjectRef<AmiCopy>>>,
 }
 
 /// What the planner reads of a target, in as little memory as it takes:
@@ -56,7 +53,8 @@ struct Compact {
     state: TargetState,
     state_reason: Option<Box<str>>,
     name: Option<Box<str>>,
-    tags: Box<[(Box<str>, Box<str>)]>,
+    // The copies of one object carry the same tags: one set for all.
+    tags: Tags,
     snapshots: Box<[Snapshot]>,
     creation_date: Option<Box<str>>,
     deprecation_time: Option<Box<str>>,
@@ -67,8 +65,63 @@ struct Compact {
 /// A snapshot of a target: its ID, whether it is encrypted, its KMS key.
 type Snapshot = (Box<str>, bool, Option<Box<str>>);
 
-impl From<ImageInfo> for Compact {
-    fn from(i: ImageInfo) -> Self {
+/// An image's tags, in key order.
+type Tags = Arc<[(Box<str>, Box<str>)]>;
+
+/// Values that many entries hold alike, each kept once: the objects that
+/// watch targets (each has several), the tag sets of their copies, source
+/// regions. A value no entry holds any more goes at the next [`purge`].
+///
+/// [`purge`]: Shared::purge
+#[derive(Default)]
+struct Shared {
+    objects: HashSet<Arc<ObjectRef<AmiCopy>>>,
+    tags: HashSet<Tags>,
+    regions: HashSet<Arc<str>>,
+}
+
+impl Shared {
+    fn object(&mut self, o: &ObjectRef<AmiCopy>) -> Arc<ObjectRef<AmiCopy>> {
+        if let Some(shared) = self.objects.get(o) {
+            return shared.clone();
+        }
+        let shared = Arc::new(o.clone());
+        self.objects.insert(shared.clone());
+        shared
+    }
+
+    fn tags(&mut self, tags: BTreeMap<String, String>) -> Tags {
+        let tags: Vec<(Box<str>, Box<str>)> = tags
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        if let Some(shared) = self.tags.get(tags.as_slice()) {
+            return shared.clone();
+        }
+        let shared: Tags = tags.into();
+        self.tags.insert(shared.clone());
+        shared
+    }
+
+    fn region(&mut self, region: &str) -> Arc<str> {
+        if let Some(shared) = self.regions.get(region) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = region.into();
+        self.regions.insert(shared.clone());
+        shared
+    }
+
+    /// Lets go of what only this cache still holds.
+    fn purge(&mut self) {
+        self.objects.retain(|o| Arc::strong_count(o) > 1);
+        self.tags.retain(|t| Arc::strong_count(t) > 1);
+        self.regions.retain(|r| Arc::strong_count(r) > 1);
+    }
+}
+
+impl Compact {
+    fn new(i: ImageInfo, shared: &mut Shared) -> Self {
         let boxed = |s: Option<String>| s.map(String::into_boxed_str);
         Self {
             state: i.state,
@@ -76,11 +129,7 @@ impl From<ImageInfo> for Compact {
             // Only an untagged copy's name is ever read (to tell it is this
             // object's): a tagged one's is not kept.
             name: boxed(i.name).filter(|_| !i.tags.contains_key(crate::api::UID_TAG)),
-            tags: i
-                .tags
-                .into_iter()
-                .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
-                .collect(),
+            tags: shared.tags(i.tags),
             snapshots: i
                 .snapshots
                 .into_iter()
@@ -92,9 +141,7 @@ impl From<ImageInfo> for Compact {
             deregistration_protection: boxed(i.deregistration_protection),
         }
     }
-}
 
-impl Compact {
     /// The image as the planner reads it.
     fn expand(&self, id: &str) -> ImageInfo {
         let string = |s: &Option<Box<str>>| s.as_deref().map(str::to_owned);
@@ -168,12 +215,14 @@ impl Queue {
 struct Remembered {
     info: Option<ImageInfo>,
     at: Instant,
-    readers: Vec<ObjectRef<AmiCopy>>,
+    readers: Vec<Arc<ObjectRef<AmiCopy>>>,
 }
 
 #[derive(Default)]
 struct State {
-    images: HashMap<Key, Entry>,
+    /// Targets by destination, then image ID.
+    images: HashMap<Scope, HashMap<Box<str>, Entry>>,
+    shared: Shared,
     /// Source images by source region and ID, with the objects that read
     /// them: a source no object reads any more is no longer refreshed.
     sources: HashMap<(String, String), Remembered>,
@@ -181,12 +230,61 @@ struct State {
     /// and per source region.
     reserved: HashMap<Scope, usize>,
     reserved_from: HashMap<String, usize>,
+    /// Pending targets per destination and per source region, kept as
+    /// `images` changes: admission reads them for every copy, and walking
+    /// tens of thousands of entries each time made admission quadratic.
+    pending: Pending,
     /// Lowered destination limits after `ResourceLimitExceeded`, and until when.
     lowered: HashMap<Scope, (usize, Instant)>,
     /// Objects with a queued copy, per destination region, first come first
     /// served.
     waiting: HashMap<Scope, Queue>,
     last_full: Option<Instant>,
+}
+
+impl State {
+    fn entry(&self, scope: &Scope, id: &str) -> Option<&Entry> {
+        self.images.get(scope).and_then(|m| m.get(id))
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    to: HashMap<Scope, usize>,
+    from: HashMap<Arc<str>, usize>,
+}
+
+impl Pending {
+    /// Counts a change of `entry` in `scope`; `was`: it was pending before
+    /// (false for a new entry).
+    fn change(&mut self, scope: &Scope, was: bool, entry: &Entry) {
+        match (was, entry.pending()) {
+            (false, true) => {
+                *self.to.entry(scope.clone()).or_default() += 1;
+                *self.from.entry(entry.source_region.clone()).or_default() += 1;
+            }
+            (true, false) => self.remove(scope, &entry.source_region),
+            _ => {}
+        }
+    }
+
+    /// A pending entry left.
+    fn remove(&mut self, scope: &Scope, source_region: &str) {
+        if let Some(n) = self.to.get_mut(scope) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(n) = self.from.get_mut(source_region) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    fn to(&self, scope: &Scope) -> usize {
+        self.to.get(scope).copied().unwrap_or(0)
+    }
+
+    fn from(&self, source_region: &str) -> usize {
+        self.from.get(source_region).copied().unwrap_or(0)
+    }
 }
 
 /// What the cache knows about an image.
@@ -233,7 +331,7 @@ impl Tracker {
     }
 
     pub fn lookup(&self, scope: &Scope, id: &str) -> Known {
-        match self.state().images.get(&(scope.clone(), id.to_owned())) {
+        match self.state().entry(scope, id) {
             Some(e) => Known::Image(e.info.as_ref().map(|c| c.expand(id))),
             None => Known::Unknown,
         }
@@ -267,35 +365,51 @@ impl Tracker {
 
     /// The operator tagged this target itself: its snapshots need a claim.
     pub fn mark_tagged(&self, scope: &Scope, id: &str) {
-        if let Some(e) = self.state().images.get_mut(&(scope.clone(), id.to_owned())) {
+        if let Some(e) = self
+            .state()
+            .images
+            .get_mut(scope)
+            .and_then(|m| m.get_mut(id))
+        {
             e.self_tagged = true;
         }
     }
 
     /// Whether the operator tagged this target itself.
     pub fn tagged_by_operator(&self, scope: &Scope, id: &str) -> bool {
-        self.state()
-            .images
-            .get(&(scope.clone(), id.to_owned()))
-            .is_some_and(|e| e.self_tagged)
+        self.state().entry(scope, id).is_some_and(|e| e.self_tagged)
     }
 
     pub fn untrack(&self, scope: &Scope, id: &str) {
-        self.state().images.remove(&(scope.clone(), id.to_owned()));
+        let mut st = self.state();
+        if let Some(e) = st.images.get_mut(scope).and_then(|m| m.remove(id))
+            && e.pending()
+        {
+            st.pending.remove(scope, &e.source_region);
+        }
     }
 
     /// Forgets everything `watcher` tracks (the object is gone).
     pub fn forget(&self, watcher: &ObjectRef<AmiCopy>) {
         let mut st = self.state();
-        st.images.retain(|_, e| {
-            e.watchers.retain(|w| w != watcher);
-            !e.watchers.is_empty()
-        });
+        let State {
+            images, pending, ..
+        } = &mut *st;
+        for (scope, targets) in images.iter_mut() {
+            targets.retain(|_, e| {
+                e.watchers.retain(|w| **w != *watcher);
+                let keep = !e.watchers.is_empty();
+                if !keep && e.pending() {
+                    pending.remove(scope, &e.source_region);
+                }
+                keep
+            });
+        }
         for q in st.waiting.values_mut() {
             q.remove(watcher);
         }
         st.sources.retain(|_, known| {
-            known.readers.retain(|r| r != watcher);
+            known.readers.retain(|r| **r != *watcher);
             !known.readers.is_empty()
         });
     }
@@ -323,6 +437,7 @@ impl Tracker {
         info: Option<ImageInfo>,
     ) {
         let mut st = self.state();
+        let reader = st.shared.object(reader);
         let known = st
             .sources
             .entry((region.to_owned(), id.to_owned()))
@@ -332,8 +447,8 @@ impl Tracker {
                 readers: Vec::new(),
             });
         (known.info, known.at) = (info, Instant::now());
-        if !known.readers.contains(reader) {
-            known.readers.push(reader.clone());
+        if !known.readers.contains(&reader) {
+            known.readers.push(reader);
         }
     }
 
@@ -351,9 +466,8 @@ impl Tracker {
             Some((l, until)) if *until > now => *l,
             _ => self.config.dest_copy_limit,
         };
-        let in_dest =
-            in_flight(&st, |scope, _| scope == dest) + st.reserved.get(dest).copied().unwrap_or(0);
-        let from_source = in_flight(&st, |_, e| e.source_region == source_region)
+        let in_dest = st.pending.to(dest) + st.reserved.get(dest).copied().unwrap_or(0);
+        let from_source = st.pending.from(source_region)
             + st.reserved_from.get(source_region).copied().unwrap_or(0);
         // The messages carry limits, not counts, so a queued object's
         // status does not change (and is not rewritten) as slots come and go.
@@ -398,7 +512,7 @@ impl Tracker {
     /// for a while.
     pub fn lower_limit(&self, dest: &Scope) {
         let mut st = self.state();
-        let in_dest = in_flight(&st, |scope, _| scope == dest).max(1);
+        let in_dest = st.pending.to(dest).max(1);
         let until = Instant::now() + self.config.limit_cooldown;
         warn!(region = %dest, limit = in_dest, "EC2 copy quota reached; lowering the copy limit for a while");
         st.lowered.insert(dest.clone(), (in_dest, until));
@@ -408,10 +522,8 @@ impl Tracker {
     pub fn load(&self) -> BTreeMap<Scope, (usize, usize)> {
         let st = self.state();
         let mut load: BTreeMap<Scope, (usize, usize)> = BTreeMap::new();
-        for ((scope, _), e) in &st.images {
-            if e.pending() {
-                load.entry(scope.clone()).or_default().0 += 1;
-            }
+        for (scope, n) in &st.pending.to {
+            load.entry(scope.clone()).or_default().0 += n;
         }
         for (scope, w) in &st.waiting {
             load.entry(scope.clone()).or_default().1 += w.len();
@@ -430,9 +542,14 @@ impl Tracker {
         let batches: Vec<(Scope, Vec<String>)> = {
             let st = self.state();
             let mut by_region: BTreeMap<Scope, Vec<String>> = BTreeMap::new();
-            for ((scope, id), e) in &st.images {
-                if full || e.pending() || !e.seen {
-                    by_region.entry(scope.clone()).or_default().push(id.clone());
+            for (scope, targets) in &st.images {
+                for (id, e) in targets {
+                    if full || e.pending() || !e.seen {
+                        by_region
+                            .entry(scope.clone())
+                            .or_default()
+                            .push(id.to_string());
+                    }
                 }
             }
             by_region
@@ -469,6 +586,7 @@ impl Tracker {
         for (scope, (in_flight, queued)) in self.load() {
             metrics.set_copy_load(&scope.to_string(), in_flight, queued);
         }
+        self.state().shared.purge();
         first_error.map_or(Ok(()), Err)
     }
 
@@ -501,12 +619,18 @@ impl Tracker {
 
     fn apply(&self, region: &Scope, asked: &[String], found: Vec<ImageInfo>, metrics: &Metrics) {
         let mut st = self.state();
+        let State {
+            images,
+            pending,
+            shared,
+            ..
+        } = &mut *st;
         let mut found: HashMap<String, ImageInfo> =
             found.into_iter().map(|i| (i.id.clone(), i)).collect();
         let mut freed = 0;
         for id in asked {
             let grace = self.config.listing_grace;
-            let Some(entry) = st.images.get_mut(&(region.clone(), id.clone())) else {
+            let Some(entry) = images.get_mut(region).and_then(|m| m.get_mut(id.as_str())) else {
                 continue;
             };
             let was_pending = entry.pending();
@@ -514,12 +638,13 @@ impl Tracker {
             let before = match found.remove(id) {
                 Some(info) => {
                     entry.seen = true;
-                    entry.info.replace(Box::new(info.into()))
+                    entry.info.replace(Box::new(Compact::new(info, shared)))
                 }
                 // Not listed yet: a new copy gets some time before it counts as gone.
                 None if !entry.seen && entry.since.elapsed() < grace => continue,
                 None => entry.info.take(),
             };
+            pending.change(region, was_pending, entry);
             let (was, now) = (before.as_deref(), entry.info.as_deref());
             let new_state = now.map(|i| &i.state);
             // The first listing of a new copy replaces the placeholder made
@@ -539,7 +664,7 @@ impl Tracker {
                     }
                 }
                 for w in &entry.watchers {
-                    let _ = self.wake.send(w.clone());
+                    let _ = self.wake.send(w.as_ref().clone());
                 }
             }
         }
@@ -574,13 +699,6 @@ impl Tracker {
     }
 }
 
-fn in_flight(st: &State, pick: impl Fn(&Scope, &Entry) -> bool) -> usize {
-    st.images
-        .iter()
-        .filter(|((region, _), e)| e.pending() && pick(region, e))
-        .count()
-}
-
 /// Adds `watcher` to the image's entry. `listed`: EC2 reported `info`, which
 /// replaces what was known; otherwise `info` is a placeholder for a copy just
 /// started and never overwrites what EC2 said.
@@ -592,23 +710,36 @@ fn upsert(
     source_region: &str,
     listed: bool,
 ) {
-    let entry = st
-        .images
-        .entry((scope.clone(), info.id.clone()))
-        .or_insert_with(|| Entry {
+    if !st.images.contains_key(scope) {
+        st.images.insert(scope.clone(), HashMap::new());
+    }
+    let State {
+        images,
+        shared,
+        pending,
+        ..
+    } = st;
+    let targets = images.get_mut(scope).expect("inserted above");
+    if !targets.contains_key(info.id.as_str()) {
+        let entry = Entry {
             info: None,
             seen: false,
             self_tagged: false,
             since: Instant::now(),
-            source_region: source_region.to_owned(),
-            watchers: vec![watcher.clone()],
-        });
-    if listed || entry.info.is_none() {
-        entry.info = Some(Box::new(info.into()));
+            source_region: shared.region(source_region),
+            watchers: Vec::new(),
+        };
+        targets.insert(info.id.clone().into_boxed_str(), entry);
     }
+    let entry = targets.get_mut(info.id.as_str()).expect("inserted above");
+    let was_pending = entry.pending();
+    if listed || entry.info.is_none() {
+        entry.info = Some(Box::new(Compact::new(info, shared)));
+    }
+    pending.change(scope, was_pending, entry);
     entry.seen |= listed;
-    if !entry.watchers.contains(watcher) {
-        entry.watchers.push(watcher.clone());
+    if !entry.watchers.iter().any(|w| **w == *watcher) {
+        entry.watchers.push(shared.object(watcher));
     }
 }
 
@@ -858,6 +989,68 @@ mod tests {
         t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
         assert_eq!(drain(&mut rx), vec!["a", "c"]);
         assert!(t.admit(&obj("c"), &sc("eu-west-1"), "us-east-1").is_ok());
+    }
+
+    /// Pending targets per destination, counted by walking every entry.
+    fn recount(t: &Tracker) -> BTreeMap<Scope, usize> {
+        let mut n = BTreeMap::new();
+        for (scope, targets) in &t.state().images {
+            let pending = targets.values().filter(|e| e.pending()).count();
+            if pending > 0 {
+                n.insert(scope.clone(), pending);
+            }
+        }
+        n
+    }
+
+    fn counted(t: &Tracker) -> BTreeMap<Scope, usize> {
+        t.state()
+            .pending
+            .to
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, n)| (s.clone(), *n))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn copy_slots_are_counted_as_targets_come_change_and_go() {
+        let (t, _rx) = tracker(3, 10);
+        let ec2 = FakeEc2::default();
+        let id = |i: usize| format!("ami-{i:017x}");
+        for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+            assert!(t.admit(&obj(name), &sc("eu-west-1"), "us-east-1").is_ok());
+            t.track_new(
+                &obj(name),
+                &sc("eu-west-1"),
+                image(&id(i), "pending"),
+                "us-east-1",
+            );
+            ec2.put("eu-west-1", image(&id(i), "pending"));
+        }
+        // Listed again as pending, and watched by a second object: still 3.
+        t.track(
+            &obj("d"),
+            &sc("eu-west-1"),
+            image(&id(0), "pending"),
+            "us-east-1",
+        );
+        t.refresh(&ec2, &Metrics::default(), true).await.unwrap();
+        assert_eq!(counted(&t), recount(&t));
+        assert!(t.admit(&obj("e"), &sc("eu-west-1"), "us-east-1").is_err());
+
+        // Finished, untracked, forgotten: each frees its slot once.
+        ec2.put("eu-west-1", image(&id(0), "available"));
+        t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
+        assert_eq!(counted(&t), recount(&t));
+        t.untrack(&sc("eu-west-1"), &id(1));
+        t.forget(&obj("c"));
+        assert_eq!(counted(&t), recount(&t));
+        assert!(counted(&t).is_empty(), "{:?}", counted(&t));
+        assert_eq!(t.state().pending.from("us-east-1"), 0);
+        for name in ["e", "f", "g"] {
+            assert!(t.admit(&obj(name), &sc("eu-west-1"), "us-east-1").is_ok());
+        }
     }
 
     #[tokio::test]
