@@ -16,6 +16,9 @@ pub enum Error {
     #[error("the object has no {0}")]
     MissingField(&'static str),
 
+    #[error("the cached object does not read as an AmiCopy: {0}")]
+    Unreadable(#[source] serde_json::Error),
+
     #[error("EC2 did not return {image} in {region} to this account just now; looking again")]
     Unconfirmed { region: String, image: String },
 
@@ -48,7 +51,7 @@ impl Error {
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
                 _ => "finalizer",
             },
-            Error::MissingField(_) => "invalid_object",
+            Error::MissingField(_) | Error::Unreadable(_) => "invalid_object",
             Error::CleanupPending { .. } => "cleanup_pending",
             Error::Unconfirmed { .. } => "unconfirmed",
             Error::Stale => "stale",
@@ -61,7 +64,7 @@ impl Error {
     pub fn is_terminal(&self) -> bool {
         use kube::runtime::finalizer::Error as F;
         match self {
-            Error::MissingField(_) | Error::Paused => true,
+            Error::MissingField(_) | Error::Unreadable(_) | Error::Paused => true,
             Error::Finalizer(inner) => match inner.as_ref() {
                 F::ApplyFailed(e) | F::CleanupFailed(e) => e.is_terminal(),
                 F::UnnamedObject | F::InvalidFinalizer => true,
@@ -82,7 +85,9 @@ impl Error {
             Error::Ec2(e) => e.is_transient(),
             Error::CleanupPending { .. } | Error::Unconfirmed { .. } | Error::Stale => true,
             Error::Kube(_) => true,
-            Error::Finalizer(_) | Error::MissingField(_) | Error::Paused => false,
+            Error::Finalizer(_) | Error::MissingField(_) | Error::Unreadable(_) | Error::Paused => {
+                false
+            }
         }
     }
 

@@ -94,7 +94,7 @@ pub(super) async fn cleanup<E: Ec2>(
         }
         return Err(e);
     }
-    ctx.forget_object(&kube::runtime::reflector::ObjectRef::from_obj(obj));
+    ctx.forget_object(&super::cached::key_of(obj));
     if obj.spec.deletion_policy == DeletionPolicy::Retain {
         let message =
             "deletionPolicy is Retain: target images are left in place, without the operator's tags"

@@ -1,8 +1,7 @@
 //! Intake of the watch: objects are listed and watched untyped, and each is
-//! read as an AmiCopy before it reaches the cache, which so holds typed
-//! objects only (a fraction of the memory of JSON values). An object that
-//! cannot be read is reported on (a condition and an Event) and left alone
-//! until it changes.
+//! checked to read as an AmiCopy before it reaches the cache, which keeps it
+//! compact ([`CachedAmiCopy`]). An object that cannot be read is reported on
+//! (a condition and an Event) and left alone until it changes.
 
 use std::time::Duration;
 
@@ -17,39 +16,28 @@ use rand::Rng;
 use serde_json::json;
 use tracing::warn;
 
+use super::cached::CachedAmiCopy;
 use super::{Context, FIELD_MANAGER, backoff};
 use crate::api::{AmiCopy, AmiCopySpec, AmiCopyStatus};
 use crate::ec2::Ec2;
 use crate::error::{Error, Result};
 use crate::status::{self, reason};
 
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
 /// An object that does not read as an AmiCopy, and the parser's complaint.
 pub(super) type Unreadable = (DynamicObject, String);
 
-/// The typed form of a watch event. An object that does not read as an
+/// The cached form of a watch event. An object that does not read as an
 /// AmiCopy goes to `unreadable` and out of the cache, so that nothing acts
-/// on an earlier version of it. managedFields and kubectl's copy of the last
-/// applied manifest are dropped: the operator reads neither.
+/// on an earlier version of it.
 pub(super) fn read_event(
-    event: watcher::Event<DynamicObject>,
-    cache: &reflector::Store<AmiCopy>,
+    event: watcher::Event<CachedAmiCopy>,
+    cache: &reflector::Store<CachedAmiCopy>,
     unreadable: &futures::channel::mpsc::UnboundedSender<Box<Unreadable>>,
-) -> Option<watcher::Event<AmiCopy>> {
+) -> Option<watcher::Event<CachedAmiCopy>> {
     use watcher::Event as E;
-    let read = |mut raw: DynamicObject| {
-        raw.managed_fields_mut().clear();
-        raw.annotations_mut().remove(LAST_APPLIED);
-        match typed(&raw) {
-            Ok((spec, status)) => {
-                let mut obj = AmiCopy::new(&raw.name_any(), spec);
-                obj.metadata = std::mem::take(&mut raw.metadata);
-                obj.status = status;
-                Ok(obj)
-            }
-            Err(e) => Err(Box::new((raw, e.to_string()))),
-        }
+    let read = |obj: CachedAmiCopy| match obj.read() {
+        Ok(_) => Ok(obj),
+        Err(e) => Err(Box::new((obj.untyped(), e.to_string()))),
     };
     let cached = |raw: &DynamicObject| {
         let key = ObjectRef::new(&raw.name_any()).within(&raw.namespace().unwrap_or_default());
@@ -78,18 +66,6 @@ pub(super) fn read_event(
             Err(unread) => cached(&unread.0),
         },
     }
-}
-
-/// The spec and status of an object, read in place from the JSON the watch
-/// brought (no copy of it is made).
-fn typed(raw: &DynamicObject) -> serde_json::Result<(AmiCopySpec, Option<AmiCopyStatus>)> {
-    use serde::Deserialize;
-    let spec = AmiCopySpec::deserialize(raw.data.get("spec").unwrap_or(&serde_json::Value::Null))?;
-    let status = match raw.data.get("status") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(status) => Some(AmiCopyStatus::deserialize(status)?),
-    };
-    Ok((spec, status))
 }
 
 /// Reports an object that cannot be read, retrying a failed report a few
@@ -184,6 +160,7 @@ async fn report_invalid<E: Ec2>(raw: &DynamicObject, why: &str, ctx: &Context<E>
 mod tests {
     use serde_json::json;
 
+    use super::super::cached::LAST_APPLIED;
     use super::*;
 
     #[test]
@@ -219,7 +196,7 @@ mod tests {
     #[test]
     fn watch_events_reach_the_cache_typed_and_unreadable_ones_leave_it() {
         use watcher::Event as E;
-        let raw = |name: &str, spec: serde_json::Value| -> DynamicObject {
+        let raw = |name: &str, spec: serde_json::Value| -> CachedAmiCopy {
             serde_json::from_value(json!({
                 "apiVersion": "amicopy.dev/v1alpha1", "kind": "AmiCopy",
                 "metadata": {"name": name, "namespace": "ns",
@@ -232,17 +209,17 @@ mod tests {
         let good = json!({"source": {"region": "us-east-1", "imageId": "ami-12345678"},
                           "destinations": [{"region": "eu-west-1"}]});
         let bad = json!({"destinations": 42});
-        let mut writer = reflector::store::Writer::<AmiCopy>::default();
+        let mut writer = reflector::store::Writer::<CachedAmiCopy>::default();
         let cache = writer.as_reader();
         let (tx, mut rx) = futures::channel::mpsc::unbounded();
-        let mut feed = |event: E<DynamicObject>| {
+        let mut feed = |event: E<CachedAmiCopy>| {
             let typed = read_event(event, &cache, &tx);
             if let Some(typed) = &typed {
                 writer.apply_watcher_event(typed);
             }
             typed
         };
-        let key = |name: &str| ObjectRef::<AmiCopy>::new(name).within("ns");
+        let key = |name: &str| ObjectRef::<CachedAmiCopy>::new(name).within("ns");
 
         feed(E::Init);
         assert!(feed(E::InitApply(raw("a", good.clone()))).is_some());

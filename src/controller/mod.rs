@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::Api;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
@@ -29,8 +29,10 @@ use crate::events::Events;
 use crate::metrics::{ConditionLabels, Metrics};
 use crate::policy::{self, AmiCopyPolicy, Governing};
 use crate::tracker::Tracker;
+use cached::CachedAmiCopy;
 
 mod act;
+mod cached;
 mod cleanup;
 mod intake;
 mod observe;
@@ -252,9 +254,9 @@ fn labels_of(namespaces: &Store<Namespace>, namespace: &str) -> BTreeMap<String,
 /// The objects in the namespaces `policy` selects.
 fn governed_by(
     policy: &AmiCopyPolicy,
-    objects: &Store<AmiCopy>,
+    objects: &Store<CachedAmiCopy>,
     namespaces: &Store<Namespace>,
-) -> Vec<ObjectRef<AmiCopy>> {
+) -> Vec<ObjectRef<CachedAmiCopy>> {
     objects
         .state()
         .iter()
@@ -263,7 +265,7 @@ fn governed_by(
             let labels = labels_of(namespaces, ns);
             policy::selects(policy.spec.namespace_selector.as_ref(), &labels)
         })
-        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .map(|o| cached::key(&cached::key_of(o.as_ref())))
         .collect()
 }
 
@@ -273,13 +275,12 @@ pub async fn run<E: Ec2>(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    // Listed and watched untyped: one object the AmiCopy types cannot read
-    // would otherwise fail every list of the watch, and no object would be
-    // served (see `intake`).
-    let ar = ApiResource::erase::<AmiCopy>(&());
-    let api: Api<DynamicObject> = match &namespace {
-        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &ar),
-        None => Api::all_with(ctx.client.clone(), &ar),
+    // Spec and status are read as raw JSON (see `cached`): one object the
+    // AmiCopy types cannot read would otherwise fail every list of the
+    // watch, and no object would be served (see `intake`).
+    let api: Api<CachedAmiCopy> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -289,9 +290,9 @@ pub async fn run<E: Ec2>(
     // stays in the context so that a later run (a new leadership) gets it.
     let woken = futures::stream::unfold(ctx.clone(), |ctx| async move {
         let next = ctx.wake.lock().await.as_mut()?.recv().await?;
-        Some((next, ctx))
+        Some((cached::key(&next), ctx))
     });
-    let writer = reflector::store::Writer::<AmiCopy>::default();
+    let writer = reflector::store::Writer::<CachedAmiCopy>::default();
     let reader = writer.as_reader();
     let cached = reader.clone();
     let known = reader.clone();

@@ -10,11 +10,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use rand::Rng;
 use tracing::{debug, instrument, warn};
 
+use super::cached::{self, CachedAmiCopy};
 use super::{Context, act, cleanup, observe, report};
 use crate::api::{AmiCopy, FINALIZER, PAUSED_ANNOTATION, PINNED_ANNOTATION};
 use crate::config::Config;
@@ -22,14 +22,18 @@ use crate::ec2::Ec2;
 use crate::error::{Error, Result};
 use crate::plan::{self, Meta, Scopes, requeue};
 
-#[instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), uid = obj.metadata.uid.as_deref().unwrap_or_default()))]
-pub(super) async fn reconcile<E: Ec2>(obj: Arc<AmiCopy>, ctx: Arc<Context<E>>) -> Result<Requeue> {
+#[instrument(skip_all, fields(object = %format!("{}/{}", cached.namespace().unwrap_or_default(), cached.name_any()), uid = cached.metadata.uid.as_deref().unwrap_or_default()))]
+pub(super) async fn reconcile<E: Ec2>(
+    cached: Arc<CachedAmiCopy>,
+    ctx: Arc<Context<E>>,
+) -> Result<Requeue> {
     let start = Instant::now();
+    let obj = Arc::new(cached.read().map_err(Error::Unreadable)?);
     let ns = obj
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<AmiCopy> = Api::namespaced(ctx.client.clone(), &ns);
-    let key = ObjectRef::from_obj(obj.as_ref());
+    let key = cached::key_of(obj.as_ref());
     let paused = obj
         .annotations()
         .get(PAUSED_ANNOTATION)
@@ -69,7 +73,7 @@ async fn pause<E: Ec2>(
     ctx: &Context<E>,
     deleting: bool,
 ) -> Result<Requeue> {
-    let key = ObjectRef::from_obj(obj);
+    let key = cached::key_of(obj);
     if let Some(t) = &ctx.tracker {
         t.forget(&key);
     }
@@ -80,7 +84,7 @@ async fn pause<E: Ec2>(
 
 /// One pass over a live object.
 async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> Result<Requeue> {
-    let key = ObjectRef::from_obj(obj);
+    let key = cached::key_of(obj);
     // The watch has not brought this operator's last status write yet:
     // planning from this copy would only be refused at the write, after
     // asking EC2 for nothing. Look again in a moment.
@@ -132,7 +136,7 @@ async fn apply<E: Ec2>(obj: &AmiCopy, api: &Api<AmiCopy>, ctx: &Context<E>) -> R
 /// Exponential backoff with jitter, per object; throttling starts higher.
 /// An object that cannot be read waits for a change instead.
 pub(super) fn error_policy<E: Ec2>(
-    obj: Arc<AmiCopy>,
+    obj: Arc<CachedAmiCopy>,
     err: &Error,
     ctx: Arc<Context<E>>,
 ) -> Requeue {
@@ -140,7 +144,7 @@ pub(super) fn error_policy<E: Ec2>(
         warn!(error = %err, category = err.metric_label(), "reconcile failed; waiting for a change to the object");
         return Requeue::await_change();
     }
-    let key = ObjectRef::from_obj(obj.as_ref());
+    let key = cached::key_of(obj.as_ref());
     let n = {
         let mut failures = ctx.failures.lock().expect("failures lock");
         let n = failures.entry(key).or_insert(0);

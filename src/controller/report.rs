@@ -10,6 +10,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::warn;
 
+use super::cached::CachedAmiCopy;
 use super::{Context, FIELD_MANAGER};
 use crate::api::{AmiCopy, AmiCopyStatus};
 use crate::ec2::Ec2;
@@ -191,16 +192,25 @@ async fn apply_status(
     if let Some(version) = obj.resource_version() {
         patch["metadata"] = json!({ "resourceVersion": version });
     }
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|e| match e {
-        kube::Error::Api(ae) if ae.code == 409 => Error::Stale,
-        e => Error::Kube(e),
-    })
+    // The object written comes back read as the cache reads it: its
+    // managedFields are skipped, not parsed.
+    let ns = obj
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let compact: Api<CachedAmiCopy> = Api::namespaced(api.clone().into_client(), &ns);
+    compact
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(ae) if ae.code == 409 => Error::Stale,
+            e => Error::Kube(e),
+        })?
+        .read()
+        .map_err(Error::Unreadable)
 }
 
 impl<E: Ec2> Context<E> {
