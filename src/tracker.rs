@@ -142,6 +142,44 @@ impl Compact {
         }
     }
 
+    /// Whether EC2's description `i` says nothing this record does not:
+    /// a drift round finds most targets unchanged, and rebuilding their
+    /// records (every string allocated again, the tag set looked up) was
+    /// most of its cost beside reading the XML.
+    fn describes(&self, i: &ImageInfo) -> bool {
+        let same = |a: &Option<Box<str>>, b: &Option<String>| a.as_deref() == b.as_deref();
+        let name = i
+            .name
+            .as_ref()
+            .filter(|_| !i.tags.contains_key(crate::api::UID_TAG));
+        self.state == i.state
+            && same(&self.state_reason, &i.state_reason)
+            && self.name.as_deref() == name.map(String::as_str)
+            && self.tags.len() == i.tags.len()
+            && self
+                .tags
+                .iter()
+                .zip(&i.tags)
+                .all(|((k, v), (k2, v2))| **k == **k2 && **v == **v2)
+            && self.snapshots.len() == i.snapshots.len()
+            && self
+                .snapshots
+                .iter()
+                .zip(&i.snapshots)
+                .all(|((id, encrypted, kms), s)| {
+                    **id == s.id
+                        && *encrypted == s.encrypted
+                        && kms.as_deref() == s.kms_key_id.as_deref()
+                })
+            && same(&self.creation_date, &i.creation_date)
+            && same(&self.deprecation_time, &i.deprecation_time)
+            && same(&self.source_image_id, &i.source_image_id)
+            && same(
+                &self.deregistration_protection,
+                &i.deregistration_protection,
+            )
+    }
+
     /// The image as the planner reads it.
     fn expand(&self, id: &str) -> ImageInfo {
         let string = |s: &Option<Box<str>>| s.as_deref().map(str::to_owned);
@@ -636,6 +674,12 @@ impl Tracker {
             let was_pending = entry.pending();
             let was_seen = entry.seen;
             let before = match found.remove(id) {
+                // As it was: nothing to record, nobody to wake.
+                Some(info)
+                    if entry.seen && entry.info.as_ref().is_some_and(|c| c.describes(&info)) =>
+                {
+                    continue;
+                }
                 Some(info) => {
                     entry.seen = true;
                     entry.info.replace(Box::new(Compact::new(info, shared)))
@@ -989,6 +1033,57 @@ mod tests {
         t.refresh(&ec2, &Metrics::default(), false).await.unwrap();
         assert_eq!(drain(&mut rx), vec!["a", "c"]);
         assert!(t.admit(&obj("c"), &sc("eu-west-1"), "us-east-1").is_ok());
+    }
+
+    #[test]
+    fn a_record_describes_only_the_image_it_was_made_from() {
+        let mut shared = Shared::default();
+        let full = ImageInfo {
+            id: "ami-00000000000000001".into(),
+            name: Some("golden-ami-1".into()),
+            state: TargetState::Available,
+            tags: [(crate::api::UID_TAG.to_owned(), "u-1".to_owned())].into(),
+            snapshots: vec![crate::ec2::SnapshotRef {
+                id: "snap-1".into(),
+                encrypted: true,
+                kms_key_id: Some("key-1".into()),
+            }],
+            creation_date: Some("2026-12-03T10:00:00Z".into()),
+            ..ImageInfo::default()
+        };
+        let record = Compact::new(full.clone(), &mut shared);
+        assert!(record.describes(&full));
+        // A tagged image's name is not kept, and not compared.
+        let renamed = ImageInfo {
+            name: Some("other".into()),
+            ..full.clone()
+        };
+        assert!(record.describes(&renamed));
+        let changes: [fn(&mut ImageInfo); 7] = [
+            |i| i.state = TargetState::Failed,
+            |i| i.state_reason = Some("why".into()),
+            |i| {
+                i.tags.insert("team".into(), "images".into());
+            },
+            |i| i.snapshots[0].encrypted = false,
+            |i| i.snapshots.clear(),
+            |i| i.deprecation_time = Some("2027-01-01T00:00:00Z".into()),
+            |i| i.deregistration_protection = Some("enabled".into()),
+        ];
+        for (n, change) in changes.iter().enumerate() {
+            let mut changed = full.clone();
+            change(&mut changed);
+            assert!(!record.describes(&changed), "change {n}");
+        }
+        let untagged = ImageInfo {
+            tags: Default::default(),
+            ..full
+        };
+        let record = Compact::new(untagged.clone(), &mut shared);
+        assert!(!record.describes(&ImageInfo {
+            name: Some("other".into()),
+            ..untagged
+        }));
     }
 
     /// Pending targets per destination, counted by walking every entry.
