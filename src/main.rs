@@ -98,17 +98,14 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => args.worker_threads,
         Command::Crd { .. } => 1,
     };
-    let runtime = if threads == 1 {
+    let mut runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.into())
-            .enable_all()
-            .build()?
+        let mut multi = tokio::runtime::Builder::new_multi_thread();
+        multi.worker_threads(threads.into());
+        multi
     };
-    runtime.block_on(command(cli))
+    runtime.enable_all().build()?.block_on(command(cli))
 }
 
 async fn command(cli: Cli) -> anyhow::Result<()> {

@@ -120,15 +120,20 @@ impl Shared {
     }
 }
 
+/// Whether a record keeps the name of image `i`: only an untagged copy's
+/// name is ever read (to tell it is this object's), a tagged one's is not.
+fn keeps_name(i: &ImageInfo) -> bool {
+    !i.tags.contains_key(crate::api::UID_TAG)
+}
+
 impl Compact {
     fn new(i: ImageInfo, shared: &mut Shared) -> Self {
         let boxed = |s: Option<String>| s.map(String::into_boxed_str);
+        let keep_name = keeps_name(&i);
         Self {
             state: i.state,
             state_reason: boxed(i.state_reason),
-            // Only an untagged copy's name is ever read (to tell it is this
-            // object's): a tagged one's is not kept.
-            name: boxed(i.name).filter(|_| !i.tags.contains_key(crate::api::UID_TAG)),
+            name: boxed(i.name).filter(|_| keep_name),
             tags: shared.tags(i.tags),
             snapshots: i
                 .snapshots
@@ -148,10 +153,7 @@ impl Compact {
     /// most of its cost beside reading the XML.
     fn describes(&self, i: &ImageInfo) -> bool {
         let same = |a: &Option<Box<str>>, b: &Option<String>| a.as_deref() == b.as_deref();
-        let name = i
-            .name
-            .as_ref()
-            .filter(|_| !i.tags.contains_key(crate::api::UID_TAG));
+        let name = i.name.as_ref().filter(|_| keeps_name(i));
         self.state == i.state
             && same(&self.state_reason, &i.state_reason)
             && self.name.as_deref() == name.map(String::as_str)

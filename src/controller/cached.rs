@@ -147,7 +147,9 @@ impl Resource for CachedAmiCopy {
 /// The key of an object, in either form, by its name and namespace only
 /// (a key from `ObjectRef::from_obj` also holds the resourceVersion and UID,
 /// strings that maps keeping one key per object would keep too).
-pub fn key_of<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectRef<AmiCopy> {
+pub fn key_of<K: Resource<DynamicType = ()>, R: Resource<DynamicType = ()>>(
+    obj: &K,
+) -> ObjectRef<R> {
     let key = ObjectRef::new(obj.meta().name.as_deref().unwrap_or_default());
     match &obj.meta().namespace {
         Some(ns) => key.within(ns),

@@ -265,7 +265,7 @@ fn governed_by(
             let labels = labels_of(namespaces, ns);
             policy::selects(policy.spec.namespace_selector.as_ref(), &labels)
         })
-        .map(|o| cached::key(&cached::key_of(o.as_ref())))
+        .map(|o| cached::key_of(o.as_ref()))
         .collect()
 }
 
