@@ -581,25 +581,22 @@ impl Tracker {
     ) -> Result<(), Ec2Error> {
         let batches: Vec<(Scope, Vec<String>)> = {
             let st = self.state();
-            let mut by_region: BTreeMap<Scope, Vec<String>> = BTreeMap::new();
+            let mut batches = Vec::new();
             for (scope, targets) in &st.images {
+                let mut batch = Vec::new();
                 for (id, e) in targets {
                     if full || e.pending() || !e.seen {
-                        by_region
-                            .entry(scope.clone())
-                            .or_default()
-                            .push(id.to_string());
+                        batch.push(id.to_string());
+                        if batch.len() == MAX_IDS_PER_CALL {
+                            batches.push((scope.clone(), std::mem::take(&mut batch)));
+                        }
                     }
                 }
+                if !batch.is_empty() {
+                    batches.push((scope.clone(), batch));
+                }
             }
-            by_region
-                .into_iter()
-                .flat_map(|(region, ids)| {
-                    ids.chunks(MAX_IDS_PER_CALL)
-                        .map(|c| (region.clone(), c.to_vec()))
-                        .collect::<Vec<_>>()
-                })
-                .collect()
+            batches
         };
         // A few calls at a time, each answer applied as it comes: every
         // answer holds up to 100 images, and all of them at once would be
@@ -665,8 +662,10 @@ impl Tracker {
             shared,
             ..
         } = &mut *st;
-        let mut found: HashMap<String, ImageInfo> =
-            found.into_iter().map(|i| (i.id.clone(), i)).collect();
+        let mut found: HashMap<String, ImageInfo> = found
+            .into_iter()
+            .map(|mut i| (std::mem::take(&mut i.id), i))
+            .collect();
         let mut freed = 0;
         for id in asked {
             let grace = self.config.listing_grace;

@@ -215,8 +215,8 @@ impl AwsEc2 {
             .send();
         let pages = self.pages("DescribeImages", scope, req).await?;
         Ok(pages
-            .iter()
-            .flat_map(|p| p.images())
+            .into_iter()
+            .flat_map(|p| p.images.unwrap_or_default())
             .map(image_info)
             .collect())
     }
@@ -284,56 +284,52 @@ fn to_tags(tags: &BTreeMap<String, String>) -> Vec<Tag> {
         .collect()
 }
 
-fn from_tags(tags: &[Tag]) -> BTreeMap<String, String> {
-    tags.iter()
-        .filter_map(|t| {
-            Some((
-                t.key()?.to_owned(),
-                t.value().unwrap_or_default().to_owned(),
-            ))
-        })
+fn from_tags(tags: Vec<Tag>) -> BTreeMap<String, String> {
+    tags.into_iter()
+        .filter_map(|t| Some((t.key?, t.value.unwrap_or_default())))
         .collect()
 }
 
-fn image_info(img: &Image) -> ImageInfo {
+/// What the operator reads of EC2's description of an image. Takes it whole
+/// and moves its strings: drift rounds read tens of thousands at a time.
+fn image_info(img: Image) -> ImageInfo {
     ImageInfo {
-        id: img.image_id().unwrap_or_default().to_owned(),
-        name: img.name().map(str::to_owned),
+        id: img.image_id.unwrap_or_default(),
+        name: img.name,
         state: img
-            .state()
+            .state
             .map(|s| TargetState::from(s.as_str()))
             .unwrap_or_default(),
-        state_reason: img
-            .state_reason()
-            .and_then(|r| r.message())
-            .map(str::to_owned),
-        owner_id: img.owner_id().map(str::to_owned),
-        owner_alias: img.image_owner_alias().map(str::to_owned),
-        root_device_type: img.root_device_type().map(|t| t.as_str().to_owned()),
-        virtualization_type: img.virtualization_type().map(|t| t.as_str().to_owned()),
+        state_reason: img.state_reason.and_then(|r| r.message),
+        owner_id: img.owner_id,
+        owner_alias: img.image_owner_alias,
+        root_device_type: img.root_device_type.map(|t| t.as_str().to_owned()),
+        virtualization_type: img.virtualization_type.map(|t| t.as_str().to_owned()),
         snapshots: img
-            .block_device_mappings()
-            .iter()
-            .filter_map(|m| m.ebs())
+            .block_device_mappings
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| m.ebs)
             .filter_map(|ebs| {
                 Some(SnapshotRef {
-                    id: ebs.snapshot_id()?.to_owned(),
-                    encrypted: ebs.encrypted().unwrap_or(false),
-                    kms_key_id: ebs.kms_key_id().map(str::to_owned),
+                    id: ebs.snapshot_id?,
+                    encrypted: ebs.encrypted.unwrap_or(false),
+                    kms_key_id: ebs.kms_key_id,
                 })
             })
             .collect(),
-        tags: from_tags(img.tags()),
+        tags: from_tags(img.tags.unwrap_or_default()),
         product_codes: img
-            .product_codes()
-            .iter()
-            .filter_map(|p| p.product_code_id().map(str::to_owned))
+            .product_codes
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| p.product_code_id)
             .collect(),
-        creation_date: img.creation_date().map(str::to_owned),
-        deprecation_time: img.deprecation_time().map(str::to_owned),
-        source_image_id: img.source_image_id().map(str::to_owned),
-        deregistration_protection: img.deregistration_protection().map(str::to_owned),
-        last_launched_time: img.last_launched_time().map(str::to_owned),
+        creation_date: img.creation_date,
+        deprecation_time: img.deprecation_time,
+        source_image_id: img.source_image_id,
+        deregistration_protection: img.deregistration_protection,
+        last_launched_time: img.last_launched_time,
     }
 }
 
@@ -351,8 +347,9 @@ impl Ec2 for AwsEc2 {
             .send();
         match self.call("DescribeImages", scope, req).await {
             Ok(out) => Ok(out
-                .images()
-                .iter()
+                .images
+                .unwrap_or_default()
+                .into_iter()
                 .find(|i| i.image_id() == Some(image_id))
                 .map(image_info)),
             Err(e) if e.is_not_found() => Ok(None),
@@ -381,7 +378,12 @@ impl Ec2 for AwsEc2 {
             .filters(filter)
             .send();
         let out = self.call("DescribeImages", scope, req).await?;
-        Ok(out.images().iter().map(image_info).collect())
+        Ok(out
+            .images
+            .unwrap_or_default()
+            .into_iter()
+            .map(image_info)
+            .collect())
     }
 
     async fn owned_image(
@@ -398,8 +400,9 @@ impl Ec2 for AwsEc2 {
             .send();
         match self.call("DescribeImages", scope, req).await {
             Ok(out) => Ok(out
-                .images()
-                .iter()
+                .images
+                .unwrap_or_default()
+                .into_iter()
                 .find(|i| i.image_id() == Some(image_id))
                 .map(image_info)),
             Err(e) if e.is_not_found() => Ok(None),
@@ -510,7 +513,12 @@ impl Ec2 for AwsEc2 {
             .filters(filter)
             .send();
         let out = self.call("DescribeSnapshots", scope, req).await?;
-        Ok(out.snapshots().iter().filter_map(snapshot_info).collect())
+        Ok(out
+            .snapshots
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(snapshot_info)
+            .collect())
     }
 
     async fn owned_snapshots(
@@ -528,8 +536,8 @@ impl Ec2 for AwsEc2 {
             .send();
         let pages = self.pages("DescribeSnapshots", scope, req).await?;
         Ok(pages
-            .iter()
-            .flat_map(|p| p.snapshots())
+            .into_iter()
+            .flat_map(|p| p.snapshots.unwrap_or_default())
             .filter_map(snapshot_info)
             .collect())
     }
@@ -832,10 +840,10 @@ impl Ec2 for AwsEc2 {
     }
 }
 
-fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> Option<SnapshotInfo> {
+fn snapshot_info(s: aws_sdk_ec2::types::Snapshot) -> Option<SnapshotInfo> {
     Some(SnapshotInfo {
-        id: s.snapshot_id()?.to_owned(),
-        tags: from_tags(s.tags()),
+        id: s.snapshot_id?,
+        tags: from_tags(s.tags.unwrap_or_default()),
     })
 }
 
